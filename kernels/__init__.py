@@ -1,0 +1,260 @@
+"""bitnet_fast.kernels: the public kernel API and backend dispatch. Arrays in, arrays out; no nn.Module.
+
+Every function picks a backend from the device of its tensors: CPU -> "numba", CUDA -> "triton", anything
+else -> "reference" (pure torch, `reference.py`). The environment variable BITNET_FAST_BACKEND
+(numba | triton | reference) overrides the choice. Backends compile lazily: importing this package compiles
+nothing.
+
+Shapes: x (M, K) float, xq (M, K) int8, s (M,) fp32, PackedWeight of logical shape (N, K), y (M, N).
+`bitlinear` and `quantize_activations` also accept (..., K) and keep the leading dims.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+from . import reference
+from .packing import FORMATS, LAYOUT_VERSION, PackedWeight, get_format, register_format
+
+__all__ = [
+    "FORMATS",
+    "LAYOUT_VERSION",
+    "PackedWeight",
+    "backend_for",
+    "bitlinear",
+    "get_format",
+    "grad_input",
+    "grad_weight",
+    "matmul",
+    "matmul_int",
+    "pack",
+    "pack_ternary",
+    "quantize_activations",
+    "quantize_weight",
+    "reference",
+    "register_format",
+    "repack",
+    "unpack",
+]
+
+BACKENDS = ("numba", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------- reference backend
+def _ref_unpack(pw: PackedWeight) -> torch.Tensor:
+    return get_format(pw.format).unpack(pw.data, pw.in_features)
+
+
+def _ref_pack(wt: torch.Tensor, gamma: torch.Tensor, fmt: str) -> PackedWeight:
+    return PackedWeight(get_format(fmt).pack(wt.cpu()).to(wt.device), gamma.float().reshape(()), tuple(wt.shape), fmt)
+
+
+_reference_backend = SimpleNamespace(
+    name="reference",
+    default_format="i2",
+    quantize_weight=reference.weight_quant,
+    quantize_activations=reference.act_quant,
+    pack=_ref_pack,
+    unpack=_ref_unpack,
+    matmul_int=lambda xq, pw: reference.matmul_int(xq, _ref_unpack(pw)),
+    matmul=lambda xq, s, pw, bias, out_dtype: reference.matmul(xq, s, _ref_unpack(pw), pw.gamma, bias, out_dtype),
+    bitlinear=lambda x, pw, bias, out_dtype: reference.matmul(
+        *reference.act_quant(x), _ref_unpack(pw), pw.gamma, bias, out_dtype
+    ),
+    grad_input=lambda gy, pw: reference.grad_input(gy, _ref_unpack(pw), pw.gamma),
+    grad_weight=reference.grad_weight,
+)
+
+_loaded: dict[str, ModuleType | SimpleNamespace] = {"reference": _reference_backend}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _load(name: str) -> ModuleType | SimpleNamespace:
+    """Import a backend module on first use (cpu.py for numba, gpu.py for triton)."""
+    if name not in _loaded:
+        module = {"numba": ".cpu", "triton": ".gpu"}[name]
+        _loaded[name] = importlib.import_module(module, __name__)
+    return _loaded[name]
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The backend name that serves tensors on `device` (honouring BITNET_FAST_BACKEND)."""
+    device = torch.device(device)
+    forced = os.environ.get("BITNET_FAST_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"BITNET_FAST_BACKEND={forced!r} is not a backend; use one of {BACKENDS}")
+        want = {"numba": "cpu", "triton": "cuda"}.get(forced)
+        if want and device.type != want:
+            raise ValueError(
+                f"BITNET_FAST_BACKEND={forced} serves {want} tensors but got a {device.type} tensor; "
+                f"move the tensors with .to('{want}') or unset BITNET_FAST_BACKEND"
+            )
+        name = forced
+    else:
+        name = {"cpu": "numba", "cuda": "triton"}.get(device.type, "reference")
+    if name == "reference":
+        return name
+    try:
+        _load(name)
+    except ImportError as e:
+        _warn_once(name, f"bitnet_fast: the {name} backend is unavailable ({e}); using the slow reference kernels")
+        return "reference"
+    return name
+
+
+def _backend(device: torch.device):
+    return _load(backend_for(device))
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
+def _check_tensor(name: str, t, dtypes=None, ndim=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {list(dtypes)} (convert with .to(...))")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_packed(pw, k: int, device: torch.device, arg: str = "x") -> None:
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"weight must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
+    if pw.in_features != k:
+        raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
+    if pw.device.type != device.type:
+        raise ValueError(
+            f"{arg} is on {device} but the packed weight is on {pw.device}; move one with .to(...)"
+        )
+
+
+def _check_bias(bias, n: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    _check_tensor("bias", bias, FLOAT_DTYPES, 1)
+    if bias.shape[0] != n:
+        raise ValueError(f"bias has {bias.shape[0]} elements; expected out_features={n}")
+    if bias.device.type != device.type:
+        raise ValueError(f"bias is on {bias.device} but the inputs are on {device}")
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype={out_dtype} is not supported; use one of {list(OUT_DTYPES)}")
+
+
+# --------------------------------------------------------------------------------------------------- public API
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (Wt int8 ternary (N, K), gamma fp32 0-d): absmean quantization."""
+    _check_tensor("w", w, FLOAT_DTYPES, 2)
+    return _backend(w.device).quantize_weight(w)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) float -> (xq int8 (..., K), s fp32 (...)): per-row absmax; non-finite rows get s = NaN."""
+    _check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (..., K), got a scalar")
+    xq, s = _backend(x.device).quantize_activations(x.reshape(-1, x.shape[-1]))
+    return xq.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def pack_ternary(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str | None = None) -> PackedWeight:
+    """Pack an already-ternary (N, K) int8 matrix with its scale into `fmt` (default: the backend's)."""
+    _check_tensor("wt", wt, (torch.int8,), 2)
+    gamma = torch.as_tensor(gamma, dtype=torch.float32, device=wt.device).reshape(())
+    backend = _backend(wt.device)
+    fmt = fmt or backend.default_format
+    get_format(fmt)
+    return backend.pack(wt, gamma, fmt)
+
+
+def pack(w: torch.Tensor, fmt: str | None = None) -> PackedWeight:
+    """Quantize a float (N, K) weight (absmean) and pack it: the one call that prepares a layer."""
+    wt, gamma = quantize_weight(w)
+    return pack_ternary(wt, gamma, fmt)
+
+
+def unpack(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """PackedWeight -> (Wt int8 (N, K), gamma fp32 0-d)."""
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
+    return _backend(pw.device).unpack(pw), pw.gamma
+
+
+def repack(pw: PackedWeight, fmt: str, device: torch.device | str | None = None) -> PackedWeight:
+    """Convert a packed weight to another format (and device): e.g. tq1 storage -> i2 compute at load."""
+    wt, gamma = unpack(pw)
+    device = torch.device(device) if device is not None else pw.device
+    return pack_ternary(wt.to(device), gamma.to(device), fmt)
+
+
+def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """(M, K) int8 x packed (N, K) -> (M, N) int32, exact."""
+    _check_tensor("xq", xq, (torch.int8,), 2)
+    _check_packed(pw, xq.shape[1], xq.device, "xq")
+    return _backend(xq.device).matmul_int(xq, pw)
+
+
+def matmul(
+    xq: torch.Tensor,
+    s: torch.Tensor,
+    pw: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(M, K) int8, (M,) scales x packed (N, K) -> (M, N): exact int32 product, epilogue acc * gamma / s + bias."""
+    _check_tensor("xq", xq, (torch.int8,), 2)
+    _check_tensor("s", s, (torch.float32,), 1)
+    if s.shape[0] != xq.shape[0]:
+        raise ValueError(f"s has {s.shape[0]} scales but xq has M={xq.shape[0]} rows")
+    _check_packed(pw, xq.shape[1], xq.device, "xq")
+    _check_bias(bias, pw.out_features, xq.device)
+    _check_out_dtype(out_dtype)
+    return _backend(xq.device).matmul(xq, s, pw, bias, out_dtype)
+
+
+def bitlinear(
+    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight."""
+    _check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (..., K), got a scalar")
+    _check_packed(pw, x.shape[-1], x.device)
+    _check_bias(bias, pw.out_features, x.device)
+    out_dtype = out_dtype or x.dtype
+    _check_out_dtype(out_dtype)
+    y = _backend(x.device).bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
+    return y.reshape(*x.shape[:-1], pw.out_features)
+
+
+def grad_input(grad_y: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """STE backward to the input: (M, N) float x dequantized ternary (N, K) -> (M, K) fp32."""
+    _check_tensor("grad_y", grad_y, FLOAT_DTYPES, 2)
+    if grad_y.shape[1] != pw.out_features:
+        raise ValueError(f"grad_y has N={grad_y.shape[1]} columns; the weight has out_features={pw.out_features}")
+    return _backend(grad_y.device).grad_input(grad_y, pw)
+
+
+def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """STE backward to the latent weight: grad_y^T (N, M) x dequantized activations (M, K) -> (N, K) fp32."""
+    _check_tensor("grad_y", grad_y, FLOAT_DTYPES, 2)
+    _check_tensor("xq", xq, (torch.int8,), 2)
+    _check_tensor("s", s, (torch.float32,), 1)
+    if grad_y.shape[0] != xq.shape[0] or s.shape[0] != xq.shape[0]:
+        raise ValueError(f"grad_y ({grad_y.shape[0]}), xq ({xq.shape[0]}) and s ({s.shape[0]}) must share M")
+    return _backend(grad_y.device).grad_weight(grad_y, xq, s)
