@@ -136,9 +136,7 @@ def _check_packed(pw, k: int, device: torch.device, arg: str = "x") -> None:
     if pw.in_features != k:
         raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
     if pw.device.type != device.type:
-        raise ValueError(
-            f"{arg} is on {device} but the packed weight is on {pw.device}; move one with .to(...)"
-        )
+        raise ValueError(f"{arg} is on {device} but the packed weight is on {pw.device}; move one with .to(...)")
 
 
 def _check_bias(bias, n: int, device: torch.device) -> None:
