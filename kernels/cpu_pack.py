@@ -1,0 +1,291 @@
+"""Numba CPU kernels for absmean weight quantization and ternary packing (i2 compute, tq1 storage).
+
+Bit-exact with `reference.weight_quant`, `reference.pack_i2/pack_tq1` and their unpackers. Every kernel
+runs `prange` over rows of a flat 1-D view (row i starts at i * row_stride), so contiguous and row-sliced
+inputs cost no copy; fp16/bf16 are read as raw 16-bit codes and widened to fp32 in registers. Kernels
+compile on first call (nothing at import) and are cached on disk.
+
+Why the quantizer is a comparison: clip(rint(w / gamma), -1, 1) is +-1 exactly when |fl32(w / gamma)| > 0.5
+(0.5 itself rounds half-to-even to 0), and NaN -> 0 as torch's float -> int8 cast does.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from . import reference
+from .packing import PackedWeight
+
+__all__ = ["pack", "quantize_and_pack", "quantize_weight", "unpack"]
+
+# How `src` holds a weight: fp32 values, bf16 / fp16 raw codes (uint16), or int8 ternary values.
+_F32, _BF16, _F16, _TERNARY = 0, 1, 2, 3
+_FLOAT_KINDS = {torch.float32: _F32, torch.bfloat16: _BF16, torch.float16: _F16}
+_EPS32 = np.float32(reference.EPS)
+_BLOCK = reference.I2_BLOCK  # 128 weights -> 32 bytes
+_TRITS = reference.TQ1_TRITS  # 5 trits -> 1 byte
+PACK_FORMATS = ("i2", "tq1")
+
+
+# ----------------------------------------------------------------------------------------------- element access
+@intrinsic
+def _as_f32(typingctx, bits):
+    """Reinterpret uint32 bits as an fp32 value (a register move, no conversion)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _load(src, idx, kind):
+    """src[idx] as fp32: fp32 as is, bf16 = high half of an fp32, fp16 widened exactly (subnormals, inf, nan)."""
+    if kind == _F32:
+        return np.float32(src[idx])
+    h = np.uint32(src[idx]) & np.uint32(0xFFFF)
+    if kind == _BF16:
+        return _as_f32(np.uint32(h << np.uint32(16)))
+    sign = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
+    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / nan: all-ones fp32 exponent
+        return _as_f32(np.uint32(sign | np.uint32(0x7F800000) | mag))
+    v = _as_f32(mag) * np.float32(2.0**112)  # rebias the exponent 15 -> 127; exact, covers subnormals
+    return -v if sign else v
+
+
+@njit(inline="always")
+def _code(src, idx, kind, gamma):
+    """Ternary code c = wt + 1 in {0, 1, 2} of src[idx] (quantized with gamma unless src is already ternary)."""
+    if kind == _TERNARY:
+        return np.uint8(src[idx] + 1)  # out-of-range values land above 2 and are reported by the caller
+    q = _load(src, idx, kind) / gamma  # fp32 / fp32 -> fp32, as in the reference
+    return np.uint8(1 + (q > 0.5) - (q < -0.5))
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+@njit(parallel=True, cache=True)
+def _abs_row_sums(src, n, k, rs, kind):
+    """(N,) fp64 sums of |w| per row; the caller adds them up for gamma."""
+    out = np.empty(n, np.float64)
+    for i in prange(n):
+        base = i * rs
+        acc = 0.0
+        for j in range(k):
+            acc += abs(_load(src, base + j, kind))
+        out[i] = acc
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows(src, n, k, rs, kind, gamma):
+    """(N, K) int8 ternary weights."""
+    out = np.empty((n, k), np.int8)
+    for i in prange(n):
+        base = i * rs
+        for j in range(k):
+            out[i, j] = np.int8(_code(src, base + j, kind, gamma)) - 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _pack_i2_rows(src, n, k, rs, kind, gamma):
+    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest code seen per row (> 2 means a non-ternary input)."""
+    nblk = -(-k // _BLOCK)
+    out = np.empty((n, nblk * (_BLOCK // 4)), np.uint8)
+    top = np.empty(n, np.uint8)
+    for i in prange(n):
+        base = i * rs
+        mx = np.uint8(0)
+        for b in range(nblk):
+            k0 = b * _BLOCK
+            o = b * 32
+            if k0 + _BLOCK <= k:  # full block: byte j holds weights j, j+32, j+64, j+96
+                for j in range(32):
+                    c0 = _code(src, base + k0 + j, kind, gamma)
+                    c1 = _code(src, base + k0 + 32 + j, kind, gamma)
+                    c2 = _code(src, base + k0 + 64 + j, kind, gamma)
+                    c3 = _code(src, base + k0 + 96 + j, kind, gamma)
+                    mx = max(mx, max(max(c0, c1), max(c2, c3)))
+                    out[i, o + j] = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+            else:  # last block: weights past K get code 1 (weight 0)
+                for j in range(32):
+                    byte = np.uint8(0)
+                    for q in range(4):
+                        kk = k0 + 32 * q + j
+                        c = _code(src, base + kk, kind, gamma) if kk < k else np.uint8(1)
+                        mx = max(mx, c)
+                        byte |= c << (2 * q)
+                    out[i, o + j] = byte
+        top[i] = mx
+    return out, top
+
+
+@njit(parallel=True, cache=True)
+def _pack_tq1_rows(src, n, k, rs, kind, gamma):
+    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest code seen per row."""
+    nfull = k // _TRITS
+    nbytes = -(-k // _TRITS)
+    out = np.empty((n, nbytes), np.uint8)
+    top = np.empty(n, np.uint8)
+    for i in prange(n):
+        base = i * rs
+        mx = np.uint8(0)
+        for t in range(nfull):
+            p = base + _TRITS * t
+            c0 = _code(src, p, kind, gamma)
+            c1 = _code(src, p + 1, kind, gamma)
+            c2 = _code(src, p + 2, kind, gamma)
+            c3 = _code(src, p + 3, kind, gamma)
+            c4 = _code(src, p + 4, kind, gamma)
+            mx = max(mx, max(max(max(c0, c1), max(c2, c3)), c4))
+            out[i, t] = c0 + 3 * c1 + 9 * c2 + 27 * c3 + 81 * c4
+        if nfull < nbytes:  # tail: missing trits get code 1 (weight 0)
+            byte = 0
+            mul = 1
+            for kk in range(_TRITS * nfull, _TRITS * nbytes):
+                c = _code(src, base + kk, kind, gamma) if kk < k else np.uint8(1)
+                mx = max(mx, c)
+                byte += c * mul
+                mul *= 3
+            out[i, nfull] = byte
+        top[i] = mx
+    return out, top
+
+
+@njit(parallel=True, cache=True)
+def _unpack_i2_rows(data, k):
+    """(N, Kp // 4) uint8 i2 -> (N, K) int8."""
+    n = data.shape[0]
+    out = np.empty((n, k), np.int8)
+    for i in prange(n):
+        for kk in range(k):
+            b, r = divmod(kk, _BLOCK)
+            q, j = divmod(r, 32)
+            out[i, kk] = np.int8((data[i, b * 32 + j] >> (2 * q)) & 3) - 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _unpack_tq1_rows(data, k):
+    """(N, ceil(K / 5)) uint8 tq1 -> (N, K) int8, trit q of a byte = (byte // 3**q) % 3."""
+    n, nbytes = data.shape
+    out = np.empty((n, k), np.int8)
+    for i in prange(n):
+        for t in range(nbytes):
+            v = np.int32(data[i, t])
+            for q in range(_TRITS):
+                kk = _TRITS * t + q
+                if kk < k:
+                    out[i, kk] = np.int8(v % 3) - 1
+                v //= 3
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- wrappers
+def _set_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _rows(w: torch.Tensor, name: str, dtypes: tuple) -> tuple[np.ndarray, int, int, int]:
+    """Check `w` and give a flat NumPy view over its rows: (src, N, K, row_stride). Copies only when the
+    last dim is strided (e.g. a transposed weight), where a row-major copy is what the kernels need."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {w.dtype}; expected one of {list(dtypes)} (convert with .to(...))")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, K), got shape {tuple(w.shape)}")
+    if w.device.type != "cpu":
+        raise ValueError(f"{name} is on {w.device}; the numba kernels take CPU tensors (use .cpu())")
+    n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"{name} has shape {(n, k)}; N and K must be positive")
+    w = w.detach()
+    if k > 1 and w.stride(1) != 1:
+        w = w.contiguous()
+    if w.dtype in (torch.bfloat16, torch.float16):
+        w = w.view(torch.int16)  # raw codes; _load widens them
+    rs = w.stride(0) if n > 1 else k
+    flat = torch.as_strided(w, ((n - 1) * rs + k,), (1,), w.storage_offset()).numpy()
+    if flat.dtype == np.int16:
+        flat = flat.view(np.uint16)
+    return flat, n, k, rs
+
+
+def _float_rows(w: torch.Tensor) -> tuple[np.ndarray, int, int, int, int]:
+    src, n, k, rs = _rows(w, "w", tuple(_FLOAT_KINDS))
+    return src, n, k, rs, _FLOAT_KINDS[w.dtype]
+
+
+def _gamma(src: np.ndarray, n: int, k: int, rs: int, kind: int) -> np.float32:
+    """gamma = max(fp32(mean |w|), 1e-5) with the mean accumulated in fp64 (NaN stays NaN)."""
+    g = np.float32(_abs_row_sums(src, n, k, rs, kind).sum() / (n * k))
+    return _EPS32 if g < _EPS32 else g
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) fp32/bf16/fp16 -> (Wt int8 ternary (N, K), gamma fp32 0-d), bit-exact with reference.weight_quant."""
+    src, n, k, rs, kind = _float_rows(w)
+    _set_threads()
+    gamma = _gamma(src, n, k, rs, kind)
+    wt = _quantize_rows(src, n, k, rs, kind, gamma)
+    return torch.from_numpy(wt), torch.tensor(gamma, dtype=torch.float32)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in PACK_FORMATS:
+        raise ValueError(f"fmt={fmt!r}: the numba backend packs {PACK_FORMATS}; use one of them")
+
+
+def _scale(gamma) -> torch.Tensor:
+    g = torch.as_tensor(gamma, dtype=torch.float32).detach().cpu()
+    if g.numel() != 1:
+        raise ValueError(f"gamma must be a single scale, got shape {tuple(g.shape)}")
+    return g.reshape(()).clone()
+
+
+def _packer(fmt: str):
+    _check_format(fmt)
+    return _pack_i2_rows if fmt == "i2" else _pack_tq1_rows
+
+
+def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> PackedWeight:
+    """Pack an (N, K) int8 ternary matrix into `fmt` ("i2" or "tq1"), bit-exact with reference.pack_*."""
+    kernel = _packer(fmt)
+    scale = _scale(gamma)
+    src, n, k, rs = _rows(wt, "wt", (torch.int8,))
+    _set_threads()
+    data, top = kernel(src, n, k, rs, _TERNARY, np.float32(0))
+    if top.max() > 2:
+        raise ValueError("wt holds values outside {-1, 0, 1}; quantize it first (kernels.quantize_weight)")
+    return PackedWeight(torch.from_numpy(data), scale, (n, k), fmt)
+
+
+def quantize_and_pack(w: torch.Tensor, fmt: str = "i2") -> PackedWeight:
+    """Fused quantize_weight + pack: reads w twice (gamma, then codes) and never builds the int8 matrix."""
+    kernel = _packer(fmt)
+    src, n, k, rs, kind = _float_rows(w)
+    _set_threads()
+    gamma = _gamma(src, n, k, rs, kind)
+    data, _ = kernel(src, n, k, rs, kind, gamma)
+    return PackedWeight(torch.from_numpy(data), torch.tensor(gamma, dtype=torch.float32), (n, k), fmt)
+
+
+def unpack(pw: PackedWeight) -> torch.Tensor:
+    """PackedWeight (i2 or tq1, CPU) -> (N, K) int8 ternary, bit-exact with reference.unpack_*."""
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
+    _check_format(pw.format)
+    if pw.device.type != "cpu":
+        raise ValueError(f"pw is on {pw.device}; the numba kernels take CPU tensors (use pw.to('cpu'))")
+    data = pw.data.contiguous().numpy()
+    _set_threads()
+    kernel = _unpack_i2_rows if pw.format == "i2" else _unpack_tq1_rows
+    return torch.from_numpy(kernel(data, pw.in_features))
