@@ -5,6 +5,7 @@ it can be validated wherever it lands. Formats (layouts defined in `reference.py
 
     i2   compute format on CPU: 4 codes per byte, K padded to 128, blocks of 32 bytes give SIMD lanes
     tq1  storage format: 5 trits per byte (~1.6 bits/weight), for checkpoints and export
+    i2g  compute format on GPU (Triton): 16 codes per int32 along K in natural order, K padded to 128
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def _tq1_bytes(n: int, k: int) -> tuple[int, int]:
     return n, -(-k // reference.TQ1_TRITS)
 
 
+def _i2g_words(n: int, k: int) -> tuple[int, int]:
+    return n, reference.padded_k(k) // reference.I2G_CODES
+
+
 @dataclass(frozen=True)
 class Format:
     """A packed layout: its storage dtype, its data shape for a logical (N, K), and reference codecs."""
@@ -40,6 +45,7 @@ class Format:
 FORMATS: dict[str, Format] = {
     "i2": Format(torch.uint8, _i2_bytes, reference.pack_i2, reference.unpack_i2),
     "tq1": Format(torch.uint8, _tq1_bytes, reference.pack_tq1, reference.unpack_tq1),
+    "i2g": Format(torch.int32, _i2g_words, reference.pack_i2g, reference.unpack_i2g),
 }
 
 
@@ -113,7 +119,7 @@ class PackedWeight:
             raise ValueError(f"{where}: {e}") from None
 
 
-_FORMAT_IDS = {"i2": 1, "tq1": 2}
+_FORMAT_IDS = {"i2": 1, "tq1": 2, "i2g": 3}
 _FORMAT_NAMES = {v: k for k, v in _FORMAT_IDS.items()}
 
 

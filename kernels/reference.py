@@ -142,3 +142,31 @@ def ste_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     w_dq = w.float() + (wt.float() * gamma - w.float()).detach()
     y = torch.nn.functional.linear(x_dq, w_dq, None if bias is None else bias.float())
     return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
+
+
+# ------------------------------------------------------------------------ i2g: the Triton (GPU) compute format
+I2G_CODES = 16  # 2-bit codes per int32 word in the i2g format (K is padded to I2_BLOCK, like i2)
+
+
+def pack_i2g(wt: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 ternary -> (N, Kp // 16) int32 in the i2g GPU format.
+
+    Code c = w + 1 in {0, 1, 2}; K is padded to Kp (multiple of 128) with code 1 (weight 0). Word t of a row
+    holds weights 16t .. 16t+15 in natural order, weight 16t + j in bits 2j..2j+1 (two's complement int32),
+    so `(word >> 2*j) & 3` for j = 0..15 rebuilds a contiguous K slice in registers.
+    """
+    n, k = wt.shape
+    kp = padded_k(k)
+    c = torch.ones((n, kp), dtype=torch.int64, device=wt.device)
+    c[:, :k] = wt.to(torch.int64) + 1
+    shifts = 2 * torch.arange(I2G_CODES, dtype=torch.int64, device=wt.device)
+    words = (c.view(n, kp // I2G_CODES, I2G_CODES) << shifts).sum(-1)  # in [0, 2**32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_i2g(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, Kp // 16) int32 i2g -> (N, K) int8 ternary."""
+    n, kw = packed.shape
+    shifts = 2 * torch.arange(I2G_CODES, dtype=torch.int32, device=packed.device)
+    c = (packed.to(torch.int32)[:, :, None] >> shifts) & 3  # (N, Kw, 16)
+    return (c.reshape(n, kw * I2G_CODES)[:, :k] - 1).to(torch.int8)
