@@ -1,0 +1,255 @@
+"""BitLinear, a drop-in ternary replacement for nn.Linear, and `convert` / `pack_model` for whole models.
+
+A BitLinear lives in one of two modes:
+    latent  (training)   keeps the full-precision weight; its packed ternary form is cached and re-packed only
+                         when the weight changes (keyed on the tensor's version counter and storage pointer)
+    packed  (inference)  keeps only the PackedWeight (~2 bits/weight + one fp32 scale); backward raises
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from bitnet_fast import kernels
+from bitnet_fast.autograd import bitlinear_inference, bitlinear_train, pack_weight
+from bitnet_fast.kernels import PackedWeight
+
+__all__ = ["BitLinear", "convert", "pack_model", "unpack_model"]
+
+_STATE_KEYS = ("data", "gamma", "header")  # PackedWeight.state(), stored as {prefix}packed.{key}
+
+
+@torch.compiler.assume_constant_result
+def _compute_format(device: torch.device) -> str:
+    """The packed format the kernel backend serving `device` computes with (e.g. "i2" on CPU)."""
+    probe = torch.zeros((1, 1), dtype=torch.int8, device=device)
+    return kernels.pack_ternary(probe, 1.0).format
+
+
+def _to_compute(pw: PackedWeight, device: torch.device) -> PackedWeight:
+    """`pw` on `device`, in the format the kernels there compute with (tq1 storage -> i2 compute, ...)."""
+    if pw.device == device and pw.format == _compute_format(device):
+        return pw
+    wt, gamma = kernels.unpack(pw)
+    return kernels.pack_ternary(wt.to(device), gamma.to(device))
+
+
+class BitLinear(nn.Module):
+    """y = act_quant(x) @ ternary(W)^T * scales + b, trained with the straight-through estimator.
+
+    Same constructor as nn.Linear, plus `subln`: an RMSNorm on the input before activation quantization
+    (the BitNet b1.58 recipe). `.pack()` turns it into an inference-only layer that holds ~2 bits/weight.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        subln: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
+        self.norm = nn.RMSNorm(in_features, eps=1e-6, **factory) if subln else None
+        self._packed: PackedWeight | None = None  # set in packed mode
+        self._cache: tuple[tuple, PackedWeight] | None = None  # latent mode: (weight key, packed weight)
+        self._latent_dtype = self.weight.dtype
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization (kaiming-uniform weight, uniform bias)."""
+        if self.weight is None:
+            raise RuntimeError("this BitLinear is packed; reset_parameters needs the latent weight (call .unpack())")
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, subln: bool = False) -> BitLinear:
+        """A BitLinear sharing `linear`'s weight and bias Parameters (same device, dtype, requires_grad)."""
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", dtype=w.dtype)
+        new.weight, new.bias, new._latent_dtype = w, linear.bias, w.dtype
+        if subln:
+            new.norm = nn.RMSNorm(linear.in_features, eps=1e-6, device=w.device, dtype=w.dtype)
+        return new
+
+    # -------------------------------------------------------------------------------------------- modes
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
+
+    @property
+    def packed_weight(self) -> PackedWeight:
+        """The ternary weight in the compute format (packed mode: the stored one; latent: the cached one)."""
+        if self._packed is not None:
+            return self._packed
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, kernels.pack(w.detach(), _compute_format(w.device)))
+        return self._cache[1]
+
+    def pack(self) -> BitLinear:
+        """Switch to inference-only packed mode: keep the PackedWeight, free the latent weight."""
+        if self._packed is None:
+            self._packed = self.packed_weight
+            self._latent_dtype = self.weight.dtype
+            self.weight = None
+            self._cache = None
+        super().train(False)
+        return self
+
+    def unpack(self) -> BitLinear:
+        """Back to trainable latent mode. The latent weight Wt * gamma / mean(|Wt|) quantizes to the same ternary
+        matrix and (up to rounding in the latent dtype) the same scale, so outputs are unchanged."""
+        if self._packed is None:
+            return self
+        wt, gamma = kernels.unpack(self._packed)
+        frac = wt.abs().float().mean()  # fraction of non-zero weights; its absmean is gamma * frac
+        w = wt.float() * (gamma / frac) if frac > 0 else torch.zeros(wt.shape, device=wt.device)
+        self.weight = nn.Parameter(w.to(self._latent_dtype))
+        self._packed = None
+        return self
+
+    def train(self, mode: bool = True) -> BitLinear:
+        if mode and self._packed is not None:
+            raise RuntimeError(
+                "this BitLinear is packed (inference-only) and cannot be trained; call .unpack() first "
+                "(or bitnet_fast.nn.unpack_model(model)) to get a trainable latent weight back"
+            )
+        return super().train(mode)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self._packed is not None:
+            return bitlinear_inference(x, self._packed, self.bias)
+        if torch.compiler.is_compiling():  # traced graphs re-pack each call (the version cache is Python state)
+            pw = pack_weight(self.weight, _compute_format(self.weight.device))
+        else:
+            pw = self.packed_weight
+        if torch.is_grad_enabled():
+            return bitlinear_train(x, self.weight, pw, self.bias)
+        return bitlinear_inference(x, pw, self.bias)
+
+    def extra_repr(self) -> str:
+        mode = f"packed[{self._packed.format}]" if self._packed is not None else "latent"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"subln={self.norm is not None}, mode={mode}"
+        )
+
+    # ---------------------------------------------------------------------------- device moves and state
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._cache = None
+        if self._packed is not None:
+            data = fn(self._packed.data)
+            moved = PackedWeight(data, self._packed.gamma.to(data.device), self._packed.shape, self._packed.format)
+            self._packed = _to_compute(moved, data.device)
+        return self
+
+    def _device(self) -> torch.device:
+        return self._packed.device if self._packed is not None else self.weight.device
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            for k, t in self._packed.state().items():
+                destination[prefix + "packed." + k] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        names = {k: prefix + "packed." + k for k in _STATE_KEYS}
+        if any(n in state_dict for n in names.values()):  # a packed checkpoint: this module becomes packed
+            where = f"{prefix}packed"
+            pw = PackedWeight.from_state({k: state_dict[n] for k, n in names.items() if n in state_dict}, where)
+            if pw.shape != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{where}: the checkpoint holds a packed weight of shape (out, in)={pw.shape} but this "
+                    f"BitLinear is ({self.out_features}, {self.in_features}); it belongs to another model or layer"
+                )
+            if self._packed is None:
+                self._latent_dtype = self.weight.dtype
+            self._packed = _to_compute(pw, self._device())
+            self.weight, self._cache = None, None
+            super().train(False)
+        elif prefix + "weight" in state_dict and self._packed is not None:  # a latent checkpoint: become latent
+            self.unpack()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        unexpected[:] = [k for k in unexpected if k not in names.values()]
+
+
+# -------------------------------------------------------------------------------------------- whole models
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    """True when the qualified module `name` (or its last component) matches a pattern in `skip`."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in skip)
+
+
+def _convertible(parent: nn.Module, child: nn.Module) -> bool:
+    """An nn.Linear (or subclass) that is called through its own forward: MultiheadAttention reads out_proj's
+    weight directly and a subclass with its own forward (LoRA, ...) is not a plain linear map."""
+    return (
+        isinstance(child, nn.Linear)
+        and type(child).forward is nn.Linear.forward
+        and not isinstance(parent, nn.MultiheadAttention)
+    )
+
+
+def convert(
+    model: nn.Module, *, skip: Iterable[str] = ("lm_head",), pack: bool = False, subln: bool = False
+) -> nn.Module:
+    """Swap every nn.Linear in `model` for a BitLinear, in place, and return the model.
+
+    The BitLinear shares the Linear's weight/bias Parameters (device, dtype and optimizer state carry over).
+    `skip` holds fnmatch patterns matched against qualified names and their last component ("lm_head",
+    "model.layers.0.*"). `pack=True` packs the result for inference; `subln=True` adds an RMSNorm to each layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a collection of name patterns, not a single string; use skip=({skip!r},)")
+    skip = tuple(skip)
+    if isinstance(model, nn.Linear) and _convertible(nn.Module(), model):
+        model = BitLinear.from_linear(model, subln=subln)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if _convertible(parent, child) and not _skipped(full, skip):
+                setattr(parent, name, BitLinear.from_linear(child, subln=subln))
+    return pack_model(model) if pack else model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Pack every BitLinear in `model` for inference (frees the latent weights); returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.pack()
+    return model
+
+
+def unpack_model(model: nn.Module) -> nn.Module:
+    """Make every packed BitLinear in `model` trainable again (see BitLinear.unpack); returns the model."""
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.unpack()
+    return model
