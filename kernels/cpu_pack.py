@@ -44,7 +44,7 @@ def _as_f32(typingctx, bits):
     return sig, codegen
 
 
-@njit(inline="always")
+@njit
 def _load(src, idx, kind):
     """src[idx] as fp32: fp32 as is, bf16 = high half of an fp32, fp16 widened exactly (subnormals, inf, nan)."""
     if kind == _F32:
@@ -60,7 +60,7 @@ def _load(src, idx, kind):
     return -v if sign else v
 
 
-@njit(inline="always")
+@njit
 def _code(src, idx, kind, gamma):
     """Ternary code c = wt + 1 in {0, 1, 2} of src[idx] (quantized with gamma unless src is already ternary)."""
     if kind == _TERNARY:
@@ -96,7 +96,11 @@ def _quantize_rows(src, n, k, rs, kind, gamma):
 
 @njit(parallel=True, cache=True)
 def _pack_i2_rows(src, n, k, rs, kind, gamma):
-    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest code seen per row (> 2 means a non-ternary input)."""
+    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest code seen per row (> 2 means a non-ternary input).
+
+    Bytes start as 0x55 (four codes 1 = padding weight 0); slot q of byte j takes weight 32q + j of the
+    block by XOR-ing (c ^ 1) into it, so the loop over j is branch-free and contiguous.
+    """
     nblk = -(-k // _BLOCK)
     out = np.empty((n, nblk * (_BLOCK // 4)), np.uint8)
     top = np.empty(n, np.uint8)
@@ -104,57 +108,38 @@ def _pack_i2_rows(src, n, k, rs, kind, gamma):
         base = i * rs
         mx = np.uint8(0)
         for b in range(nblk):
-            k0 = b * _BLOCK
             o = b * 32
-            if k0 + _BLOCK <= k:  # full block: byte j holds weights j, j+32, j+64, j+96
-                for j in range(32):
-                    c0 = _code(src, base + k0 + j, kind, gamma)
-                    c1 = _code(src, base + k0 + 32 + j, kind, gamma)
-                    c2 = _code(src, base + k0 + 64 + j, kind, gamma)
-                    c3 = _code(src, base + k0 + 96 + j, kind, gamma)
-                    mx = max(mx, max(max(c0, c1), max(c2, c3)))
-                    out[i, o + j] = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
-            else:  # last block: weights past K get code 1 (weight 0)
-                for j in range(32):
-                    byte = np.uint8(0)
-                    for q in range(4):
-                        kk = k0 + 32 * q + j
-                        c = _code(src, base + kk, kind, gamma) if kk < k else np.uint8(1)
-                        mx = max(mx, c)
-                        byte |= c << (2 * q)
-                    out[i, o + j] = byte
+            out[i, o : o + 32] = 0x55
+            for q in range(4):
+                kq = b * _BLOCK + 32 * q
+                for j in range(min(32, k - kq)):
+                    c = _code(src, base + kq + j, kind, gamma)
+                    mx = max(mx, c)
+                    out[i, o + j] ^= (c ^ np.uint8(1)) << np.uint8(2 * q)
         top[i] = mx
     return out, top
 
 
 @njit(parallel=True, cache=True)
 def _pack_tq1_rows(src, n, k, rs, kind, gamma):
-    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest code seen per row."""
-    nfull = k // _TRITS
+    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest code seen per row.
+
+    Bytes start at 121 (five codes 1 = padding weight 0); trit q of byte t adds (c - 1) * 3**q.
+    """
     nbytes = -(-k // _TRITS)
     out = np.empty((n, nbytes), np.uint8)
     top = np.empty(n, np.uint8)
     for i in prange(n):
         base = i * rs
         mx = np.uint8(0)
-        for t in range(nfull):
-            p = base + _TRITS * t
-            c0 = _code(src, p, kind, gamma)
-            c1 = _code(src, p + 1, kind, gamma)
-            c2 = _code(src, p + 2, kind, gamma)
-            c3 = _code(src, p + 3, kind, gamma)
-            c4 = _code(src, p + 4, kind, gamma)
-            mx = max(mx, max(max(max(c0, c1), max(c2, c3)), c4))
-            out[i, t] = c0 + 3 * c1 + 9 * c2 + 27 * c3 + 81 * c4
-        if nfull < nbytes:  # tail: missing trits get code 1 (weight 0)
-            byte = 0
-            mul = 1
-            for kk in range(_TRITS * nfull, _TRITS * nbytes):
-                c = _code(src, base + kk, kind, gamma) if kk < k else np.uint8(1)
+        out[i, :] = 121
+        mul = 1
+        for q in range(_TRITS):
+            for t in range(-(-(k - q) // _TRITS)):  # bytes whose trit q is a real weight
+                c = _code(src, base + _TRITS * t + q, kind, gamma)
                 mx = max(mx, c)
-                byte += c * mul
-                mul *= 3
-            out[i, nfull] = byte
+                out[i, t] = np.uint8(out[i, t] + c * mul - mul)
+            mul *= 3
         top[i] = mx
     return out, top
 
