@@ -1,0 +1,453 @@
+"""Triton backend: activation quant, i2g weight packing, int8 x ternary GEMV/GEMM, backward products.
+
+Same contracts as `reference.py` (integer results bit-exact, round-half-even, fp32 float math). The weight
+format is `i2g` (16 two-bit codes per int32 along K, natural order; see reference.pack_i2g): one load of a
+(BLOCK_N, BLOCK_KW) word tile plus a shift and a mask rebuilds a (BLOCK_N, 16 * BLOCK_KW) ternary tile in
+registers, which feeds `tl.dot` (int8 -> int32) or, for M = 1, a multiply-reduce on the CUDA cores.
+
+Kernels run on CUDA tensors. When TRITON_INTERPRET=1 is set before this module is imported, `@triton.jit`
+builds interpreted kernels and CPU tensors are accepted too: that is how the tests run without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .packing import PackedWeight, get_format
+
+name = "triton"
+default_format = "i2g"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+GEMV_MAX_M = 16  # M <= this takes the bandwidth-bound GEMV kernel (decode); larger M the tiled GEMM
+CODES = reference.I2G_CODES  # 2-bit codes per int32 word
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _rne(v):
+    """Round half to even, exactly (floor-based: no reliance on libdevice, which the interpreter lacks)."""
+    f = tl.floor(v)
+    d = v - f  # exact in fp32
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _quant(x, s):
+    """fp32 x, fp32 row scale s -> int8 clip(round(x * s)); a NaN scale (non-finite row) gives 0."""
+    q = tl.minimum(tl.maximum(_rne(x * s), -128.0), 127.0)
+    return tl.where(s == s, q, 0.0).to(tl.int8)
+
+
+@triton.jit
+def _unpack_tile(words, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """(BLOCK_N, BLOCK_KW) int32 i2g words -> (BLOCK_N, 16 * BLOCK_KW) int32 weights in {-1, 0, 1}."""
+    shifts = 2 * tl.arange(0, 16)
+    codes = (words[:, :, None] >> shifts[None, None, :]) & 3  # (BN, BKW, 16)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_KW * 16)) - 1
+
+
+@triton.jit
+def _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om,
+                    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store (BM, BN) int32 acc as is, or as acc * (gamma / s) (+ bias) in out's dtype."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    if EPILOGUE:
+        s = tl.load(s_ptr + offs_m, mask=offs_m < M, other=1.0)
+        y = acc.to(tl.float32) * tl.div_rn(tl.load(gamma_ptr), s)[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- quantization
+@triton.jit
+def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
+                      BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr):
+    """One row per program: absmax -> s = 127 / max(amax, 1e-5) (NaN for non-finite rows) -> xq."""
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
+    amax = tl.zeros((BLOCK_K,), tl.float32)
+    bad = tl.zeros((BLOCK_K,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ax = tl.abs(tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32))
+        bad = tl.maximum(bad, ((ax != ax) | (ax > 3.4028234663852886e38)).to(tl.int32))
+        amax = tl.maximum(amax, ax)
+    s = tl.div_rn(1.0, tl.maximum(tl.max(amax, 0), 1e-5)) * 127.0  # torch's 127 / t is reciprocal(t) * 127
+    s = tl.where(tl.max(bad, 0) > 0, float("nan"), s)
+    tl.store(s_ptr + tl.program_id(0), s)
+    if WRITE_XQ:
+        q_row = xq_ptr + tl.program_id(0).to(tl.int64) * stride_qm
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, _quant(x, s), mask=offs < K)
+
+
+@triton.jit
+def _abs_sum_kernel(w_ptr, part_ptr, numel, BLOCK: tl.constexpr):
+    """Per-program fp64 partial sums of |w| (the reference accumulates gamma's mean in fp64)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.abs(w).to(tl.float64), 0))
+
+
+@triton.jit
+def _ternarize_kernel(w_ptr, gamma_ptr, wt_ptr, numel, BLOCK: tl.constexpr):
+    """wt = clip(round(w / gamma), -1, 1) as int8, with IEEE division like the reference."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    q = tl.minimum(tl.maximum(_rne(tl.div_rn(w, tl.load(gamma_ptr))), -1.0), 1.0)
+    tl.store(wt_ptr + offs, q.to(tl.int8), mask=offs < numel)
+
+
+@triton.jit
+def _pack_kernel(wt_ptr, out_ptr, K, KW, stride_wn, stride_wk, BLOCK_W: tl.constexpr):
+    """(N, K) int8 ternary -> (N, KW) int32 i2g words; K beyond the matrix packs as code 1 (weight 0)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    j = tl.arange(0, 16)
+    k = offs_w[:, None] * 16 + j[None, :]  # (BW, 16)
+    c = tl.load(wt_ptr + n * stride_wn + k * stride_wk, mask=k < K, other=0).to(tl.int32) + 1
+    words = tl.sum(c << (2 * j)[None, :], axis=1)  # disjoint bit fields: sum == or (wraps into the sign bit)
+    tl.store(out_ptr + n * KW + offs_w, words, mask=offs_w < KW)
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, wt_ptr, K, KW, stride_wn, stride_ww, BLOCK_W: tl.constexpr):
+    """(N, KW) int32 i2g words -> (N, K) int8 ternary (contiguous)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    words = tl.load(w_ptr + n * stride_wn + offs_w * stride_ww, mask=offs_w < KW, other=0)
+    j = tl.arange(0, 16)
+    k = offs_w[:, None] * 16 + j[None, :]  # (BW, 16)
+    c = (words[:, None] >> (2 * j)[None, :]) & 3
+    tl.store(wt_ptr + n * K + k, (c - 1).to(tl.int8), mask=k < K)
+
+
+# ----------------------------------------------------------------------------------------------- matmul kernels
+def _gemv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_KW": 4}, num_warps=4)]
+    shapes = [(16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (16, 32, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3) for bn, bkw, w in shapes]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "BLOCK_M", "SPLIT_K", "QUANT_X"], reset_to_zero=["acc_ptr"])
+@triton.jit
+def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KW,
+                 stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
+                 BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, EPILOGUE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Decode (M <= 16): grid (N tiles, SPLIT_K); each program streams its K range of BLOCK_N weight rows once.
+
+    M = 1 multiplies and reduces on the CUDA cores; 2 <= M <= 16 uses one 16-row tl.dot. With SPLIT_K > 1 the
+    int32 partials are atomically added into acc (exact, order-free) and the epilogue runs as a second kernel.
+    QUANT_X: x is float and is quantized in registers with the precomputed row scales s (fused bitlinear).
+    """
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if QUANT_X:
+        s = tl.load(s_ptr + offs_m, mask=offs_m < M, other=1.0)
+    per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW  # words per split, a multiple of BLOCK_KW
+    w_lo = tl.program_id(1) * per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for w0 in range(w_lo, tl.minimum(w_lo + per_split, KW), BLOCK_KW):
+        offs_w = w0 + tl.arange(0, BLOCK_KW)
+        w_mask = (offs_n < N)[:, None] & (offs_w < KW)[None, :]
+        words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :] * stride_ww,
+                        mask=w_mask, other=0)
+        wt = _unpack_tile(words, BLOCK_N, BLOCK_KW)  # (BN, BK)
+        offs_k = w0 * 16 + tl.arange(0, BLOCK_KW * 16)
+        x_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0)
+        if QUANT_X:
+            x = _quant(x.to(tl.float32), s[:, None])
+        if BLOCK_M == 1:
+            acc += tl.sum(wt * x.to(tl.int32), axis=1)[None, :]
+        else:
+            acc += tl.dot(x.to(tl.int8), tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
+    if SPLIT_K == 1:
+        _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
+    else:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, s_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K GEMV's epilogue: one row tile of the (M, N) int32 accumulator per program."""
+    offs_m = tl.program_id(0) + tl.arange(0, 1)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=(offs_n < N)[None, :], other=0)
+    _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, True, HAS_BIAS)
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 2, "GROUP_M": 2}, num_warps=4)]
+    shapes = [(128, 128, 8, 3, 8), (128, 256, 4, 3, 8), (256, 128, 4, 3, 8), (128, 256, 8, 3, 8),
+              (64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 4, 4, 4), (64, 64, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
+            for bm, bn, bkw, st, w in shapes]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW"])
+@triton.jit
+def _gemm_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW, M_BUCKET,
+                 stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
+    """Prefill/training (M > 16): grouped-order tiles, int8 tl.dot on weights unpacked in registers."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for w0 in range(0, KW, BLOCK_KW):
+        offs_w = w0 + tl.arange(0, BLOCK_KW)
+        offs_k = w0 * 16 + tl.arange(0, BLOCK_KW * 16)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)
+        words = tl.load(w_rows + offs_w[None, :] * stride_ww, mask=(offs_n < N)[:, None] & (offs_w < KW)[None, :],
+                        other=0)
+        wt = _unpack_tile(words, BLOCK_N, BLOCK_KW).to(tl.int8)  # (BN, BK)
+        acc += tl.dot(x, tl.trans(wt), out_dtype=tl.int32)
+    _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW", "IEEE"])
+@triton.jit
+def _grad_input_kernel(g_ptr, w_ptr, gamma_ptr, out_ptr, M, N, K, KW, M_BUCKET,
+                       stride_gm, stride_gn, stride_wn, stride_ww, stride_om, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
+    """dX (M, K) fp32 = grad_y (M, N) @ Wt (N, K) * gamma, Wt unpacked from i2g in registers (never in HBM)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    offs_k = tl.program_id(1) * BLOCK_KW * 16 + tl.arange(0, BLOCK_KW * 16)
+    acc = tl.zeros((BLOCK_M, BLOCK_KW * 16), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0.0)
+        words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :] * stride_ww,
+                        mask=(offs_n < N)[:, None] & (offs_w < KW)[None, :], other=0)
+        wt = _unpack_tile(words, BLOCK_N, BLOCK_KW)  # (BN, BK), exact in any float dtype
+        if IEEE:
+            acc += tl.dot(g.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(g, wt.to(g.dtype))
+    y = acc * tl.load(gamma_ptr)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :], y, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- host checks
+def _check(arg: str, t, dtypes=None) -> None:
+    """TypeError for a non-tensor or wrong dtype; ValueError for a tensor this backend cannot run on."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
+        raise ValueError(
+            f"{arg} is on {t.device}; the triton backend needs CUDA tensors (move it with .to('cuda')), "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU for testing"
+        )
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{arg} has dtype {t.dtype}; expected one of {list(dtypes)} (convert with .to(...))")
+
+
+def _check_i2g(pw) -> None:
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"pw must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
+    _check("pw.data", pw.data)
+    _check("pw.gamma", pw.gamma)
+    if pw.format != "i2g":
+        raise ValueError(
+            f"pw is in format {pw.format!r}; the triton kernels compute on 'i2g': convert it once with "
+            "bitnet_fast.kernels.repack(pw, 'i2g')"
+        )
+
+
+def _gamma(pw: PackedWeight) -> torch.Tensor:
+    return pw.gamma.to(device=pw.data.device, dtype=torch.float32).reshape(1)
+
+
+# ----------------------------------------------------------------------------------------------- backend API
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (xq int8 (M, K), s fp32 (M,)): per-row absmax; non-finite rows get xq = 0, s = NaN."""
+    _check("x", x2d, FLOAT_DTYPES)
+    return _act_quant(x2d, write_xq=True)
+
+
+def _act_quant(x2d: torch.Tensor, write_xq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x2d.shape
+    xq = torch.empty((m, k) if write_xq else (1, 1), dtype=torch.int8, device=x2d.device)
+    s = torch.empty(m, dtype=torch.float32, device=x2d.device)
+    if m > 0:
+        block = min(triton.next_power_of_2(k), 4096)
+        _act_quant_kernel[(m,)](x2d, xq, s, k, x2d.stride(0), x2d.stride(1), xq.stride(0),
+                                BLOCK_K=block, WRITE_XQ=write_xq, num_warps=4 if block <= 1024 else 8)
+    return xq, s
+
+
+def quantize_weight(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (Wt int8 ternary (N, K), gamma fp32 0-d): absmean, mean accumulated in fp64."""
+    _check("w", w2d, FLOAT_DTYPES)
+    w = w2d.contiguous()
+    numel, block = w.numel(), 4096
+    parts = torch.empty(triton.cdiv(numel, block), dtype=torch.float64, device=w.device)
+    _abs_sum_kernel[(parts.numel(),)](w, parts, numel, BLOCK=block)
+    gamma = (parts.sum() / numel).float().clamp(min=reference.EPS)
+    wt = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    _ternarize_kernel[(parts.numel(),)](w, gamma, wt, numel, BLOCK=block)
+    return wt, gamma
+
+
+def pack(wt: torch.Tensor, gamma: torch.Tensor, fmt: str) -> PackedWeight:
+    """(N, K) int8 ternary + scale -> PackedWeight; i2g packs on the GPU, other formats via the reference."""
+    _check("wt", wt, (torch.int8,))
+    _check("gamma", gamma, (torch.float32,))
+    n, k = wt.shape
+    if fmt != "i2g":
+        data = get_format(fmt).pack(wt.cpu()).to(wt.device)
+        return PackedWeight(data, gamma.reshape(()), (n, k), fmt)
+    kw = reference.padded_k(k) // CODES
+    data = torch.empty((n, kw), dtype=torch.int32, device=wt.device)
+    _pack_kernel[(n, triton.cdiv(kw, 64))](wt, data, k, kw, wt.stride(0), wt.stride(1), BLOCK_W=64)
+    return PackedWeight(data, gamma.reshape(()), (n, k), fmt)
+
+
+def unpack(pw: PackedWeight) -> torch.Tensor:
+    """PackedWeight -> (N, K) int8 ternary on the packed weight's device."""
+    if isinstance(pw, PackedWeight) and pw.format != "i2g":
+        _check("pw.data", pw.data)
+        return get_format(pw.format).unpack(pw.data.cpu(), pw.in_features).to(pw.device)
+    _check_i2g(pw)
+    (n, k), kw = pw.shape, pw.data.shape[1]
+    wt = torch.empty((n, k), dtype=torch.int8, device=pw.device)
+    _unpack_kernel[(n, triton.cdiv(kw, 64))](pw.data, wt, k, kw, pw.data.stride(0), pw.data.stride(1), BLOCK_W=64)
+    return wt
+
+
+def _split_k(n: int, kw: int, device: torch.device) -> int:
+    """Split K until the GEMV has ~2 programs per SM (nominal 32-row tiles), keeping >= 64 words per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split, tiles = 1, triton.cdiv(n, 32)
+    while tiles * split < 2 * sms and kw // (2 * split) >= 64:
+        split *= 2
+    return split
+
+
+def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: int | None = None):
+    """Shared driver: GEMV for M <= 16 (optionally split-K), tiled GEMM otherwise. x is int8 unless quant_x."""
+    m, k = x.shape
+    n, kw = pw.out_features, pw.data.shape[1]
+    dev = x.device
+    out = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=dev)
+    if m == 0:
+        return out
+    gamma = _gamma(pw)
+    s = s if s is not None else gamma  # an unused pointer when there is no epilogue
+    bias_t = bias if bias is not None else gamma
+    common = (x.stride(0), x.stride(1), pw.data.stride(0), pw.data.stride(1), out.stride(0))
+    if m <= GEMV_MAX_M:
+        split = split_k or _split_k(n, kw, dev)
+        acc = out if split == 1 or not epilogue else torch.empty((m, n), dtype=torch.int32, device=dev)
+        if split > 1:
+            acc.zero_()
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+        _gemv_kernel[grid](x, s, pw.data, gamma, bias_t, out, acc, m, n, k, kw, *common,
+                           BLOCK_M=1 if m == 1 else 16, SPLIT_K=split, QUANT_X=quant_x, EPILOGUE=epilogue,
+                           HAS_BIAS=bias is not None)
+        if split > 1 and epilogue:
+            _epilogue_kernel[(m, triton.cdiv(n, 1024))](acc, s, gamma, bias_t, out, m, n, out.stride(0),
+                                                        HAS_BIAS=bias is not None, BLOCK_N=1024)
+        return out
+    if quant_x:
+        raise AssertionError("the GEMM path takes int8 activations")
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_kernel[grid](x, s, pw.data, gamma, bias_t, out, m, n, k, kw, triton.next_power_of_2(m), *common,
+                       EPILOGUE=epilogue, HAS_BIAS=bias is not None)
+    return out
+
+
+def _check_mm(xq, pw, s=None, bias=None) -> None:
+    _check("xq", xq, (torch.int8,))
+    _check_i2g(pw)
+    if s is not None:
+        _check("s", s, (torch.float32,))
+    if bias is not None:
+        _check("bias", bias, FLOAT_DTYPES)
+
+
+def matmul_int(xq: torch.Tensor, pw: PackedWeight, split_k: int | None = None) -> torch.Tensor:
+    """(M, K) int8 x packed (N, K) -> (M, N) int32, exact. split_k overrides the GEMV's heuristic."""
+    _check_mm(xq, pw)
+    return _matmul(xq, None, pw, None, None, quant_x=False, epilogue=False, split_k=split_k)
+
+
+def matmul(xq, s, pw, bias=None, out_dtype=torch.float32, split_k: int | None = None) -> torch.Tensor:
+    """(M, K) int8, (M,) scales x packed (N, K) -> (M, N) out_dtype: acc * gamma / s (+ bias), fused epilogue."""
+    _check_mm(xq, pw, s, bias)
+    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True, split_k=split_k)
+
+
+def bitlinear(x2d, pw, bias=None, out_dtype=torch.float32, split_k: int | None = None) -> torch.Tensor:
+    """(M, K) float -> (M, N): decode computes the row scales, then quantizes x inside the GEMV (xq never hits
+    memory); prefill writes int8 xq once (the GEMM reads each x tile N / BLOCK_N times, cheaper as int8)."""
+    _check("x", x2d, FLOAT_DTYPES)
+    _check_i2g(pw)
+    if bias is not None:
+        _check("bias", bias, FLOAT_DTYPES)
+    if x2d.shape[0] <= GEMV_MAX_M:
+        _, s = _act_quant(x2d, write_xq=False)
+        return _matmul(x2d, s, pw, bias, out_dtype, quant_x=True, epilogue=True, split_k=split_k)
+    xq, s = _act_quant(x2d, write_xq=True)
+    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True)
+
+
+def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """(M, N) float grad x ternary (N, K) * gamma -> (M, K) fp32; fp32 grads use IEEE fp32 dots (no TF32).
+
+    The interpreter multiplies raw bf16 bits in tl.dot, so interpreted bf16 runs take the fp32 path too."""
+    _check("grad_y", grad_y2d, FLOAT_DTYPES)
+    _check_i2g(pw)
+    (m, n), (k, kw) = grad_y2d.shape, (pw.in_features, pw.data.shape[1])
+    out = torch.empty((m, k), dtype=torch.float32, device=grad_y2d.device)
+    if m == 0:
+        return out
+    ieee = grad_y2d.dtype == torch.float32 or (INTERPRET and grad_y2d.dtype == torch.bfloat16)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kw, meta["BLOCK_KW"]))  # noqa: E731
+    _grad_input_kernel[grid](grad_y2d, pw.data, _gamma(pw), out, m, n, k, kw, triton.next_power_of_2(m),
+                             grad_y2d.stride(0), grad_y2d.stride(1), pw.data.stride(0), pw.data.stride(1),
+                             out.stride(0), IEEE=ieee)
+    return out
+
+
+def grad_weight(grad_y2d: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """grad_y^T (N, M) x (xq / s) (M, K) -> (N, K) fp32. A plain dense GEMM with nothing ternary to exploit, so
+    cuBLAS does it (it follows torch.backends.cuda.matmul.allow_tf32 like any fp32 matmul)."""
+    _check("grad_y", grad_y2d, FLOAT_DTYPES)
+    _check("xq", xq, (torch.int8,))
+    _check("s", s, (torch.float32,))
+    return reference.grad_weight(grad_y2d, xq, s)
