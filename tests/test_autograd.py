@@ -1,0 +1,136 @@
+"""BitLinearFunction and the bitnet_fast:: custom ops: values and STE gradients equal kernels.reference.ste_linear."""
+
+import pytest
+import torch
+from bitnet_fast.kernels import reference
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bitnet_fast import kernels
+from bitnet_fast.autograd import BitLinearFunction, bitlinear_inference, bitlinear_train, pack_weight
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a shared 2-core box: one intra-op thread avoids spin-wait contention (100x on busy hosts)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fmt() -> str:
+    return kernels.pack(torch.ones(1, 1)).format
+
+
+def _tols(dtype: torch.dtype) -> dict:
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _reference_grads(x, w, b, gy):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    y = reference.ste_linear(x, w, b)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy)
+    return y, grads
+
+
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    k=st.integers(1, 300),
+    n=st.integers(1, 40),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_ste_matches_reference(lead, k, n, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).requires_grad_()
+    b = torch.randn(n, generator=g).to(dtype).requires_grad_() if bias else None
+    y = bitlinear_train(x, w, pack_weight(w, _fmt()), b)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy)
+    y_ref, grads_ref = _reference_grads(x, w, b, gy)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    torch.testing.assert_close(y, y_ref, **_tols(dtype))
+    for got, want, name in zip(grads, grads_ref, ("x", "w", "b"), strict=False):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got, want, **_tols(dtype), msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_function_apply_matches_op(bias):
+    torch.manual_seed(0)
+    x = torch.randn(5, 70, requires_grad=True)
+    w = torch.randn(9, 70, requires_grad=True)
+    b = torch.randn(9, requires_grad=True) if bias else None
+    pw = pack_weight(w, _fmt())
+    y = BitLinearFunction.apply(x, w, pw.data, pw.gamma, b, 9, 70, pw.format)
+    gy = torch.randn(y.shape)
+    grads = torch.autograd.grad(y, [x, w], gy)
+    y_ref, grads_ref = _reference_grads(x, w, b, gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads, grads_ref[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_only_needed_grads():
+    x = torch.randn(3, 16)
+    w = torch.randn(4, 16, requires_grad=True)
+    y = bitlinear_train(x, w, pack_weight(w, _fmt()))
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert gw.shape == w.shape and x.grad is None
+
+
+def test_inference_matches_train_forward():
+    torch.manual_seed(1)
+    x, w, b = torch.randn(2, 3, 50), torch.randn(7, 50), torch.randn(7)
+    pw = pack_weight(w, _fmt())
+    torch.testing.assert_close(bitlinear_inference(x, pw, b), bitlinear_train(x, w, pw, b), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_backward_is_a_clear_error():
+    x = torch.randn(2, 16, requires_grad=True)
+    y = bitlinear_inference(x, pack_weight(torch.randn(4, 16), _fmt()))
+    with pytest.raises(RuntimeError, match=r"packed \(inference-only\)"):
+        y.sum().backward()
+
+
+def test_nonfinite_row_gives_nan_row():
+    x = torch.randn(3, 20)
+    x[1, 4] = float("inf")
+    w = torch.randn(5, 20)
+    y = bitlinear_train(x, w, pack_weight(w, _fmt()))
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+
+
+def test_opcheck_custom_ops():
+    """Schemas, fake (meta) kernels and autograd registrations agree with the real kernels."""
+    torch.manual_seed(2)
+    fmt = _fmt()
+    x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
+    pw = pack_weight(w, fmt)
+    xq, s = kernels.quantize_activations(x)
+    gy = torch.randn(3, 6)
+    ops = torch.ops.bitnet_fast
+    cases = [
+        (ops.pack_weight, (w, fmt)),
+        (ops.quantize_activations, (x,)),
+        (ops.bitlinear, (x, pw.data, pw.gamma, b, 6, 40, fmt)),
+        (ops.grad_input, (gy, pw.data, pw.gamma, 6, 40, fmt)),
+        (ops.grad_weight, (gy, xq, s)),
+        (ops.ste_linear, (x.requires_grad_(), w.requires_grad_(), pw.data, pw.gamma, b, 6, 40, fmt)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_inputs_are_clear_errors():
+    w = torch.randn(4, 16)
+    pw = pack_weight(w, _fmt())
+    with pytest.raises(ValueError, match="K=15"):
+        bitlinear_train(torch.randn(2, 15), w, pw)
+    with pytest.raises(TypeError, match="dtype"):
+        bitlinear_inference(torch.ones(2, 16, dtype=torch.int32), pw)
+    with pytest.raises(ValueError, match="format"):
+        pack_weight(w, "i3")
