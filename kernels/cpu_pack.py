@@ -16,16 +16,13 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import reference
 from .packing import PackedWeight
 
 __all__ = ["pack", "quantize_and_pack", "quantize_weight", "unpack"]
 
-# How `src` holds a weight: fp32 values, bf16 / fp16 raw codes (uint16), or int8 ternary values.
-_F32, _BF16, _F16, _TERNARY = 0, 1, 2, 3
-_FLOAT_KINDS = {torch.float32: _F32, torch.bfloat16: _BF16, torch.float16: _F16}
 _EPS32 = np.float32(reference.EPS)
 _BLOCK = reference.I2_BLOCK  # 128 weights -> 32 bytes
 _TRITS = reference.TQ1_TRITS  # 5 trits -> 1 byte
@@ -45,57 +42,78 @@ def _as_f32(typingctx, bits):
 
 
 @njit
-def _load(src, idx, kind):
-    """src[idx] as fp32: fp32 as is, bf16 = high half of an fp32, fp16 widened exactly (subnormals, inf, nan)."""
-    if kind == _F32:
-        return np.float32(src[idx])
-    h = np.uint32(src[idx]) & np.uint32(0xFFFF)
-    if kind == _BF16:
-        return _as_f32(np.uint32(h << np.uint32(16)))
-    sign = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
-    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / nan: all-ones fp32 exponent
-        return _as_f32(np.uint32(sign | np.uint32(0x7F800000) | mag))
-    v = _as_f32(mag) * np.float32(2.0**112)  # rebias the exponent 15 -> 127; exact, covers subnormals
-    return -v if sign else v
+def _bf16_to_f32(h):
+    return _as_f32(np.uint32(np.uint32(h) << np.uint32(16)))
 
 
 @njit
-def _code(src, idx, kind, gamma):
-    """Ternary code c = wt + 1 in {0, 1, 2} of src[idx] (quantized with gamma unless src is already ternary)."""
-    if kind == _TERNARY:
-        return np.uint8(src[idx] + 1)  # out-of-range values land above 2 and are reported by the caller
-    q = _load(src, idx, kind) / gamma  # fp32 / fp32 -> fp32, as in the reference
-    return np.uint8(1 + (q > 0.5) - (q < -0.5))
+def _f16_to_f32(h):
+    """Exact fp16 -> fp32 from the raw code: shift into place and rebias the exponent by 2**112."""
+    h = np.uint32(h) & np.uint32(0xFFFF)
+    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / nan: all-ones fp32 exponent
+        v = _as_f32(np.uint32(mag | np.uint32(0x7F800000)))
+    else:
+        v = _as_f32(mag) * np.float32(2.0**112)  # exact, covers subnormals
+    return -v if h & np.uint32(0x8000) else v
+
+
+def _code(src, idx, gamma):
+    """Ternary code c = wt + 1 in {0, 1, 2} of src[idx]. The array dtype says what src holds: fp32 values,
+    bf16 codes (uint16), fp16 codes (int16) or int8 ternary weights (see _rows)."""
+
+
+@overload(_code, inline="never")
+def _code_impl(src, idx, gamma):
+    dt = src.dtype
+    if dt == types.int8:  # already ternary; out-of-range values land above 2 and the caller reports them
+        return lambda src, idx, gamma: np.uint8(src[idx] + 1)
+    load = {types.float32: np.float32, types.uint16: _bf16_to_f32, types.int16: _f16_to_f32}[dt]
+
+    def quantize(src, idx, gamma):
+        q = load(src[idx]) / gamma  # fp32 / fp32 -> fp32, as in the reference
+        return np.uint8(1 + (q > 0.5) - (q < -0.5))
+
+    return quantize
+
+
+def _absf(src, idx):
+    """|src[idx]| as fp32 for a float source."""
+
+
+@overload(_absf)
+def _absf_impl(src, idx):
+    load = {types.float32: np.float32, types.uint16: _bf16_to_f32, types.int16: _f16_to_f32}[src.dtype]
+    return lambda src, idx: abs(load(src[idx]))
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
 @njit(parallel=True, cache=True)
-def _abs_row_sums(src, n, k, rs, kind):
+def _abs_row_sums(src, n, k, rs):
     """(N,) fp64 sums of |w| per row; the caller adds them up for gamma."""
     out = np.empty(n, np.float64)
     for i in prange(n):
         base = i * rs
         acc = 0.0
         for j in range(k):
-            acc += abs(_load(src, base + j, kind))
+            acc += _absf(src, base + j)
         out[i] = acc
     return out
 
 
 @njit(parallel=True, cache=True)
-def _quantize_rows(src, n, k, rs, kind, gamma):
+def _quantize_rows(src, n, k, rs, gamma):
     """(N, K) int8 ternary weights."""
     out = np.empty((n, k), np.int8)
     for i in prange(n):
         base = i * rs
         for j in range(k):
-            out[i, j] = np.int8(_code(src, base + j, kind, gamma)) - 1
+            out[i, j] = np.int8(_code(src, base + j, gamma)) - 1
     return out
 
 
 @njit(parallel=True, cache=True)
-def _pack_i2_rows(src, n, k, rs, kind, gamma):
+def _pack_i2_rows(src, n, k, rs, gamma):
     """(N, Kp // 4) uint8 i2 bytes and the (N,) largest code seen per row (> 2 means a non-ternary input).
 
     Bytes start as 0x55 (four codes 1 = padding weight 0); slot q of byte j takes weight 32q + j of the
@@ -113,7 +131,7 @@ def _pack_i2_rows(src, n, k, rs, kind, gamma):
             for q in range(4):
                 kq = b * _BLOCK + 32 * q
                 for j in range(min(32, k - kq)):
-                    c = _code(src, base + kq + j, kind, gamma)
+                    c = _code(src, base + kq + j, gamma)
                     mx = max(mx, c)
                     out[i, o + j] ^= (c ^ np.uint8(1)) << np.uint8(2 * q)
         top[i] = mx
@@ -121,7 +139,7 @@ def _pack_i2_rows(src, n, k, rs, kind, gamma):
 
 
 @njit(parallel=True, cache=True)
-def _pack_tq1_rows(src, n, k, rs, kind, gamma):
+def _pack_tq1_rows(src, n, k, rs, gamma):
     """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest code seen per row.
 
     Bytes start at 121 (five codes 1 = padding weight 0); trit q of byte t adds (c - 1) * 3**q.
@@ -136,7 +154,7 @@ def _pack_tq1_rows(src, n, k, rs, kind, gamma):
         mul = 1
         for q in range(_TRITS):
             for t in range(-(-(k - q) // _TRITS)):  # bytes whose trit q is a real weight
-                c = _code(src, base + _TRITS * t + q, kind, gamma)
+                c = _code(src, base + _TRITS * t + q, gamma)
                 mx = max(mx, c)
                 out[i, t] = np.uint8(out[i, t] + c * mul - mul)
             mul *= 3
@@ -195,32 +213,30 @@ def _rows(w: torch.Tensor, name: str, dtypes: tuple) -> tuple[np.ndarray, int, i
     w = w.detach()
     if k > 1 and w.stride(1) != 1:
         w = w.contiguous()
-    if w.dtype in (torch.bfloat16, torch.float16):
-        w = w.view(torch.int16)  # raw codes; _load widens them
+    dtype = w.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        w = w.view(torch.int16)  # raw codes, widened to fp32 in the kernels
     rs = w.stride(0) if n > 1 else k
     flat = torch.as_strided(w, ((n - 1) * rs + k,), (1,), w.storage_offset()).numpy()
-    if flat.dtype == np.int16:
-        flat = flat.view(np.uint16)
-    return flat, n, k, rs
+    return (flat.view(np.uint16) if dtype == torch.bfloat16 else flat), n, k, rs
 
 
-def _float_rows(w: torch.Tensor) -> tuple[np.ndarray, int, int, int, int]:
-    src, n, k, rs = _rows(w, "w", tuple(_FLOAT_KINDS))
-    return src, n, k, rs, _FLOAT_KINDS[w.dtype]
+def _float_rows(w: torch.Tensor) -> tuple[np.ndarray, int, int, int]:
+    return _rows(w, "w", (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _gamma(src: np.ndarray, n: int, k: int, rs: int, kind: int) -> np.float32:
+def _gamma(src: np.ndarray, n: int, k: int, rs: int) -> np.float32:
     """gamma = max(fp32(mean |w|), 1e-5) with the mean accumulated in fp64 (NaN stays NaN)."""
-    g = np.float32(_abs_row_sums(src, n, k, rs, kind).sum() / (n * k))
+    g = np.float32(_abs_row_sums(src, n, k, rs).sum() / (n * k))
     return _EPS32 if g < _EPS32 else g
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) fp32/bf16/fp16 -> (Wt int8 ternary (N, K), gamma fp32 0-d), bit-exact with reference.weight_quant."""
-    src, n, k, rs, kind = _float_rows(w)
+    src, n, k, rs = _float_rows(w)
     _set_threads()
-    gamma = _gamma(src, n, k, rs, kind)
-    wt = _quantize_rows(src, n, k, rs, kind, gamma)
+    gamma = _gamma(src, n, k, rs)
+    wt = _quantize_rows(src, n, k, rs, gamma)
     return torch.from_numpy(wt), torch.tensor(gamma, dtype=torch.float32)
 
 
@@ -247,7 +263,7 @@ def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> Pack
     scale = _scale(gamma)
     src, n, k, rs = _rows(wt, "wt", (torch.int8,))
     _set_threads()
-    data, top = kernel(src, n, k, rs, _TERNARY, np.float32(0))
+    data, top = kernel(src, n, k, rs, np.float32(0))
     if top.max() > 2:
         raise ValueError("wt holds values outside {-1, 0, 1}; quantize it first (kernels.quantize_weight)")
     return PackedWeight(torch.from_numpy(data), scale, (n, k), fmt)
@@ -256,10 +272,10 @@ def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> Pack
 def quantize_and_pack(w: torch.Tensor, fmt: str = "i2") -> PackedWeight:
     """Fused quantize_weight + pack: reads w twice (gamma, then codes) and never builds the int8 matrix."""
     kernel = _packer(fmt)
-    src, n, k, rs, kind = _float_rows(w)
+    src, n, k, rs = _float_rows(w)
     _set_threads()
-    gamma = _gamma(src, n, k, rs, kind)
-    data, _ = kernel(src, n, k, rs, kind, gamma)
+    gamma = _gamma(src, n, k, rs)
+    data, _ = kernel(src, n, k, rs, gamma)
     return PackedWeight(torch.from_numpy(data), torch.tensor(gamma, dtype=torch.float32), (n, k), fmt)
 
 
