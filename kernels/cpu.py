@@ -1,0 +1,440 @@
+"""The "numba" backend: int8 activations x ternary i2 weights on CPU, exact in int32, multi-threaded.
+
+Two paths, picked by `gemv_max_m` (kernels/tuning.py):
+  * packed (M small: decode): a Numba kernel reads the i2 bytes directly. Codes c = w + 1 are unsigned, so
+    x.w = x.c - sum(x); the inner loop is an LLVM-IR intrinsic doing u8 x s8 dot products
+    (AVX-512-VNNI/AVX-VNNI `vpdpbusd`, else AVX2 `vpmaddubsw`, else plain Numba) over 128-weight blocks.
+  * GEMM (M large: prefill/training): i2 tiles are unpacked to int8 and multiplied by oneDNN's
+    `torch._int_mm` (VNNI int8 GEMM); the epilogue acc * gamma / s (+ bias) runs in Numba.
+Everything compiles lazily on first call (`cache=True`); the ISA is read once from the host CPU and can be
+forced with BITNET_FAST_CPU_ISA=vnni|avx2|portable (use a fresh NUMBA_CACHE_DIR when you change it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import reference, tuning
+from .cpu_pack import pack, quantize_weight, unpack
+from .packing import PackedWeight
+
+__all__ = ["bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack", "params",
+           "quantize_activations", "quantize_weight", "unpack"]
+
+name = "numba"
+default_format = "i2"
+ISAS = ("vnni", "avx2", "portable")
+
+
+def _detect_isa() -> str:
+    forced = os.environ.get("BITNET_FAST_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"BITNET_FAST_CPU_ISA={forced!r} is not one of {ISAS}")
+        return forced
+    f = llvm_binding.get_host_cpu_features()
+    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "portable"
+
+
+ISA = _detect_isa()
+BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
+
+# ---------------------------------------------------------------------------------------- the dot intrinsic
+_I8x32 = ir.VectorType(ir.IntType(8), 32)
+_I16x16 = ir.VectorType(ir.IntType(16), 16)
+_I32x8 = ir.VectorType(ir.IntType(32), 8)
+_I64 = ir.IntType(64)
+
+
+def _fn(builder, fname: str, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), fname)
+
+
+def _generic_dot(builder, acc, codes, xv):
+    """Target-independent IR for acc + dot4(u8 codes, s8 x): LLVM lowers it to whatever SIMD the CPU has."""
+    i32x32 = ir.VectorType(ir.IntType(32), 32)
+    p = builder.mul(builder.zext(codes, i32x32), builder.sext(xv, i32x32))
+    for h in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32x8, list(range(8 * h, 8 * h + 8)))))
+    return acc
+
+
+def _row_addr(context, builder, typ, val):
+    """(address of element 0, row stride in bytes) of an array argument; (value, None) for an integer."""
+    if not isinstance(typ, types.Array):
+        return val, None
+    ary = cgutils.create_struct_proxy(typ)(context, builder, value=val)
+    return builder.ptrtoint(ary.data, _I64), cgutils.unpack_tuple(builder, ary.strides)[0]
+
+
+def _make_dot(rows: int):
+    """dot(wp, i, xq, r0, nblk, out): out[t] = sum_k c[i, k] * xq[r0 + t, k] over nblk i2 blocks (t < rows).
+
+    One packed block (32 bytes) is decoded once into four <32 x u8> code vectors (shift + mask) and reused
+    for `rows` activation rows; accumulators stay in vector registers for the whole row.
+    """
+
+    @intrinsic
+    def dot(typingctx, wp, i, xq, r0, nblk, out):
+        sig = types.void(wp, types.intp, xq, types.intp, types.intp, out)
+
+        def codegen(context, builder, signature, args):
+            addr = [_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True)]
+            wp, i, xq, r0, nblk, out = addr
+            w_addr, x_stride = builder.add(wp[0], builder.mul(i[0], wp[1])), xq[1]
+            x_addr, out_addr = builder.add(xq[0], builder.mul(r0[0], x_stride)), out[0]
+            nblk = nblk[0]
+            nacc = 2 if rows == 1 else 1  # independent chains hide the multiply latency
+            if ISA == "vnni":
+                dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _I32x8, [_I32x8] * 3)
+            elif ISA == "avx2":
+                maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+                maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+            zero = ir.Constant(_I32x8, None)
+            pre = builder.block
+            loop, done = builder.append_basic_block("i2loop"), builder.append_basic_block("i2done")
+            builder.cbranch(builder.icmp_signed(">", nblk, ir.Constant(_I64, 0)), loop, done)
+            builder.position_at_end(loop)
+            b = builder.phi(_I64)
+            b.add_incoming(ir.Constant(_I64, 0), pre)
+            accs = [[builder.phi(_I32x8) for _ in range(nacc)] for _ in range(rows)]
+            for a in (a for ra in accs for a in ra):
+                a.add_incoming(zero, pre)
+            wv = builder.load(builder.inttoptr(builder.add(w_addr, builder.mul(b, ir.Constant(_I64, 32))),
+                                               _I8x32.as_pointer()), align=1)
+            mask = ir.Constant(_I8x32, [3] * 32)
+            codes = [builder.and_(builder.lshr(wv, ir.Constant(_I8x32, [2 * q] * 32)) if q else wv, mask)
+                     for q in range(4)]  # codes[q][j] = c[128 b + 32 q + j]
+            xblk = builder.add(x_addr, builder.mul(b, ir.Constant(_I64, BLOCK)))
+            new = [list(ra) for ra in accs]
+            for r in range(rows):
+                xr = builder.add(xblk, builder.mul(x_stride, ir.Constant(_I64, r)))
+                s16 = None
+                for q in range(4):
+                    xv = builder.load(builder.inttoptr(builder.add(xr, ir.Constant(_I64, 32 * q)),
+                                                       _I8x32.as_pointer()), align=1)
+                    if ISA == "vnni":
+                        a = new[r][q % nacc]
+                        new[r][q % nacc] = builder.call(
+                            dpbusd, [a, builder.bitcast(codes[q], _I32x8), builder.bitcast(xv, _I32x8)])
+                    elif ISA == "portable":
+                        new[r][q % nacc] = _generic_dot(builder, new[r][q % nacc], codes[q], xv)
+                    else:  # |sum of 4 maddubs| <= 4 * 2 * 2 * 128: no int16 saturation
+                        p = builder.call(maddubs, [codes[q], xv])
+                        s16 = p if s16 is None else builder.add(s16, p)
+                if ISA == "avx2":
+                    ones = ir.Constant(_I16x16, [1] * 16)
+                    new[r][0] = builder.add(new[r][0], builder.call(maddwd, [s16, ones]))
+            bn = builder.add(b, ir.Constant(_I64, 1))
+            b.add_incoming(bn, builder.block)
+            for r in range(rows):
+                for j in range(nacc):
+                    accs[r][j].add_incoming(new[r][j], builder.block)
+            builder.cbranch(builder.icmp_signed("<", bn, nblk), loop, done)
+            builder.position_at_end(done)
+            fin = [[builder.phi(_I32x8) for _ in range(nacc)] for _ in range(rows)]  # phis first in the block
+            reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", ir.IntType(32), [_I32x8])
+            for r in range(rows):
+                for j in range(nacc):
+                    fin[r][j].add_incoming(zero, pre)
+                    fin[r][j].add_incoming(new[r][j], loop)
+                total = fin[r][0] if nacc == 1 else builder.add(fin[r][0], fin[r][1])
+                ptr = builder.inttoptr(builder.add(out_addr, ir.Constant(_I64, 4 * r)), ir.IntType(32).as_pointer())
+                builder.store(builder.call(reduce, [total]), ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
+
+
+_dot1, _dot2, _dot4 = _make_dot(1), _make_dot(2), _make_dot(4)
+
+
+# ----------------------------------------------------------------------------------------- Numba kernels
+@njit(cache=True, inline="always")
+def _quant_row(x, r, xq, s, xsum) -> None:
+    """reference.act_quant for one row, bit-exact: s = (1 / amax) * 127 as torch's 127.0 / t computes it."""
+    k = x.shape[1]
+    amax = np.float32(0.0)
+    poison = np.float32(0.0)
+    for j in range(k):
+        v = x[r, j]
+        poison += v * np.float32(0.0)  # NaN iff the row holds a NaN or an Inf
+        a = abs(v)
+        if a > amax:
+            amax = a
+    if poison != np.float32(0.0):
+        s[r] = np.float32(np.nan)
+        xsum[r] = 0
+        for j in range(k):
+            xq[r, j] = 0
+        return
+    sc = (np.float32(1.0) / max(amax, np.float32(1e-5))) * np.float32(127.0)
+    s[r] = sc
+    total = 0
+    for j in range(k):
+        qv = min(max(np.rint(x[r, j] * sc), np.float32(-128.0)), np.float32(127.0))
+        xq[r, j] = np.int8(qv)
+        total += np.int32(qv)
+    xsum[r] = total
+
+
+@njit(cache=True, parallel=True)
+def _quantize(x, xq, s, xsum) -> None:
+    """(M, K) fp32 -> xq (M, >=K) int8 (pad columns left as given), s (M,) fp32, xsum (M,) int32."""
+    for r in prange(x.shape[0]):
+        _quant_row(x, r, xq, s, xsum)
+
+
+@njit(cache=True, inline="always")
+def _store(r, i, v, scale, bias, fused, has_bias, outi, outf) -> None:
+    if fused:
+        y = np.float32(v) * scale[r]
+        outf[r, i] = y + bias[i] if has_bias else y
+    else:
+        outi[r, i] = v
+
+
+@njit(cache=True, parallel=True)
+def _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, fused, has_bias, outi, outf) -> None:
+    """(M, Kp) int8 x i2 (N, Kp/4) -> int32 outi, or (fused) fp32 outf = acc * scale[r] (+ bias)."""
+    m, n, nblk = xq.shape[0], wp.shape[0], wp.shape[1] // 32
+    nchunks = min(n, nchunks)
+    for c in prange(nchunks):
+        acc = np.zeros(4, np.int32)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            r = 0
+            while r < m:
+                nr = min(rows, m - r)
+                nr = 4 if nr >= 4 else (2 if nr >= 2 else 1)
+                if nr == 4:
+                    _dot4(wp, i, xq, r, nblk, acc)
+                elif nr == 2:
+                    _dot2(wp, i, xq, r, nblk, acc)
+                else:
+                    _dot1(wp, i, xq, r, nblk, acc)
+                for t in range(nr):
+                    _store(r + t, i, acc[t] - xsum[r + t], scale, bias, fused, has_bias, outi, outf)
+                r += nr
+
+
+@njit(cache=True, parallel=True)
+def _bitlinear_packed(x, kp, wp, rows, nchunks, gamma, bias, has_bias, outf) -> None:
+    """Fused decode path: quantize the few rows of x (serially), then the packed product, one call."""
+    m = x.shape[0]
+    xq = np.zeros((m, kp), np.int8)
+    s = np.empty(m, np.float32)
+    xsum = np.empty(m, np.int32)
+    for r in range(m):
+        _quant_row(x, r, xq, s, xsum)
+    scale = gamma / s
+    _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, True, has_bias, np.empty((0, 0), np.int32), outf)
+
+
+@njit(cache=True, parallel=True)
+def _unpack_i2(wp, n0, n1, k, out) -> None:
+    """i2 rows n0..n1 -> out (n1 - n0, k) int8 in {-1, 0, 1}."""
+    for i in prange(n1 - n0):
+        for blk in range((k + BLOCK - 1) // BLOCK):
+            for q in range(4):
+                shift = 2 * q
+                base = blk * BLOCK + 32 * q
+                for j in range(min(32, k - base)):
+                    out[i, base + j] = np.int8((wp[n0 + i, blk * 32 + j] >> shift) & 3) - np.int8(1)
+
+
+@njit(cache=True, parallel=True)
+def _epilogue_t(acc_t, n0, scale, bias, has_bias, out) -> None:
+    """out[:, n0 + i] = acc_t[i, :] * scale (+ bias): the transposed int_mm tile into the (M, N) output."""
+    m = out.shape[0]
+    for r in prange(m):
+        for i in range(acc_t.shape[0]):
+            y = np.float32(acc_t[i, r]) * scale[r]
+            out[r, n0 + i] = y + bias[n0 + i] if has_bias else y
+
+
+# ------------------------------------------------------------------------------------------------- params
+_params: dict[str, Any] | None = None
+_EMPTY_F32 = np.empty(0, np.float32)
+
+
+def params() -> dict[str, Any]:
+    """The current kernel parameters (tuning file merged over defaults, then `configure` overrides)."""
+    global _params
+    if _params is None:
+        _params = tuning.load()
+    return dict(_params)
+
+
+def configure(**kw: Any) -> dict[str, Any]:
+    """Change kernel parameters at runtime (names/values as in tuning.CPU_DEFAULTS); returns them all."""
+    params()
+    _params.update(tuning.validate(kw))
+    return dict(_params)
+
+
+def _threads() -> None:
+    n = _params["threads"] or min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def _nchunks() -> int:
+    return 8 * numba.get_num_threads()  # a few chunks per thread: balance when a core is busy elsewhere
+
+
+def _setup() -> dict[str, Any]:
+    params()
+    _threads()
+    return _params
+
+
+# ------------------------------------------------------------------------------------------- torch glue
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy()
+
+
+def _f32(x: torch.Tensor) -> np.ndarray:
+    return _np(x.detach().float())
+
+
+def _i2(pw: PackedWeight) -> np.ndarray:
+    if pw.format != "i2":
+        raise ValueError(f"the numba kernels compute on format 'i2', got {pw.format!r}; use kernels.repack(pw, 'i2')")
+    return _np(pw.data)
+
+
+def _gamma(pw: PackedWeight) -> np.float32:
+    return np.float32(pw.gamma.item())
+
+
+def _bias(bias: torch.Tensor | None) -> tuple[np.ndarray, bool]:
+    return (_EMPTY_F32, False) if bias is None else (_f32(bias), True)
+
+
+def _padded(xq: torch.Tensor, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, K) int8 -> zero-padded (M, Kp) int8 and row sums (M,) int32."""
+    m, k = xq.shape
+    xp = np.zeros((m, kp), np.int8)
+    xp[:, :k] = xq.numpy()
+    return xp, xp.sum(axis=1, dtype=np.int32)
+
+
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (xq int8 (M, K), s fp32 (M,)), bit-exact with reference.act_quant."""
+    _setup()
+    m, k = x2d.shape
+    xq = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty(m, dtype=torch.float32)
+    _quantize(_f32(x2d), xq.numpy(), s.numpy(), np.empty(m, np.int32))
+    return xq, s
+
+
+def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, bias, out: torch.Tensor) -> None:
+    """GEMM path: unpack i2 tiles of weight rows to int8 and let oneDNN multiply; Numba epilogue (none if
+    scale is None: out is then the int32 product)."""
+    p = _params
+    wp, (n, k) = _i2(pw), pw.shape
+    tile = min(n, p["gemm_tile_n"])
+    w8 = torch.empty((tile, k), dtype=torch.int8)
+    acc = torch.empty((tile, xq.shape[0]), dtype=torch.int32)
+    xt = xq.t().contiguous()  # (K, M)
+    b, has_bias = _bias(bias)
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        _unpack_i2(wp, n0, n1, k, w8.numpy())
+        acc_t = torch._int_mm(w8[: n1 - n0], xt, out=acc[: n1 - n0])  # (tile, M) = W_tile @ xq^T
+        if scale is None:
+            out[:, n0:n1] = acc_t.t()
+        else:
+            _epilogue_t(acc_t.numpy(), n0, scale, b, has_bias, out.numpy())
+
+
+def _use_packed(m: int) -> bool:
+    return m <= _params["gemv_max_m"] or _params["gemm_impl"] == "numba"
+
+
+def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """(M, K) int8 x i2 (N, K) -> (M, N) int32, exact."""
+    p = _setup()
+    m, (n, k) = xq.shape[0], pw.shape
+    out = torch.empty((m, n), dtype=torch.int32)
+    if not _use_packed(m):
+        _gemm_int_mm(xq.contiguous(), pw, None, None, out)
+        return out
+    xp, xsum = _padded(xq, reference.padded_k(k))
+    _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), _EMPTY_F32, _EMPTY_F32, False, False, out.numpy(),
+               np.empty((0, 0), np.float32))
+    return out
+
+
+def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) int8, (M,) fp32 x i2 -> (M, N) out_dtype: exact int32 product, epilogue acc * (gamma / s) + bias."""
+    p = _setup()
+    m, (n, k) = xq.shape[0], pw.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = _gamma(pw) / _np(s.detach())
+    if _use_packed(m):
+        xp, xsum = _padded(xq, reference.padded_k(k))
+        b, has_bias = _bias(bias)
+        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias,
+                   np.empty((0, 0), np.int32), out.numpy())
+    else:
+        _gemm_int_mm(xq.contiguous(), pw, scale, bias, out)
+    return out.to(out_dtype)
+
+
+def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
+    p = _setup()
+    m, (n, k) = x2d.shape[0], pw.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m <= p["gemv_max_m"]:
+        b, has_bias = _bias(bias)
+        kp = reference.padded_k(k)
+        _bitlinear_packed(_f32(x2d), kp, _i2(pw), p["rows_per_pass"], _nchunks(), _gamma(pw), b, has_bias, out.numpy())
+        return out.to(out_dtype)
+    xq, s = quantize_activations(x2d)
+    return matmul(xq, s, pw, bias, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------ backward
+def _dequant_tiles(pw: PackedWeight):
+    """Yield (n0, n1, int8 tile (n1 - n0, K)) over the weight rows, reusing one scratch buffer."""
+    wp, (n, k) = _i2(pw), pw.shape
+    tile = min(n, _params["gemm_tile_n"])
+    w8 = torch.empty((tile, k), dtype=torch.int8)
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        _unpack_i2(wp, n0, n1, k, w8.numpy())
+        yield n0, n1, w8[: n1 - n0]
+
+
+def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over unpacked weight tiles."""
+    _setup()
+    gy = grad_y2d.detach().float()
+    gx = torch.zeros((gy.shape[0], pw.in_features), dtype=torch.float32)
+    for n0, n1, w8 in _dequant_tiles(pw):
+        gx.addmm_(gy[:, n0:n1], w8.float())
+    return gx.mul_(pw.gamma.float())
+
+
+def grad_weight(grad_y2d: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(M, N), (M, K) int8, (M,) -> (N, K) fp32 = grad_y^T @ (xq / s): one fp32 GEMM, as optimal as torch gets."""
+    return reference.grad_weight(grad_y2d.detach(), xq, s.detach())
