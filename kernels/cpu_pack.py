@@ -19,7 +19,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import reference
-from .packing import PackedWeight
+from .packing import FORMATS, PackedWeight
 
 __all__ = ["pack", "quantize_and_pack", "quantize_weight", "unpack"]
 
@@ -259,6 +259,8 @@ def _packer(fmt: str):
 
 def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> PackedWeight:
     """Pack an (N, K) int8 ternary matrix into `fmt` ("i2" or "tq1"), bit-exact with reference.pack_*."""
+    if fmt not in PACK_FORMATS and fmt in FORMATS:  # e.g. the GPU's i2g: reference codec (kernels.repack on CPU)
+        return PackedWeight(FORMATS[fmt].pack(wt.cpu()), _scale(gamma), tuple(wt.shape), fmt)
     kernel = _packer(fmt)
     scale = _scale(gamma)
     src, n, k, rs = _rows(wt, "wt", (torch.int8,))
@@ -283,6 +285,8 @@ def unpack(pw: PackedWeight) -> torch.Tensor:
     """PackedWeight (i2 or tq1, CPU) -> (N, K) int8 ternary, bit-exact with reference.unpack_*."""
     if not isinstance(pw, PackedWeight):
         raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
+    if pw.format not in PACK_FORMATS and pw.format in FORMATS:  # e.g. a GPU-packed i2g weight loading on CPU
+        return FORMATS[pw.format].unpack(pw.data.cpu(), pw.in_features)
     _check_format(pw.format)
     if pw.device.type != "cpu":
         raise ValueError(f"pw is on {pw.device}; the numba kernels take CPU tensors (use pw.to('cpu'))")
