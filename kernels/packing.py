@@ -113,10 +113,13 @@ class PackedWeight:
         fmt = _FORMAT_NAMES.get(fmt_id)
         if fmt is None:
             raise ValueError(f"{where}: unknown format id {fmt_id}; known: {_FORMAT_NAMES}")
+        gamma = state["gamma"]
+        if gamma.numel() != 1:
+            raise ValueError(f"{where}: gamma must be a single scale, got shape {tuple(gamma.shape)}")
         try:
-            return cls(state["data"], state["gamma"].float().reshape(()), (n, k), fmt, version)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            return cls(state["data"], gamma.float().reshape(()), (n, k), fmt, version)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: {e}") from None
 
 
 _FORMAT_IDS = {"i2": 1, "tq1": 2, "i2g": 3}
