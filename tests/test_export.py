@@ -1,0 +1,150 @@
+"""save_packed / load_packed: round trips in both file formats, sizes, atomic writes, clear errors."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import bitnet_fast.export as export
+from bitnet_fast import kernels
+from bitnet_fast.export import load_packed, read_metadata, save_packed
+from bitnet_fast.nn import BitLinear, convert, pack_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(300, 128), nn.ReLU(), nn.Linear(128, 40, bias=False), nn.ReLU(), nn.Linear(40, 3))
+
+
+@pytest.fixture
+def model_and_output():
+    model = convert(_mlp(), skip=("4",))
+    x = torch.randn(4, 300)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+@pytest.mark.parametrize("fmt", ["i2", "tq1"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_round_trip(tmp_path, model_and_output, fmt, packed):
+    model, x, y = model_and_output
+    if packed:
+        model = pack_model(model)
+    path = save_packed(model, tmp_path / "m.safetensors", fmt=fmt)
+    assert read_metadata(path)["format"] == fmt
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+    for target in (_mlp, convert(_mlp(), skip=("4",))):  # a factory of nn.Linear models, or a converted model
+        loaded = load_packed(target, path)
+        layers = [m for m in loaded.modules() if isinstance(m, BitLinear)]
+        assert len(layers) == 2 and all(m.is_packed for m in layers)
+        assert all(m.packed_weight.format == kernels.pack(torch.ones(1, 1)).format for m in layers)
+        assert type(loaded[4]) is nn.Linear
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), y)
+
+
+def test_tq1_is_smaller(tmp_path, model_and_output):
+    model = model_and_output[0]
+    i2 = save_packed(model, tmp_path / "i2.safetensors", fmt="i2").stat().st_size
+    tq1 = save_packed(model, tmp_path / "tq1.safetensors", fmt="tq1").stat().st_size
+    latent = sum(p.numel() * 4 for p in model.parameters())
+    assert tq1 < i2 < latent / 4
+
+
+def test_tied_weights_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = convert(transformers.LlamaForCausalLM(cfg), pack=True).eval()
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    path = save_packed(model, tmp_path / "llama.safetensors")
+    loaded = load_packed(lambda: transformers.LlamaForCausalLM(cfg).eval(), path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        got = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_corrupt_and_truncated_files(tmp_path, model_and_output):
+    path = save_packed(model_and_output[0], tmp_path / "m.safetensors")
+    blob = path.read_bytes()
+    for name, data in {"truncated": blob[: len(blob) - 50], "garbage": b"\x00" * 64, "empty": b""}.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match="corrupt or truncated"):
+            load_packed(_mlp, bad)
+    with pytest.raises(FileNotFoundError):
+        load_packed(_mlp, tmp_path / "missing.safetensors")
+
+
+def _rewrite_header(path, edit) -> None:
+    """Edit the JSON header of a safetensors file in place (same tensors)."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+
+
+def test_version_and_kind_checked(tmp_path, model_and_output):
+    path = save_packed(model_and_output[0], tmp_path / "m.safetensors")
+    _rewrite_header(path, lambda h: h["__metadata__"].update(layout_version="7"))
+    with pytest.raises(ValueError, match="layout version 7"):
+        load_packed(_mlp, path)
+    other = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a bitnet-fast packed model"):
+        load_packed(_mlp, other)
+
+
+def test_wrong_model_is_clear(tmp_path, model_and_output):
+    path = save_packed(model_and_output[0], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="out, in"):
+        load_packed(nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 3)), path)
+    with pytest.raises(ValueError, match="does not have"):
+        load_packed(nn.Sequential(nn.Linear(300, 128)), path)
+    with pytest.raises(ValueError, match="ReLU"):
+        load_packed(nn.Sequential(nn.ReLU(), nn.ReLU(), nn.ReLU()), path)
+    with pytest.raises(TypeError, match="factory"):
+        load_packed(lambda: "model", path)
+
+
+def test_bad_save_arguments(tmp_path, model_and_output):
+    with pytest.raises(ValueError, match="fmt"):
+        save_packed(model_and_output[0], tmp_path / "m.safetensors", fmt="i8")
+    with pytest.raises(ValueError, match="convert"):
+        save_packed(_mlp(), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="model"):
+        save_packed({}, tmp_path / "m.safetensors")
+
+
+def test_failed_write_keeps_old_file(tmp_path, model_and_output, monkeypatch):
+    path = save_packed(model_and_output[0], tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_packed(model_and_output[0], path, fmt="i2")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
