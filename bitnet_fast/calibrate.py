@@ -1,0 +1,358 @@
+"""Calibrate this machine: time the kernels per backend over every preset's linear shapes, tune the CPU kernel
+parameters (threads, tiles, GEMV/GEMM cut-over) and cache the best, then measure model tokens/sec.
+
+The tuned parameters go to `kernels.tuning.save()` (the file the Numba kernels read on first use). Model
+throughput (decode, prefill, training) is measured per preset for BitNet and its fp twin, and turned into a
+batch size per training step for a target step time: the numbers a worker needs to size its tasks.
+Times are best-of-n wall clock (the least disturbed run on a shared machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .model import LM, PRESETS, apply_rope, build_model, count_parameters, preset_config
+from .tinyllama import CONFIG as TINYLLAMA
+
+SCHEMA = "bitnet-fast/calibrate/1"
+QUICK_PRESETS = ("tiny", "small")
+Echo = Callable[[str], None]
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores/threads, memory and library versions."""
+    import numba
+    import psutil
+
+    from .tinyllama import _cpu_name
+
+    vm = psutil.virtual_memory()
+    info = {
+        "cpu": _cpu_name(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False), "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.config.NUMBA_NUM_THREADS, "memory_total_bytes": vm.total,
+        "memory_available_bytes": vm.available, "python": platform.python_version(), "torch": torch.__version__,
+        "numba": numba.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def linear_shapes(quick: bool) -> dict[str, list[tuple[int, int]]]:
+    """Distinct (N, K) = (out, in) of the projections in each preset (and TinyLlama-1.1B unless quick)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name in QUICK_PRESETS if quick else PRESETS:
+        c = preset_config(name)
+        out[name] = sorted({(c.n_embd, c.n_embd), (c.hidden, c.n_embd), (c.n_embd, c.hidden)})
+    if not quick:
+        d, f = TINYLLAMA["hidden_size"], TINYLLAMA["intermediate_size"]
+        kv = d // TINYLLAMA["num_attention_heads"] * TINYLLAMA["num_key_value_heads"]
+        out["tinyllama-1.1b"] = sorted({(d, d), (kv, d), (f, d), (d, f)})
+    return out
+
+
+def available_backends() -> list[str]:
+    """numba (if it imports), reference, and triton only where CUDA is present."""
+    names = []
+    try:
+        importlib.import_module("bitnet_fast.kernels.cpu")
+        names.append("numba")
+    except ImportError:
+        pass
+    names.append("reference")
+    if torch.cuda.is_available():
+        names.append("triton")
+    return names
+
+
+@contextmanager
+def forced_backend(name: str) -> Iterator[torch.device]:
+    """Route kernel calls to backend `name` (via BITNET_FAST_BACKEND); yields the device its tensors live on."""
+    old = os.environ.get("BITNET_FAST_BACKEND")
+    os.environ["BITNET_FAST_BACKEND"] = name
+    try:
+        yield torch.device("cuda" if name == "triton" else "cpu")
+    finally:
+        if old is None:
+            del os.environ["BITNET_FAST_BACKEND"]
+        else:
+            os.environ["BITNET_FAST_BACKEND"] = old
+
+
+def bench(fn: Callable[[], object], repeats: int, budget_s: float = 0.0, device: torch.device | None = None) -> float:
+    """Best-of-n seconds of `fn()` after one warm-up call: at least `repeats` runs, more while within budget_s."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    stop = time.perf_counter() + budget_s
+    while len(times) < repeats or (time.perf_counter() < stop and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ------------------------------------------------------------------------------------------- kernel timing
+def time_kernels(backends: list[str], shapes: dict[str, list[tuple[int, int]]], ms: tuple[int, ...], repeats: int,
+                 budget_s: float, echo: Echo) -> list[dict]:
+    """BitLinear forward (quantize + int8 x ternary + epilogue) per backend, shape and M."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for backend in backends:
+        echo(f"kernels: timing backend {backend} ...")
+        with forced_backend(backend) as dev:
+            for preset, shape_list in shapes.items():
+                for n, k in shape_list:
+                    pw = kernels.pack(torch.randn(n, k, generator=gen).to(dev))
+                    for m in ms:
+                        x = torch.randn(m, k, generator=gen).to(dev)  # (M, K)
+                        row = {"backend": backend, "preset": preset, "n": n, "k": k, "m": m}
+                        try:
+                            t = bench(lambda x=x, pw=pw: kernels.bitlinear(x, pw), repeats, budget_s, dev)
+                            row |= {"seconds": t, "gops": 2 * m * n * k / t / 1e9}
+                        except Exception as e:  # a broken backend is reported, not fatal to calibration
+                            row |= {"seconds": None, "gops": None, "error": f"{type(e).__name__}: {e}"[:300]}
+                            echo(f"    {backend} {n}x{k} M={m}: {row['error'][:120]}")
+                        rows.append(row)
+    return rows
+
+
+def _stages(space: dict[str, list], prefill_m: int) -> list[tuple[str, list, dict, tuple[int, ...]]]:
+    """(parameter, values, fixed overrides, M values that exercise it), in sweep order."""
+    return [
+        ("threads", space["threads"], {}, (1, prefill_m)),
+        ("rows_per_pass", space["rows_per_pass"], {"gemv_max_m": max(space["gemv_max_m"])}, (2, 4, 8)),
+        ("gemm_impl", space["gemm_impl"], {"gemv_max_m": 0}, (prefill_m,)),
+        ("gemm_tile_n", space["gemm_tile_n"], {"gemv_max_m": 0, "gemm_impl": "int_mm"}, (prefill_m,)),
+    ]
+
+
+def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget_s: float, echo: Echo) -> dict:
+    """Coordinate-descent sweep of tuning.CPU_SEARCH_SPACE on the Numba kernels; returns the best and all trials.
+
+    Each stage times the M values its parameter affects, summed over `shapes`. The GEMV/GEMM cut-over is the
+    largest M (from a prefix of the candidates) where the packed GEMV path beats the GEMM path.
+    """
+    from .kernels import cpu, tuning
+
+    space = dict(tuning.CPU_SEARCH_SPACE)
+    space["threads"] = [t for t in space["threads"] if t <= (os.cpu_count() or 1)]
+    gen = torch.Generator().manual_seed(1)
+    weights = [kernels.pack(torch.randn(n, k, generator=gen)) for n, k in shapes]
+    inputs = {m: [torch.randn(m, k, generator=gen) for _, k in shapes] for m in {1, 2, 4, 8, prefill_m,
+                                                                               *space["gemv_max_m"]}}
+    start = cpu.params()
+    best = dict(start)
+    trials: list[dict] = []
+
+    def cost(params: dict, ms: tuple[int, ...]) -> float:
+        cpu.configure(**params)
+        return sum(bench(lambda x=x, w=w: kernels.bitlinear(x, w), repeats, budget_s)
+                   for m in ms for x, w in zip(inputs[m], weights, strict=True))
+
+    with forced_backend("numba"):
+        cost(start, (1, prefill_m))  # warm-up: thread pool, JIT, caches
+        for name, values, fixed, ms in _stages(space, prefill_m):
+            if name == "gemm_tile_n" and best["gemm_impl"] != "int_mm":
+                continue
+            echo(f"tune: {name} over {values} (M={list(ms)}) ...")
+            scores = {}
+            for v in values:
+                scores[v] = cost({**best, **fixed, name: v}, ms)
+                trials.append({"param": name, "value": v, "m": list(ms), "seconds": scores[v]})
+            best[name] = min(scores, key=scores.get)
+        echo(f"tune: gemv_max_m over {space['gemv_max_m']} (GEMV vs GEMM per M) ...")
+        cut = 0
+        for m in sorted(space["gemv_max_m"]):
+            gemv, gemm = cost({**best, "gemv_max_m": m}, (m,)), cost({**best, "gemv_max_m": 0}, (m,))
+            trials.append({"param": "gemv_max_m", "value": m, "m": [m], "gemv_seconds": gemv, "gemm_seconds": gemm})
+            if gemv > gemm:
+                break
+            cut = m
+        best["gemv_max_m"] = cut
+        # Final check, interleaved so drift hits both alike: never keep a sweep result slower than the start.
+        ms = tuple(sorted({1, 8, prefill_m}))
+        baseline, tuned = zip(*[(cost(start, ms), cost(best, ms)) for _ in range(3)], strict=True)
+        baseline, tuned = min(baseline), min(tuned)
+    kept_start = tuned > baseline
+    best = dict(start) if kept_start else best
+    cpu.configure(**best)
+    return {"params": best, "start": start, "defaults": dict(tuning.CPU_DEFAULTS), "trials": trials,
+            "shapes": [list(s) for s in shapes], "prefill_m": prefill_m, "check_m": list(ms),
+            "start_seconds": baseline, "tuned_seconds": tuned, "speedup": baseline / min(tuned, baseline),
+            "kept_start": kept_start}
+
+
+# ----------------------------------------------------------------------------------------- model throughput
+@torch.inference_mode()
+def _decode(model: LM, prompt: torch.Tensor, steps: int) -> None:
+    """Greedy decode `steps` tokens after `prompt` (1, T) with a per-layer KV cache: each step is an M=1 pass."""
+    caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.blocks)
+    tok, pos = prompt, 0
+    for _ in range(steps):
+        T = tok.shape[1]
+        cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
+        x = model.tok_emb(tok)  # (1, T, C)
+        for i, blk in enumerate(model.blocks):
+            a, h = blk.attn, blk.attn_norm(x)
+            q, k, v = (w(h).view(1, T, a.n_head, a.head_dim).transpose(1, 2) for w in (a.wq, a.wk, a.wv))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (1, H, T, D)
+            if caches[i] is not None:
+                k, v = torch.cat((caches[i][0], k), dim=2), torch.cat((caches[i][1], v), dim=2)
+            caches[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            x = x + a.wo(y.transpose(1, 2).reshape(1, T, -1))
+            x = x + blk.mlp(blk.mlp_norm(x))
+        logits = model.head(model.norm(x[:, -1:]))  # (1, 1, V)
+        tok, pos = logits.argmax(-1), pos + T
+
+
+def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int, int], decode_steps: int,
+                     repeats: int, budget_s: float, target_s: float) -> dict:
+    """Decode / prefill tokens/sec (packed for BitNet) and training tokens/sec with a batch-size recommendation.
+
+    Training time per step is fitted as t(B) = a + b*B from two batch sizes; the recommended batch is the
+    largest B with t(B) <= target_s (at least 1).
+    """
+    torch.manual_seed(0)
+    model = build_model(preset_config(preset, linear=linear))
+    cfg, params = model.config, count_parameters(model)
+    seq_len = min(seq_len, cfg.max_seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_s = {}
+    for b in batches:
+        x = torch.randint(0, cfg.vocab_size, (b, seq_len))  # (B, T)
+
+        def train_step(x=x) -> None:
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step_s[b] = bench(train_step, repeats, budget_s)
+    (b1, t1), (b2, t2) = sorted(step_s.items())
+    slope = (t2 - t1) / (b2 - b1)
+    if slope <= 0:  # noise: fall back to a proportional model
+        slope, fixed = t2 / b2, 0.0
+    else:
+        fixed = t1 - slope * b1
+    rec_b = max(1, int((target_s - fixed) // slope))
+    model.eval()
+    if linear == "bitnet":
+        from .nn import pack_model
+
+        pack_model(model)
+    prompt = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    with torch.inference_mode():
+        prefill = bench(lambda: model(prompt), repeats, budget_s)
+    decode = bench(lambda: _decode(model, prompt[:, :8], decode_steps + 1), repeats, budget_s)
+    one = bench(lambda: _decode(model, prompt[:, :8], 1), repeats, budget_s)  # the 8-token prompt alone
+    return {
+        "preset": preset, "linear": linear, "parameters": params, "seq_len": seq_len,
+        "decode_tokens_per_sec": decode_steps / max(decode - one, 1e-9), "prefill_tokens_per_sec": seq_len / prefill,
+        "train_step_seconds": {str(b): t for b, t in step_s.items()},
+        "train_tokens_per_sec": max(b * seq_len / t for b, t in step_s.items()),
+        "recommended": {"batch_size": rec_b, "seq_len": seq_len, "tokens_per_step": rec_b * seq_len,
+                        "predicted_step_seconds": fixed + slope * rec_b, "target_seconds": target_s},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def calibrate(quick: bool = False, target_seconds: float = 1.0, save: bool = True, echo: Echo = print) -> dict:
+    """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`."""
+    if not target_seconds > 0:
+        raise ValueError(f"target_seconds={target_seconds} must be > 0 (the wanted training step time in seconds)")
+    t0 = time.perf_counter()
+    say = echo
+    echo = lambda msg: say(f"[{time.perf_counter() - t0:5.1f}s] {msg}")  # noqa: E731
+    shapes = linear_shapes(quick)
+    prefill_m = 32 if quick else 128
+    repeats, budget = (3, 0.02) if quick else (5, 0.2)
+    backends = available_backends()
+    result: dict[str, Any] = {"schema": SCHEMA, "quick": quick, "target_seconds": target_seconds,
+                              "machine": machine_info(), "backends": backends}
+    ref_shapes = shapes if quick else {k: v for k, v in shapes.items() if k in ("small", "tinyllama-1.1b")}
+    result["kernels"] = time_kernels([b for b in backends if b != "reference"], shapes, (1, prefill_m), repeats,
+                                     budget, echo)
+    result["kernels"] += time_kernels(["reference"], ref_shapes, (1, prefill_m), repeats, budget, echo)
+    if "numba" in backends:
+        tune_on = shapes["small"] if quick else shapes["tinyllama-1.1b"] + shapes["medium"]
+        result["tuning"] = tune_cpu(tune_on, prefill_m, repeats, budget, echo)
+        if save:
+            from .kernels import tuning
+
+            result["tuning"]["path"] = str(tuning.save(result["tuning"]["params"]))
+            echo(f"tune: saved {result['tuning']['params']} to {result['tuning']['path']}")
+    result["models"] = []
+    for preset in QUICK_PRESETS if quick else PRESETS:
+        for linear in ("bitnet", "fp"):
+            echo(f"models: {preset}/{linear}: training, prefill and decode ...")
+            seq = 64 if quick else 256
+            batches = (1, 4) if quick or preset in QUICK_PRESETS else (1, 2)
+            result["models"].append(model_throughput(preset, linear, seq, batches, 4 if quick else 16,
+                                                     2 if quick else 3, 0.25 if quick else 1.0, target_seconds))
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def format_table(r: dict) -> str:
+    """The human summary printed by `bitnet-fast calibrate`."""
+    from .report import fmt
+
+    m = r["machine"]
+    out = [f"machine: {m['cpu']} ({m['arch']}), {m['logical_cpus']} logical CPUs / {m['physical_cores']} cores, "
+           f"torch threads {m['torch_threads']}, memory {fmt(m['memory_total_bytes'], 'B')} "
+           f"({fmt(m['memory_available_bytes'], 'B')} free){', CUDA ' + m['cuda'] if m['cuda'] else ''}",
+           *([f"WARNING: the machine was busy (1-min load average {m['load_average_1m']:.1f} on "
+              f"{m['logical_cpus']} CPUs): timings are pessimistic and the tuning reflects that contention"]
+             if (m.get("load_average_1m") or 0) > (m["logical_cpus"] or 1) else []),
+           f"backends: {', '.join(r['backends'])}{'   (QUICK: tiny/small shapes, few repeats)' if r['quick'] else ''}",
+           ""]
+    ref = {(k["preset"], k["n"], k["k"], k["m"]): k["seconds"] for k in r["kernels"] if k["backend"] == "reference"}
+    rows = []
+    for k in r["kernels"]:
+        if k["backend"] == "reference":
+            continue
+        base = ref.get((k["preset"], k["n"], k["k"], k["m"]))
+        speed = f"{base / k['seconds']:.1f}x" if base and k["seconds"] else "—"
+        rows.append([k["backend"], k["preset"], f"{k['n']}x{k['k']}", k["m"],
+                     f"{k['seconds'] * 1e6:.0f}" if k["seconds"] else k.get("error", "error")[:40],
+                     f"{k['gops']:.1f}" if k["gops"] else "—", speed])
+    out += ["kernel timings (BitLinear forward, best of n):",
+            _table(["backend", "preset", "N x K", "M", "us", "GOPS", "vs reference"], rows), ""]
+    if "tuning" in r:
+        t = r["tuning"]
+        rows = [[k, v, t["defaults"].get(k), t["start"].get(k)] for k, v in t["params"].items()]
+        out += [f"tuned CPU kernel parameters ({t['speedup']:.2f}x vs the starting parameters on the tuning shapes; "
+                f"saved to {t.get('path', 'not saved')}):", _table(["param", "tuned", "default", "was"], rows), ""]
+    rows = [[x["preset"], x["linear"], fmt(x["parameters"]), f"{x['decode_tokens_per_sec']:.1f}",
+             f"{x['prefill_tokens_per_sec']:.0f}", f"{x['train_tokens_per_sec']:.0f}",
+             f"{x['recommended']['batch_size']} x {x['recommended']['seq_len']}",
+             x["recommended"]["tokens_per_step"], f"{x['recommended']['predicted_step_seconds']:.2f}"]
+            for x in r["models"]]
+    out += [f"model throughput (tokens/s) and training step sizing for a {r['target_seconds']:g} s step:",
+            _table(["preset", "linear", "params", "decode", "prefill", "train", "batch x seq", "tokens/step",
+                    "step s"], rows), "", f"calibration took {r['seconds']:.0f} s"]
+    return "\n".join(out)

@@ -1,0 +1,193 @@
+"""TinyLlama-1.1B-shaped model with random weights: decode/prefill tokens/sec and memory, BitNet vs fp32 vs bf16.
+
+Speed and memory do not depend on weight values, so the architecture is built from a transformers
+LlamaConfig with random weights (nothing is downloaded). Each variant runs in its own subprocess so that its
+peak RSS is its own. Results are cached as JSON next to the kernel tuning file, keyed by what they depend on.
+
+    python -m bitnet_fast.tinyllama                  # all variants, full 22 layers (a few minutes)
+    python -m bitnet_fast.tinyllama --variant fp32   # one variant in this process, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json).
+CONFIG = {
+    "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+VARIANTS = {"bitnet": "BitNet b1.58 (i2 packed)", "fp32": "fp32 (torch)", "bf16": "bf16 (torch)"}
+FULL = {"layers": 22, "prefill": 128, "decode": 8}
+QUICK = {"layers": 2, "prefill": 32, "decode": 4}
+
+
+def build(variant: str, layers: int) -> torch.nn.Module:
+    """A random-weight TinyLlama with `layers` decoder layers; `bitnet` packs every decoder projection (i2)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; use one of {sorted(VARIANTS)}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers})
+    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
+    if variant == "bitnet":
+        from .nn import convert
+
+        convert(model, pack=True)  # every nn.Linear but lm_head; embeddings + lm_head stay fp, as in BitNet
+    return model.eval()
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor the model holds (parameters, buffers, packed weights), counted once."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if isinstance(t, torch.Tensor) and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure_variant(variant: str, layers: int, prefill: int, decode: int) -> dict:
+    """Build one variant in this process and time a prefill of `prefill` tokens and `decode` M=1 KV-cache steps."""
+    import psutil
+
+    t0 = time.perf_counter()
+    model = build(variant, layers)
+    build_s = time.perf_counter() - t0
+    gc.collect()
+    rss_load = psutil.Process().memory_info().rss
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, prefill), generator=gen)  # (1, T)
+    with torch.inference_mode():
+        # Warm-up: compile kernels on both the GEMM (prefill) and the GEMV (decode) paths.
+        out = model(ids[:, : min(prefill, 40)], use_cache=True)
+        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        state: dict = {}
+
+        def run_prefill() -> None:
+            state["out"] = model(ids, use_cache=True)
+
+        prefill_s = _timed(run_prefill)
+        cache, nxt = state["out"].past_key_values, state["out"].logits[:, -1:].argmax(-1)  # (1, 1)
+
+        def run_decode() -> None:
+            nonlocal cache, nxt
+            for _ in range(decode):
+                o = model(nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+
+        decode_s = _timed(run_decode)
+    return {
+        "key": variant, "name": VARIANTS[variant], "layers": layers,
+        "prefill_tokens": prefill, "prefill_seconds": prefill_s, "prefill_tokens_per_sec": prefill / prefill_s,
+        "decode_tokens": decode, "decode_seconds": decode_s, "decode_tokens_per_sec": decode / decode_s,
+        "param_bytes": parameter_bytes(model), "rss_after_load_bytes": rss_load,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "build_seconds": build_s,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> Path:
+    """Cached measurements live next to the kernel tuning file (honours $BITNET_FAST_TUNING)."""
+    from .kernels import tuning
+
+    return tuning.path().with_name("tinyllama_bench.json")
+
+
+def _cache_key(quick: bool, sizes: dict) -> dict:
+    from . import __version__
+    from .kernels import tuning
+
+    return {"quick": quick, **sizes, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load()}
+
+
+def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, ...] = tuple(VARIANTS),
+            echo: Callable[[str], None] = print, layers: int | None = None) -> dict:
+    """Every variant in its own subprocess (so peak RSS is per variant); reuse the cached result when it matches."""
+    sizes = {**(QUICK if quick else FULL), **({"layers": layers} if layers else {})}
+    key = _cache_key(quick, sizes) | {"variants": list(variants)}
+    path = cache_path()
+    if not remeasure and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                echo(f"tinyllama: reusing measurements cached in {path} (--remeasure to redo)")
+                return {**cached["result"], "cached": True}
+        except (OSError, ValueError, AttributeError):
+            echo(f"tinyllama: ignoring unreadable cache {path}")
+    results = []
+    for i, v in enumerate(variants, 1):
+        echo(f"tinyllama [{i}/{len(variants)}] {VARIANTS[v]}: {sizes['layers']} layers, prefill {sizes['prefill']}, "
+             f"decode {sizes['decode']} ...")
+        cmd = [sys.executable, "-m", "bitnet_fast.tinyllama", "--variant", v, "--layers", str(sizes["layers"]),
+               "--prefill", str(sizes["prefill"]), "--decode", str(sizes["decode"])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"TinyLlama {v} measurement failed (exit {proc.returncode}): {tail}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        echo(f"    decode {r['decode_tokens_per_sec']:.2f} tok/s, prefill {r['prefill_tokens_per_sec']:.1f} tok/s, "
+             f"params {r['param_bytes'] / 2**20:.0f} MiB, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    import psutil
+
+    result = {
+        "config": {**CONFIG, "num_hidden_layers": sizes["layers"]}, "quick": sizes["layers"] < FULL["layers"],
+        "layers": sizes["layers"], "total_layers": FULL["layers"], "variants": results,
+        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
+                    "memory_bytes": psutil.virtual_memory().total, "torch": torch.__version__},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m bitnet_fast.tinyllama" + (" --quick" if quick else ""),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=2))
+    return {**result, "cached": False}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="measure one variant here and print its JSON")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--prefill", type=int, default=FULL["prefill"])
+    ap.add_argument("--decode", type=int, default=FULL["decode"])
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK['layers']} layers: fast, NOT TinyLlama throughput")
+    ap.add_argument("--remeasure", action="store_true", help="ignore the cache")
+    a = ap.parse_args(argv)
+    if a.variant:
+        print(json.dumps(measure_variant(a.variant, a.layers or FULL["layers"], a.prefill, a.decode)))
+    else:
+        print(json.dumps(measure(quick=a.quick, remeasure=a.remeasure, layers=a.layers,
+                                 echo=lambda m: print(m, file=sys.stderr)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
