@@ -1,0 +1,235 @@
+"""Numba weight quantization and i2/tq1 packing: bit-exact against kernels.reference, plus PackedWeight checks."""
+
+from __future__ import annotations
+
+import bitnet_fast.kernels as K
+import numba
+import numpy as np
+import pytest
+import torch
+from bitnet_fast.kernels import cpu_pack, reference
+from bitnet_fast.kernels.packing import LAYOUT_VERSION, PackedWeight
+from hypothesis import given
+from hypothesis import strategies as st
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+REF_PACK = {"i2": reference.pack_i2, "tq1": reference.pack_tq1}
+REF_UNPACK = {"i2": reference.unpack_i2, "tq1": reference.unpack_tq1}
+
+
+def _values(rng: np.random.Generator, n: int, k: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weights of one flavour: gaussian at a random scale, a few discrete levels (exact ties at
+    w / gamma = +-0.5), sparse, or near the dtype's extremes."""
+    if kind == "gauss":
+        w = rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-6, 3)
+    elif kind == "levels":
+        w = rng.choice([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], size=(n, k)) * 2.0 ** rng.integers(-8, 8)
+    elif kind == "sparse":
+        w = rng.standard_normal((n, k)) * (rng.random((n, k)) < 0.05)
+    else:  # extreme: huge and tiny magnitudes mixed, within the dtype's range
+        big = float(torch.finfo(dtype).max) / 4
+        w = rng.choice([-big, big, 1e-3, -1e-3, 0.0], size=(n, k))
+    return torch.from_numpy(w).to(dtype)
+
+
+def _layout(w: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in another memory layout: transposed storage, a column slice, or broadcast rows."""
+    n, k = w.shape
+    if how == "transposed":
+        return w.T.contiguous().T
+    if how == "sliced":
+        big = torch.zeros(n, k + 3, dtype=w.dtype)
+        big[:, 1 : k + 1] = w
+        return big[:, 1 : k + 1]
+    if how == "broadcast":
+        return w[:1].expand(n, k)
+    return w
+
+
+weights = st.builds(
+    lambda seed, n, k, kind, dtype, how: _layout(_values(np.random.default_rng(seed), n, k, kind, dtype), how),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 40),
+    st.one_of(st.integers(1, 300), st.sampled_from([1, 5, 127, 128, 129, 640])),
+    st.sampled_from(["gauss", "levels", "sparse", "extreme"]),
+    st.sampled_from(FLOATS),
+    st.sampled_from(["contiguous", "transposed", "sliced", "broadcast"]),
+)
+
+
+def _ternary(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(-1, 2, (n, k), dtype=np.int8))
+
+
+# ------------------------------------------------------------------------------------------- bit-exact kernels
+@given(w=weights)
+def test_quantize_weight_bit_exact(w):
+    wt, gamma = cpu_pack.quantize_weight(w)
+    ref_wt, ref_gamma = reference.weight_quant(w)
+    assert wt.dtype == torch.int8 and gamma.dtype == torch.float32 and gamma.dim() == 0
+    assert torch.equal(wt, ref_wt)
+    assert torch.equal(gamma, ref_gamma)
+
+
+@given(w=weights, fmt=st.sampled_from(["i2", "tq1"]))
+def test_pack_bytes_and_round_trip(w, fmt):
+    ref_wt, ref_gamma = reference.weight_quant(w)
+    pw = cpu_pack.pack(ref_wt, ref_gamma, fmt)
+    assert torch.equal(pw.data, REF_PACK[fmt](ref_wt))
+    assert pw.shape == tuple(w.shape) and pw.format == fmt and torch.equal(pw.gamma, ref_gamma)
+    assert torch.equal(cpu_pack.unpack(pw), ref_wt)
+    fused = cpu_pack.quantize_and_pack(w, fmt)
+    assert torch.equal(fused.data, pw.data) and torch.equal(fused.gamma, ref_gamma)
+
+
+@given(
+    n=st.integers(1, 20),
+    k=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+    fmt=st.sampled_from(["i2", "tq1"]),
+)
+def test_unpack_any_bytes_matches_reference(n, k, seed, fmt):
+    """Unpack agrees with the reference on every byte value, including tq1 bytes above 242."""
+    shape = K.get_format(fmt).data_shape(n, k)
+    data = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+    pw = PackedWeight(data, torch.tensor(1.0), (n, k), fmt)
+    assert torch.equal(cpu_pack.unpack(pw), REF_UNPACK[fmt](data, k))
+
+
+@given(n=st.integers(1, 16), k=st.integers(1, 260), seed=st.integers(0, 2**32 - 1))
+def test_strided_ternary_input(n, k, seed):
+    wt = _ternary(n, k, seed)
+    for fmt in ("i2", "tq1"):
+        assert torch.equal(cpu_pack.pack(wt.T.contiguous().T, 0.5, fmt).data, REF_PACK[fmt](wt))
+
+
+def test_all_zero_weights_clamp_gamma():
+    for dtype in FLOATS:
+        w = torch.zeros(3, 7, dtype=dtype)
+        wt, gamma = cpu_pack.quantize_weight(w)
+        assert gamma.item() == np.float32(reference.EPS) and not wt.any()
+        assert torch.equal(gamma, reference.weight_quant(w)[1])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_half_way_ties_round_to_even(dtype):
+    """gamma is exactly 1 here, so w / gamma hits +-0.5 (-> 0) and +-1.5 (-> +-2, clipped to +-1) exactly."""
+    w = torch.tensor([[0.5, -0.5, 1.5, -1.5], [1.0, -1.0, 0.25, 1.75]], dtype=dtype)
+    wt, gamma = cpu_pack.quantize_weight(w)
+    assert gamma.item() == 1.0
+    assert wt.tolist() == [[0, 0, 1, -1], [1, -1, 0, 1]]
+    assert torch.equal(wt, reference.weight_quant(w)[0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_match_reference(dtype, bad):
+    w = torch.randn(4, 9).to(dtype)
+    w[1, 3] = bad
+    wt, gamma = cpu_pack.quantize_weight(w)
+    ref_wt, ref_gamma = reference.weight_quant(w)
+    assert torch.equal(wt, ref_wt)
+    torch.testing.assert_close(gamma, ref_gamma, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fp16_every_code_widens_exactly():
+    """All 65536 fp16 codes (subnormals, inf, nan) go through the in-kernel widening like torch's .float()."""
+    w = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(256, 256)
+    finite = w[torch.isfinite(w).all(dim=1)]
+    for x in (w, finite, finite[:, :100] * 0, w.nan_to_num(0.0)):
+        wt, gamma = cpu_pack.quantize_weight(x)
+        ref_wt, ref_gamma = reference.weight_quant(x)
+        assert torch.equal(wt, ref_wt)
+        torch.testing.assert_close(gamma, ref_gamma, rtol=0, atol=0, equal_nan=True)
+    wb = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    wb = wb[torch.isfinite(wb).all(dim=1)]
+    assert torch.equal(cpu_pack.quantize_weight(wb)[0], reference.weight_quant(wb)[0])
+
+
+# ---------------------------------------------------------------------------------------- public API + repack
+@given(w=weights, fmt=st.sampled_from(["i2", "tq1"]))
+def test_public_api_matches_reference(w, fmt):
+    pw = K.pack(w, fmt)
+    ref_wt, ref_gamma = reference.weight_quant(w)
+    assert torch.equal(pw.data, REF_PACK[fmt](ref_wt)) and torch.equal(pw.gamma, ref_gamma)
+    wt, gamma = K.unpack(pw)
+    assert torch.equal(wt, ref_wt) and gamma is pw.gamma
+
+
+@given(n=st.integers(1, 24), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_repack_round_trip(n, k, seed):
+    wt = _ternary(n, k, seed)
+    i2 = K.pack_ternary(wt, 0.25, "i2")
+    tq1 = K.repack(i2, "tq1")
+    assert tq1.format == "tq1" and torch.equal(tq1.data, reference.pack_tq1(wt))
+    back = K.repack(tq1, "i2")
+    assert torch.equal(back.data, i2.data) and torch.equal(back.gamma, i2.gamma)
+
+
+def test_state_round_trip():
+    pw = cpu_pack.quantize_and_pack(torch.randn(5, 131), "tq1")
+    again = PackedWeight.from_state(pw.state())
+    assert torch.equal(again.data, pw.data) and torch.equal(again.gamma, pw.gamma)
+    assert (again.shape, again.format, again.version) == (pw.shape, pw.format, pw.version)
+
+
+def test_respects_torch_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cpu_pack.quantize_weight(torch.randn(4, 8))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------- validation / errors
+def _state(fmt: str = "i2") -> dict[str, torch.Tensor]:
+    return cpu_pack.quantize_and_pack(torch.randn(4, 200), fmt).state()
+
+
+@pytest.mark.parametrize(
+    ("edit", "exc", "words"),
+    [
+        (lambda s: s.update(data=s["data"][:, :-1]), ValueError, "truncated"),
+        (lambda s: s.update(data=s["data"].reshape(-1)[:-3]), ValueError, "truncated"),
+        (lambda s: s.update(data=s["data"].to(torch.int16)), TypeError, "dtype"),
+        (lambda s: s["header"].__setitem__(0, LAYOUT_VERSION + 1), ValueError, "layout version"),
+        (lambda s: s["header"].__setitem__(3, 99), ValueError, "unknown format id 99"),
+        (lambda s: s.pop("gamma"), ValueError, "missing ['gamma']"),
+        (lambda s: s.update(header=s["header"][:3]), ValueError, "header has 3 fields"),
+        (lambda s: s.update(gamma=torch.ones(2)), ValueError, "gamma"),
+    ],
+)
+def test_from_state_rejects_bad_state(edit, exc, words):
+    state = _state()
+    edit(state)
+    with pytest.raises(exc) as info:
+        PackedWeight.from_state(state, where="layers.0.q_proj")
+    assert words in str(info.value)
+    assert "layers.0.q_proj" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "words"),
+    [
+        (lambda: cpu_pack.quantize_weight(torch.ones(3, 4, dtype=torch.int32)), TypeError, "w has dtype torch.int32"),
+        (lambda: cpu_pack.quantize_weight(torch.ones(2, 3, 4)), ValueError, "w must be 2-D"),
+        (lambda: cpu_pack.quantize_weight(torch.ones(4)), ValueError, "w must be 2-D"),
+        (lambda: cpu_pack.quantize_weight(torch.ones(0, 4)), ValueError, "must be positive"),
+        (lambda: cpu_pack.quantize_weight(np.ones((2, 2))), TypeError, "torch.Tensor"),
+        (lambda: cpu_pack.quantize_and_pack(torch.ones(2, 2, dtype=torch.float64)), TypeError, "float64"),
+        (lambda: cpu_pack.quantize_and_pack(torch.ones(2, 2), "q4"), ValueError, "fmt='q4'"),
+        (lambda: cpu_pack.pack(torch.ones(2, 2), 1.0, "i2"), TypeError, "wt has dtype torch.float32"),
+        (lambda: cpu_pack.pack(torch.full((2, 2), 2, dtype=torch.int8), 1.0), ValueError, "outside {-1, 0, 1}"),
+        (lambda: cpu_pack.pack(torch.full((2, 7), -2, dtype=torch.int8), 1.0, "tq1"), ValueError, "outside"),
+        (lambda: cpu_pack.pack(torch.zeros(2, 2, dtype=torch.int8), torch.ones(3)), ValueError, "single scale"),
+        (lambda: cpu_pack.unpack(torch.zeros(2, 2)), TypeError, "PackedWeight"),
+        (lambda: K.quantize_weight(torch.ones(3, 4, dtype=torch.int32)), TypeError, "dtype"),
+        (lambda: K.pack(torch.ones(3)), ValueError, "dims"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    assert words in str(info.value)
