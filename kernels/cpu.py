@@ -352,7 +352,7 @@ def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, b
     tile = min(n, p["gemm_tile_n"])
     w8 = torch.empty((tile, k), dtype=torch.int8)
     acc = torch.empty((tile, xq.shape[0]), dtype=torch.int32)
-    xt = xq.t().contiguous()  # (K, M)
+    xt = torch.empty((k, xq.shape[0]), dtype=torch.int8).copy_(xq.t())  # (K, M), row stride M even when K == 1
     b, has_bias = _bias(bias)
     for n0 in range(0, n, tile):
         n1 = min(n, n0 + tile)

@@ -1,0 +1,234 @@
+"""The numba CPU kernels against the pure-torch oracle (kernels/reference.py), through the public API.
+
+Integer products are compared bit-exactly; float epilogues to float tolerance. Both the packed (decode) path
+and the GEMM (int_mm) path are forced with `cpu.configure`, and the other instruction sets run in a
+subprocess (the ISA is fixed at import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from bitnet_fast.kernels import cpu, reference, tuning
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bitnet_fast import kernels
+
+PATHS = {  # name -> cpu.configure(...) that forces it
+    "packed-r1": dict(gemv_max_m=1 << 20, rows_per_pass=1),
+    "packed-r4": dict(gemv_max_m=1 << 20, rows_per_pass=4),
+    "int_mm": dict(gemv_max_m=0, gemm_impl="int_mm", gemm_tile_n=16),
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_params():
+    saved = cpu.params()
+    yield
+    cpu.configure(**saved)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _ternary(rng, n: int, k: int, kind: str) -> torch.Tensor:
+    if kind == "zero":
+        return torch.zeros((n, k), dtype=torch.int8)
+    if kind == "ones":
+        return torch.full((n, k), int(rng.choice([-1, 1])), dtype=torch.int8)
+    return torch.from_numpy(rng.integers(-1, 2, (n, k), dtype=np.int8))
+
+
+def _int8(rng, m: int, k: int, kind: str) -> torch.Tensor:
+    if kind == "extreme":  # only -128, 127 and 0: the largest partial sums
+        return torch.from_numpy(rng.choice(np.array([-128, 127, 0], np.int8), (m, k)))
+    return torch.from_numpy(rng.integers(-128, 128, (m, k), dtype=np.int8))
+
+
+def _floats(rng, m: int, k: int) -> torch.Tensor:
+    """Rows with widely varying scales, exact .5 ties after scaling, zero rows, tiny and huge values."""
+    x = rng.standard_normal((m, k)).astype(np.float32) * (10.0 ** rng.uniform(-6, 6, (m, 1))).astype(np.float32)
+    for r in range(m):
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            x[r] = 0.0
+        elif kind == 1:  # values that land on .5 after x * (127 / 127)
+            x[r] = rng.integers(-254, 255, k) / 2.0
+            x[r, 0] = 127.0
+        elif kind == 2:
+            x[r] *= np.float32(1e-30)
+    return torch.from_numpy(x)
+
+
+shapes = st.tuples(st.integers(1, 20), st.integers(1, 300), st.integers(1, 40))
+
+
+def test_numba_serves_cpu():
+    assert kernels.backend_for("cpu") == "numba"
+    assert cpu.name == "numba" and cpu.default_format == "i2" and cpu.ISA in cpu.ISAS
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1), wkind=st.sampled_from(["rand", "zero", "ones"]),
+       xkind=st.sampled_from(["rand", "extreme"]), path=st.sampled_from(sorted(PATHS)))
+def test_matmul_int_exact(shape, seed, wkind, xkind, path):
+    m, k, n = shape
+    rng = _rng(seed)
+    cpu.configure(**PATHS[path])
+    wt, xq = _ternary(rng, n, k, wkind), _int8(rng, m, k, xkind)
+    pw = kernels.pack_ternary(wt, 0.5)
+    got = kernels.matmul_int(xq, pw)
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got, reference.matmul_int(xq, wt))
+
+
+@given(m=st.integers(1, 24), k=st.integers(1, 600), seed=st.integers(0, 2**32 - 1))
+def test_quantize_activations_bit_exact(m, k, seed):
+    x = _floats(_rng(seed), m, k)
+    xq, s = kernels.quantize_activations(x)
+    xq_ref, s_ref = reference.act_quant(x)
+    assert torch.equal(xq, xq_ref)
+    assert torch.equal(s, s_ref)
+
+
+def test_quantize_activations_nonfinite_rows_and_views():
+    x = torch.randn(6, 33)
+    x[1, 3], x[2, 0], x[3, 32], x[4] = float("nan"), float("inf"), float("-inf"), 0.0
+    for inp in (x, x.t().contiguous().t(), x.bfloat16(), x.half(), x[:, ::2]):
+        xq, s = kernels.quantize_activations(inp)
+        xq_ref, s_ref = reference.act_quant(inp)
+        assert torch.equal(xq, xq_ref) and torch.equal(s.isnan(), s_ref.isnan())
+        assert torch.equal(s[~s.isnan()], s_ref[~s_ref.isnan()])
+    xq, s = kernels.quantize_activations(x)
+    assert s[1:4].isnan().all() and (xq[1:4] == 0).all() and s[4] == 127.0 / 1e-5
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1), path=st.sampled_from(sorted(PATHS)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), use_bias=st.booleans(),
+       transposed=st.booleans())
+def test_bitlinear_and_matmul_vs_reference(shape, seed, path, dtype, use_bias, transposed):
+    m, k, n = shape
+    rng = _rng(seed)
+    cpu.configure(**PATHS[path])
+    x = _floats(rng, m, k).clamp(-1e4, 1e4).to(dtype)
+    if transposed:  # a non-contiguous (M, K) view
+        x = x.t().contiguous().t()
+    wt = _ternary(rng, n, k, "rand")
+    gamma = torch.tensor(float(rng.uniform(0.01, 2.0)))
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype) if use_bias else None
+    pw = kernels.pack_ternary(wt, gamma)
+    xq, s = reference.act_quant(x)
+    want = reference.matmul(xq, s, wt, gamma, bias, dtype)
+    got = kernels.bitlinear(x, pw, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else None, atol=1e-4 if dtype ==
+                               torch.float32 else None)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = kernels.matmul(xq, s, pw, bias, out_dtype)
+        torch.testing.assert_close(got, reference.matmul(xq, s, wt, gamma, bias, out_dtype), rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_nonfinite_rows_never_finite(path):
+    cpu.configure(**PATHS[path])
+    x = torch.randn(5, 130)
+    x[0, 7], x[3, 129] = float("nan"), float("-inf")
+    y = kernels.bitlinear(x, kernels.pack(torch.randn(9, 130)))
+    assert not y[[0, 3]].isfinite().any() and y[[1, 2, 4]].isfinite().all()
+
+
+def test_gemv_leading_dims_and_large_k():
+    x = torch.randn(2, 3, 1000)
+    w = torch.randn(17, 1000)
+    got = kernels.bitlinear(x, kernels.pack(w))
+    assert got.shape == (2, 3, 17)
+    torch.testing.assert_close(got, reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_backward_products(shape, seed, dtype):
+    m, k, n = shape
+    rng = _rng(seed)
+    cpu.configure(gemm_tile_n=8)  # several tiles
+    wt = _ternary(rng, n, k, "rand")
+    gamma = torch.tensor(0.37)
+    gy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)).to(dtype)
+    got = kernels.grad_input(gy, kernels.pack_ternary(wt, gamma))
+    assert got.dtype == torch.float32 and got.shape == (m, k)
+    torch.testing.assert_close(got, reference.grad_input(gy, wt, gamma), rtol=1e-5, atol=1e-5)
+    xq, s = reference.act_quant(_floats(rng, m, k))
+    s = torch.where(s.isnan(), torch.ones_like(s), s)
+    torch.testing.assert_close(kernels.grad_weight(gy, xq, s), reference.grad_weight(gy, xq, s))
+
+
+def test_bad_inputs_name_the_argument(monkeypatch):
+    pw = kernels.pack(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="xq"):
+        kernels.matmul_int(torch.zeros(2, 64), pw)
+    with pytest.raises(ValueError, match="xq"):
+        kernels.matmul_int(torch.zeros(2, 3, 64, dtype=torch.int8), pw)
+    with pytest.raises(ValueError, match="in_features"):
+        kernels.matmul_int(torch.zeros(2, 65, dtype=torch.int8), pw)
+    with pytest.raises(TypeError, match="x has dtype"):
+        kernels.bitlinear(torch.zeros(2, 64, dtype=torch.float64), pw)
+    with pytest.raises(ValueError, match="'i2'"):
+        cpu.matmul_int(torch.zeros(2, 64, dtype=torch.int8), kernels.pack(torch.randn(8, 64), "tq1"))
+    with pytest.raises(ValueError, match="gemv_max_m"):
+        cpu.configure(gemv_max_m=-1)
+    with pytest.raises(ValueError, match="unknown"):
+        cpu.configure(tile=3)
+    monkeypatch.setenv("BITNET_FAST_BACKEND", "numba")
+    with pytest.raises(ValueError, match="numba"):
+        kernels.quantize_activations(torch.zeros(2, 64, device="meta"))
+
+
+def test_tuning_file_roundtrip_and_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "t.json"))
+    assert tuning.load() == tuning.CPU_DEFAULTS
+    assert tuning.save({**tuning.CPU_DEFAULTS, "gemv_max_m": 4}) == tmp_path / "t.json"
+    assert tuning.load()["gemv_max_m"] == 4
+    assert set(tuning.CPU_SEARCH_SPACE) == set(tuning.CPU_DEFAULTS)
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert tuning.load() == tuning.CPU_DEFAULTS
+    (tmp_path / "t.json").write_text(json.dumps({"gemv_max_m": "big", "threads": 1}))
+    with pytest.warns(UserWarning, match="gemv_max_m"):
+        assert tuning.load() == {**tuning.CPU_DEFAULTS, "threads": 1}
+
+
+_ISA_CHECK = """
+import json, re, torch
+from bitnet_fast import kernels
+from bitnet_fast.kernels import cpu, reference
+assert cpu.ISA == {isa!r}
+g = torch.Generator().manual_seed(0)
+for m, k, n in [(1, 300, 7), (6, 128, 5)]:
+    wt = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    assert torch.equal(kernels.matmul_int(xq, kernels.pack_ternary(wt, 1.0)), reference.matmul_int(xq, wt))
+asm = cpu._packed_mm.inspect_asm(cpu._packed_mm.signatures[0])
+print(json.dumps(sorted(set(re.findall(r"\\b(vpdpbusd|vpmaddubsw)\\b", asm)))))
+"""
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2", "portable"])
+def test_each_isa_exact_and_uses_its_instruction(isa, tmp_path):
+    feats = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
+    if isa == "vnni" and not (feats.get("avxvnni") or feats.get("avx512vnni")):
+        pytest.skip("no VNNI on this CPU")
+    if isa == "avx2" and not feats.get("avx2"):
+        pytest.skip("no AVX2 on this CPU")
+    env = {**os.environ, "BITNET_FAST_CPU_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path)}  # compile: asm exists
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_ISA_CHECK.format(isa=isa))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])  # portable: whatever LLVM picks for generic IR
+    assert {"vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}[isa] in [*found, None]
