@@ -1,0 +1,116 @@
+"""Time quantize+pack of a TinyLlama-1.1B-sized model (its linear weights) with the numba kernels, side by side
+with the unfused path and the pure-torch reference, plus tq1 -> i2 repack at load.
+
+    python tools/bench_packing.py            # all 22 layers (~0.97B weights)
+    python tools/bench_packing.py --quick    # 2 layers, whole-model time extrapolated
+
+Layers are generated one at a time (random fp32, untimed) to bound memory; only the kernels are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import bitnet_fast.kernels as K
+import numba
+import torch
+from bitnet_fast.kernels import cpu_pack, reference
+
+LAYERS = 22
+# TinyLlama-1.1B linear shapes (N, K) per decoder layer; embeddings and lm_head are not packed.
+SHAPES = {
+    "q": (2048, 2048),
+    "k": (256, 2048),
+    "v": (256, 2048),
+    "o": (2048, 2048),
+    "gate": (5632, 2048),
+    "up": (5632, 2048),
+    "down": (2048, 5632),
+}
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def numba_paths(w: torch.Tensor) -> dict[str, tuple[object, float]]:
+    """Every numba path on one weight: fused and unfused quantize+pack, unpack, and tq1 -> i2 repack."""
+    res = {}
+    res["fused i2 (quantize_and_pack)"] = timed(cpu_pack.quantize_and_pack, w, "i2")
+    res["fused tq1 (quantize_and_pack)"] = timed(cpu_pack.quantize_and_pack, w, "tq1")
+    res["unfused i2 (kernels.pack)"] = timed(K.pack, w, "i2")
+    res["unfused tq1 (kernels.pack)"] = timed(K.pack, w, "tq1")
+    tq1 = res["fused tq1 (quantize_and_pack)"][0]
+    res["unpack tq1 -> int8"] = timed(cpu_pack.unpack, tq1)
+    res["unpack i2 -> int8"] = timed(cpu_pack.unpack, res["fused i2 (quantize_and_pack)"][0])
+    res["repack tq1 -> i2 (load)"] = timed(K.repack, tq1, "i2")
+    return res
+
+
+def reference_paths(w: torch.Tensor) -> dict[str, tuple[object, float]]:
+    """The pure-torch oracle for the same steps."""
+    res = {}
+    res["fused i2 (quantize_and_pack)"] = timed(lambda: reference.pack_i2(reference.weight_quant(w)[0]))
+    res["fused tq1 (quantize_and_pack)"] = timed(lambda: reference.pack_tq1(reference.weight_quant(w)[0]))
+    tq1 = res["fused tq1 (quantize_and_pack)"][0]
+    k = w.shape[1]
+    res["unpack tq1 -> int8"] = timed(reference.unpack_tq1, tq1, k)
+    res["repack tq1 -> i2 (load)"] = timed(lambda: reference.pack_i2(reference.unpack_tq1(tq1, k)))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 layers; extrapolate the whole-model time")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    layers = 2 if args.quick else LAYERS
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    print(f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}")
+
+    per_layer = sum(n * k for n, k in SHAPES.values())
+    total = per_layer * LAYERS
+    print(f"model: {LAYERS} layers x {len(SHAPES)} linears = {total:,} weights ({per_layer:,} per layer)")
+
+    t0 = time.perf_counter()
+    numba_paths(torch.randn(8, 300))  # compile (or load the on-disk cache) outside the timings
+    print(f"compile / cache load: {time.perf_counter() - t0:.1f} s")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    secs: dict[str, float] = defaultdict(float)
+    ref_secs: dict[str, float] = defaultdict(float)
+    ref_ok = True
+    buffers = {shape: torch.empty(shape) for shape in set(SHAPES.values())}
+    for layer in range(layers):
+        for shape in SHAPES.values():
+            w = buffers[shape].normal_(generator=gen)  # fresh values, reused memory
+            res = numba_paths(w)
+            for name, (_, dt) in res.items():
+                secs[name] += dt
+            if layer == 0:  # the reference, on one layer, on the same weights
+                ref = reference_paths(w)
+                for name, (out, dt) in ref.items():
+                    ref_secs[name] += dt
+                    mine = res[name][0]
+                    mine = mine.data if isinstance(mine, K.PackedWeight) else mine
+                    ref_ok &= torch.equal(mine, out.data if isinstance(out, K.PackedWeight) else out)
+    done = per_layer * layers
+    print(f"timed {layers} layers = {done:,} weights; numba output == reference on layer 0: {ref_ok}")
+    print(f"{'path':32s} {'Mweights/s':>11s} {'model s':>9s} {'ref Mw/s':>9s} {'x ref':>7s}")
+    for name, s in secs.items():
+        rate = done / s
+        line = f"{name:32s} {rate / 1e6:11.0f} {total / rate:9.2f}"
+        if name in ref_secs:
+            ref_rate = per_layer / ref_secs[name]
+            line += f" {ref_rate / 1e6:9.1f} {rate / ref_rate:7.1f}"
+        print(line)
+    est = "extrapolated " if args.quick else ""
+    print(f"quantize+pack fp32 -> i2 of the whole model: {est}{total / (done / secs[next(iter(secs))]):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
