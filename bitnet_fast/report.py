@@ -200,16 +200,16 @@ def fmt(v: float | None, unit: str = "") -> str:
     return f"{s} {unit}".strip()
 
 
-def line_chart(title: str, series: list[dict], xlabel: str, ylabel: str, logy: bool = False,
+def line_chart(title: str, series: list[dict], xlabel: str, ylabel: str, logy: bool = False, zero: bool = False,
                width: int = 560, height: int = 320) -> str:
-    """SVG line chart; series = [{label, color, points: [(x, y)]}]. logy plots y on a log10 axis."""
+    """SVG line chart; series = [{label, color, points: [(x, y)]}]. logy: log10 y axis; zero: y axis from 0."""
     pts = [(x, y) for s in series for x, y in s["points"] if not logy or y > 0]
     if not pts:
         return f'<p class="empty">{html.escape(title)}: no data</p>'
-    left, right, top, bottom = 64, 16, 34, 46
+    left, right, top, bottom = 64, 16, 50, 46
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xt = _ticks(min(xs), max(xs))
-    yt = _log_ticks(min(ys), max(ys)) if logy else _ticks(min(ys), max(ys))
+    yt = _log_ticks(min(ys), max(ys)) if logy else _ticks(min(min(ys), 0.0) if zero else min(ys), max(ys))
     f = math.log10 if logy else (lambda v: v)
     x0, x1, y0, y1 = xt[0], xt[-1], f(min(yt[0], min(ys))), f(max(yt[-1], max(ys)))
     sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (width - left - right)  # noqa: E731
@@ -233,9 +233,9 @@ def line_chart(title: str, series: list[dict], xlabel: str, ylabel: str, logy: b
         out.append(f'<polyline points="{path}" fill="none" stroke="{s["color"]}" stroke-width="2"/>')
         if len(p) <= 40:
             out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s["color"]}"/>' for x, y in p)
-        ly = top + 4 + 16 * i
-        out.append(f'<rect x="{width - right - 150}" y="{ly}" width="12" height="3" fill="{s["color"]}"/>'
-                   f'<text x="{width - right - 134}" y="{ly + 5}" class="lg">{html.escape(s["label"])}</text>')
+        lx = left + i * (width - left - right) / len(series)  # legend row between the title and the plot
+        out.append(f'<rect x="{lx:.1f}" y="30" width="12" height="3" fill="{s["color"]}"/>'
+                   f'<text x="{lx + 16:.1f}" y="35" class="lg">{html.escape(s["label"])}</text>')
     return "\n".join([*out, "</svg>"])
 
 
@@ -268,13 +268,13 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.grid{displa
 .yl{text-anchor:end;font-size:11px;fill:#444}.xl{text-anchor:middle;font-size:11px;fill:#444}
 .al{text-anchor:middle;font-size:12px;fill:#222}.lg,.v{font-size:11px;fill:#222}.g{stroke:#eee}
 .note{color:#666}.warn{background:#fff4e6;border:1px solid #ffa94d;padding:6px 10px}.empty{color:#999}
-code{background:#f4f4f4;padding:1px 4px}"""
+code{background:#f4f4f4;padding:1px 4px}table.text td{text-align:left}"""
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
 
 
 def _colors(runs: list[dict]) -> list[str]:
@@ -316,8 +316,9 @@ def _training_html(rep: dict) -> str:
     charts = [
         loss,
         line_chart("Validation perplexity", _epoch_series(runs, colors, "valid_ppl"), "epoch", "valid ppl", logy=True),
-        line_chart("Training throughput", _epoch_series(runs, colors, "tokens_per_sec"), "epoch", "tokens / s"),
-        line_chart("Time per epoch", _epoch_series(runs, colors, "seconds"), "epoch", "seconds"),
+        line_chart("Training throughput", _epoch_series(runs, colors, "tokens_per_sec"), "epoch", "tokens / s",
+                   zero=True),
+        line_chart("Time per epoch", _epoch_series(runs, colors, "seconds"), "epoch", "seconds", zero=True),
         bar_chart("Peak memory (RSS)", [(r["label"], r["peak_rss_bytes"], c) for r, c in pairs], "B"),
         bar_chart("Mean training tokens / s", [(r["label"], r["mean_tokens_per_sec"], c) for r, c in pairs]),
     ]
@@ -369,7 +370,8 @@ def render_html(rep: dict) -> str:
     if rep.get("tinyllama"):
         parts.append(_tinyllama_html(rep["tinyllama"]))
     parts += ["<h2>Published figures (not measured here)</h2>",
-              _table(["what", "published value", "source"], [[p["what"], p["value"], p["source"]] for p in PUBLISHED]),
+              _table(["what", "published value", "source"], [[p["what"], p["value"], p["source"]] for p in PUBLISHED],
+                     "text"),
               "</body></html>"]
     return "\n".join(parts)
 
