@@ -106,7 +106,8 @@ def _ternarize_kernel(w_ptr, gamma_ptr, wt_ptr, numel, BLOCK: tl.constexpr):
     """wt = clip(round(w / gamma), -1, 1) as int8, with IEEE division like the reference."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(_rne(tl.div_rn(w, tl.load(gamma_ptr))), -1.0), 1.0)
+    v = tl.div_rn(w, tl.load(gamma_ptr))
+    q = tl.where(v != v, 0.0, tl.minimum(tl.maximum(_rne(v), -1.0), 1.0))  # NaN -> 0, as torch's int8 cast
     tl.store(wt_ptr + offs, q.to(tl.int8), mask=offs < numel)
 
 
@@ -137,7 +138,7 @@ def _unpack_kernel(w_ptr, wt_ptr, K, KW, stride_wn, stride_ww, BLOCK_W: tl.const
 # ----------------------------------------------------------------------------------------------- matmul kernels
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_KW": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_KW": 4}, num_warps=4)]  # one small config: fast on CPU
     shapes = [(16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (16, 32, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3) for bn, bkw, w in shapes]
 
@@ -196,7 +197,7 @@ def _epilogue_kernel(acc_ptr, s_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, stride_
 
 def _gemm_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 2, "GROUP_M": 2}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_KW": 4, "GROUP_M": 2}, num_warps=4)]
     shapes = [(128, 128, 8, 3, 8), (128, 256, 4, 3, 8), (256, 128, 4, 3, 8), (128, 256, 8, 3, 8),
               (64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 4, 4, 4), (64, 64, 8, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)

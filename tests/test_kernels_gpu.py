@@ -1,0 +1,361 @@
+"""Triton backend (kernels/gpu.py): bit-exact against kernels/reference.py on random and edge-case shapes.
+
+Why a subprocess: `@triton.jit` decides between compiled and interpreted kernels when the decorator runs,
+i.e. when gpu.py is imported, from TRITON_INTERPRET. Other test files may import bitnet_fast.kernels (or
+triton) first, and setting the variable in-process would leak interpreted kernels into them. So on a
+machine without CUDA one driver test (`test_interpreter_suite`) re-runs this file in a fresh Python with
+TRITON_INTERPRET=1, where the tests call gpu.py's functions directly on small CPU tensors. With CUDA the
+same tests run natively on CUDA tensors through the public dispatch (`bitnet_fast.kernels`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import bitnet_fast.kernels as K
+import pytest
+import torch
+from bitnet_fast.kernels import reference as R
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+INNER_FLAG = "_BITNET_FAST_GPU_INTERPRET_RUN"
+CUDA = torch.cuda.is_available()
+INNER = os.environ.get(INNER_FLAG) == "1"
+MODE = "cuda" if CUDA else ("interpret" if INNER else "outer")
+DEV = "cuda" if CUDA else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+kernel_test = pytest.mark.skipif(MODE == "outer", reason="runs in the TRITON_INTERPRET=1 subprocess (see module doc)")
+if MODE != "outer":
+    from bitnet_fast.kernels import gpu as G
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ----------------------------------------------------------------------------------------- ops under test
+def q_act(x):
+    return K.quantize_activations(x) if MODE == "cuda" else G.quantize_activations(x)
+
+
+def q_weight(w):
+    return K.quantize_weight(w) if MODE == "cuda" else G.quantize_weight(w)
+
+
+def pack(wt, gamma, fmt="i2g"):
+    return K.pack_ternary(wt, gamma, fmt) if MODE == "cuda" else G.pack(wt, gamma, fmt)
+
+
+def unpack(pw):
+    return K.unpack(pw)[0] if MODE == "cuda" else G.unpack(pw)
+
+
+def mm_int(xq, pw, split_k=None):
+    return K.matmul_int(xq, pw) if MODE == "cuda" and split_k is None else G.matmul_int(xq, pw, split_k=split_k)
+
+
+def mm(xq, s, pw, bias, out_dtype, split_k=None):
+    if MODE == "cuda" and split_k is None:
+        return K.matmul(xq, s, pw, bias, out_dtype)
+    return G.matmul(xq, s, pw, bias, out_dtype, split_k=split_k)
+
+
+def bitlinear(x, pw, bias, out_dtype, split_k=None):
+    if MODE == "cuda" and split_k is None:
+        return K.bitlinear(x, pw, bias, out_dtype)
+    return G.bitlinear(x, pw, bias, out_dtype, split_k=split_k)
+
+
+def grad_in(gy, pw):
+    return K.grad_input(gy, pw) if MODE == "cuda" else G.grad_input(gy, pw)
+
+
+def grad_w(gy, xq, s):
+    return K.grad_weight(gy, xq, s) if MODE == "cuda" else G.grad_weight(gy, xq, s)
+
+
+def cpu(t):
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
+def rand_ternary(g, n, k):
+    return torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+
+
+def rand_int8(g, m, k):
+    return torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+
+
+# M covers the M = 1 GEMV, the 16-row tl.dot GEMV (2..16) and the tiled GEMM (17+); K crosses block edges.
+Ms = st.sampled_from([1, 1, 2, 5, 16, 17, 33])
+Ns = st.integers(1, 70)
+Ks = st.integers(1, 300)
+SPLITS = st.sampled_from([None, 1, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------- quantization
+@kernel_test
+@settings(max_examples=20)
+@given(m=st.integers(1, 6), k=Ks, dtype=st.sampled_from(FLOATS), scale=st.sampled_from([1e-7, 1e-3, 1.0, 300.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_act_quant_bit_exact(m, k, dtype, scale, seed):
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+    xq, s = q_act(x.to(DEV))
+    xr, sr = R.act_quant(x)
+    assert torch.equal(cpu(xq), xr)
+    assert torch.equal(cpu(s), sr)
+
+
+@kernel_test
+def test_act_quant_edge_rows():
+    """Zero rows, exact .5 ties (s == 1 when amax == 127), non-finite rows (xq = 0, s = NaN), a strided view."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.0] * 6, [127.0, 0.5, 1.5, 2.5, -0.5, -2.5], [1.0, nan, 2.0, 0, 0, 0],
+                      [inf, 1.0, 0, 0, 0, 0], [-inf, 0, 0, 0, 0, 3.0], [1e-30, -1e-30, 0, 0, 0, 0]])
+    xd = torch.stack([x, x], dim=-1).reshape(6, 12).to(DEV)[:, ::2]  # a strided view of the same values
+    for arg in (x.to(DEV), xd):
+        xq, s = q_act(arg)
+        xr, sr = R.act_quant(x)
+        assert torch.equal(cpu(xq), xr)
+        torch.testing.assert_close(cpu(s), sr, rtol=0, atol=0, equal_nan=True)
+    assert xr[1].tolist() == [127, 0, 2, 2, 0, -2]  # half to even
+    assert torch.isnan(sr[2:5]).all() and (xr[2:5] == 0).all()
+
+
+@kernel_test
+@settings(max_examples=15)
+@given(n=st.integers(1, 40), k=st.integers(1, 200), dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1))
+def test_weight_quant_bit_exact(n, k, dtype, seed):
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
+    wt, gamma = q_weight(w.to(DEV))
+    wr, gr = R.weight_quant(w)
+    assert torch.equal(cpu(gamma), gr)
+    assert torch.equal(cpu(wt), wr)
+
+
+@kernel_test
+def test_weight_quant_ties_and_tiny():
+    w = torch.tensor([[0.5, 1.5, -0.5, -1.5]])  # gamma = 1: w / gamma hits .5 ties exactly
+    wt, gamma = q_weight(w.to(DEV))
+    assert cpu(gamma).item() == 1.0 and cpu(wt).tolist() == [[0, 1, 0, -1]]
+    z = torch.zeros(3, 5)  # gamma clamps to 1e-5
+    wt, gamma = q_weight(z.to(DEV))
+    assert torch.equal(cpu(gamma), R.weight_quant(z)[1]) and not cpu(wt).any()
+
+
+# ----------------------------------------------------------------------------------------- packing
+@kernel_test
+@settings(max_examples=15)
+@given(n=st.integers(1, 40), k=Ks, seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_round_trip(n, k, seed):
+    wt = rand_ternary(torch.Generator().manual_seed(seed), n, k)
+    pw = pack(wt.to(DEV), torch.tensor(0.25, device=DEV))
+    assert pw.format == "i2g" and pw.data.dtype == torch.int32
+    assert torch.equal(cpu(pw.data), R.pack_i2g(wt))  # GPU packing == the documented layout
+    assert torch.equal(cpu(unpack(pw)), wt)
+    strided = torch.stack([wt, wt], dim=-1).reshape(n, 2 * k)[:, ::2]  # a strided view packs the same
+    assert torch.equal(cpu(pack(strided.to(DEV), torch.tensor(0.25, device=DEV)).data), R.pack_i2g(wt))
+
+
+@kernel_test
+def test_backend_packs_cpu_formats():
+    """gpu.pack/unpack also take the CPU formats (reference codecs), so repack works on a CUDA device."""
+    wt = rand_ternary(torch.Generator().manual_seed(1), 7, 300)
+    for fmt in ("i2", "tq1"):
+        p = pack(wt.to(DEV), torch.tensor(0.5, device=DEV), fmt)
+        assert p.format == fmt and torch.equal(cpu(unpack(p)), wt)
+
+
+@pytest.mark.skipif(MODE == "interpret", reason="CPU dispatch: covered by the driver process")
+def test_i2g_loads_on_cpu_and_back():
+    """A GPU-packed (i2g) model loads on CPU (i2) and back through kernels.repack and PackedWeight.state().
+
+    Outside CUDA the i2g weight is built with reference.pack_i2g, the layout the interpreter tests prove the
+    Triton packer writes."""
+    wt = rand_ternary(torch.Generator().manual_seed(1), 7, 300)
+    gamma = torch.tensor(0.03)
+    if CUDA:
+        pw_g = K.pack_ternary(wt.cuda(), gamma.cuda(), "i2g")
+    else:
+        pw_g = K.PackedWeight(R.pack_i2g(wt), gamma, (7, 300), "i2g")
+    loaded = K.PackedWeight.from_state(pw_g.state())  # a checkpoint written on the GPU box
+    assert loaded.format == "i2g" and torch.equal(loaded.data, cpu(pw_g.data)) and loaded.shape == (7, 300)
+    pw_i2 = K.repack(loaded, "i2")
+    assert torch.equal(pw_i2.data, R.pack_i2(wt)) and torch.equal(pw_i2.gamma, gamma)
+    back = K.repack(pw_i2, "i2g", device=DEV)
+    assert torch.equal(cpu(back.data), cpu(pw_g.data)) and back.device.type == DEV
+
+
+# ----------------------------------------------------------------------------------------- matmul
+@kernel_test
+@settings(max_examples=25)
+@given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, seed=st.integers(0, 2**31 - 1))
+def test_matmul_int_bit_exact(m, n, k, split_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    xq, wt = rand_int8(g, m, k), rand_ternary(g, n, k)
+    xq[0, : min(k, 3)] = -128  # the asymmetric end of int8
+    pw = pack(wt.to(DEV), torch.tensor(1.0, device=DEV))
+    acc = mm_int(xq.to(DEV), pw, split_k)
+    assert acc.dtype == torch.int32
+    assert torch.equal(cpu(acc), R.matmul_int(xq, wt))
+
+
+@kernel_test
+def test_matmul_int_extremes_and_strides():
+    """All -128 against all +-1 at K = 1000 (|acc| = 128000), a transposed (non-contiguous) xq, and M = 0."""
+    k, n = 1000, 9
+    wt = torch.ones(n, k, dtype=torch.int8)
+    wt[1::2] = -1
+    pw = pack(wt.to(DEV), torch.tensor(1.0, device=DEV))
+    for m in (1, 3, 20):
+        xq = torch.full((m, k), -128, dtype=torch.int8)
+        assert torch.equal(cpu(mm_int(xq.to(DEV), pw)), R.matmul_int(xq, wt))
+    xt = rand_int8(torch.Generator().manual_seed(3), k, 18).to(DEV).T  # (18, k) with stride (1, 18)
+    assert torch.equal(cpu(mm_int(xt, pw)), R.matmul_int(cpu(xt), wt))
+    assert mm_int(torch.empty(0, k, dtype=torch.int8, device=DEV), pw).shape == (0, n)
+
+
+@kernel_test
+@settings(max_examples=20)
+@given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, out_dtype=st.sampled_from(FLOATS), has_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_matmul_epilogue(m, n, k, split_k, out_dtype, has_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    xq, wt = rand_int8(g, m, k), rand_ternary(g, n, k)
+    s = torch.rand(m, generator=g) * 50 + 0.5
+    s[-1] = float("nan")  # a non-finite input row stays NaN
+    gamma = torch.tensor(0.0123)
+    bias = torch.randn(n, generator=g).to(out_dtype) if has_bias else None
+    pw = pack(wt.to(DEV), gamma.to(DEV))
+    y = mm(xq.to(DEV), s.to(DEV), pw, None if bias is None else bias.to(DEV), out_dtype, split_k)
+    yr = R.matmul(xq, s, wt, gamma, bias, out_dtype)
+    assert y.dtype == out_dtype
+    tol = 1e-6 if out_dtype == torch.float32 else 1e-2  # GPU may fuse the bias add into an FMA
+    torch.testing.assert_close(cpu(y), yr, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.isnan(cpu(y)[-1]).all()
+
+
+@kernel_test
+@settings(max_examples=20)
+@given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, dtype=st.sampled_from(FLOATS), has_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_bitlinear_fused(m, n, k, split_k, dtype, has_bias, seed):
+    """Decode quantizes x inside the GEMV, prefill goes through int8 xq: both must equal quantize-then-matmul."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    if m > 1:
+        x[1, 0] = float("inf")
+    wt = rand_ternary(g, n, k)
+    gamma = torch.tensor(0.07)
+    bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    pw = pack(wt.to(DEV), gamma.to(DEV))
+    y = bitlinear(x.to(DEV), pw, None if bias is None else bias.to(DEV), dtype, split_k)
+    yr = R.matmul(*R.act_quant(x), wt, gamma, bias, dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(cpu(y), yr, rtol=tol, atol=tol, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------- backward
+@kernel_test
+@settings(max_examples=15)
+@given(m=Ms, n=Ns, k=Ks, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1))
+def test_grad_input(m, n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gy, wt, gamma = torch.randn(m, n, generator=g).to(dtype), rand_ternary(g, n, k), torch.tensor(0.02)
+    gi = grad_in(gy.to(DEV), pack(wt.to(DEV), gamma.to(DEV)))
+    assert gi.dtype == torch.float32 and gi.shape == (m, k)
+    tol = 1e-5 if dtype == torch.float32 or MODE != "cuda" else 1e-3
+    torch.testing.assert_close(cpu(gi), R.grad_input(gy, wt, gamma), rtol=tol, atol=tol)
+
+
+@kernel_test
+@settings(max_examples=10)
+@given(m=Ms, n=Ns, k=Ks, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1))
+def test_grad_weight(m, n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gy, xq = torch.randn(m, n, generator=g).to(dtype), rand_int8(g, m, k)
+    s = torch.rand(m, generator=g) * 50 + 0.5
+    gw = grad_w(gy.to(DEV), xq.to(DEV), s.to(DEV))
+    torch.testing.assert_close(cpu(gw), R.grad_weight(gy, xq, s), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+@kernel_test
+def test_bad_inputs_raise_clear_errors():
+    wt = rand_ternary(torch.Generator().manual_seed(0), 4, 40).to(DEV)
+    pw = G.pack(wt, torch.tensor(1.0, device=DEV), "i2g")
+    xq = torch.zeros(2, 40, dtype=torch.int8, device=DEV)
+    meta = torch.empty(2, 40, device="meta")  # neither CUDA nor (interpreted) CPU
+    with pytest.raises(ValueError, match=r"x is on meta.*CUDA"):
+        G.quantize_activations(meta)
+    with pytest.raises(ValueError, match=r"^w is on"):
+        G.quantize_weight(meta)
+    with pytest.raises(TypeError, match=r"x has dtype torch.int32"):
+        G.quantize_activations(torch.zeros(2, 3, dtype=torch.int32, device=DEV))
+    with pytest.raises(TypeError, match=r"xq has dtype torch.float32"):
+        G.matmul_int(xq.float(), pw)
+    with pytest.raises(TypeError, match=r"s has dtype torch.float16"):
+        G.matmul(xq, torch.ones(2, dtype=torch.float16, device=DEV), pw, None, torch.float32)
+    with pytest.raises(TypeError, match=r"wt has dtype"):
+        G.pack(wt.float(), torch.tensor(1.0, device=DEV), "i2g")
+    with pytest.raises(TypeError, match=r"PackedWeight"):
+        G.matmul_int(xq, wt)
+    with pytest.raises(ValueError, match=r"repack\(pw, 'i2g'\)"):
+        G.matmul_int(xq, G.pack(wt, torch.tensor(1.0, device=DEV), "i2"))
+    with pytest.raises(ValueError, match=r"^grad_y is on"):
+        G.grad_input(meta, pw)
+    if CUDA:
+        with pytest.raises(ValueError, match=r"xq is on cpu.*CUDA"):
+            G.matmul_int(xq.cpu(), pw)
+
+
+# ----------------------------------------------------------------------------------------- process-level
+@pytest.mark.skipif(MODE != "outer", reason="only the CPU driver process runs the interpreter subprocess")
+def test_interpreter_suite():
+    """Run this file under TRITON_INTERPRET=1 in a fresh process (see the module doc for why)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", INNER_FLAG: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreted GPU-kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 14, f"the interpreted suite ran too few tests:\n{proc.stdout[-3000:]}"
+
+
+def test_missing_triton_falls_back_to_reference(monkeypatch):
+    """Without triton, CUDA tensors dispatch to the reference kernels with one warning (no GPU needed)."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "bitnet_fast.kernels.gpu", raising=False)
+    monkeypatch.setattr(K, "_loaded", {"reference": K._reference_backend})
+    monkeypatch.setattr(K, "_warned", set())
+    monkeypatch.delenv("BITNET_FAST_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="triton backend is unavailable"):
+        assert K.backend_for("cuda") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert K.backend_for("cuda") == "reference"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_dispatch_uses_triton():
+    assert K.backend_for("cuda") == "triton"
+    assert K.pack(torch.randn(8, 64, device="cuda")).format == "i2g"
+
+
+@kernel_test
+def test_bench_interpret_smoke(capsys):
+    """tools/bench_gpu.py's measuring and reporting logic, on tiny shapes under the interpreter."""
+    if MODE == "cuda":
+        pytest.skip("on a GPU run the real benchmark instead")
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--interpret-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "ours/bf16" in out and "M=1" in out

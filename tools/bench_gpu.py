@@ -1,0 +1,140 @@
+"""Side-by-side GPU benchmark: bitnet-fast's Triton bitlinear vs torch bf16 F.linear (cuBLAS) and torch._int_mm.
+
+    python tools/bench_gpu.py                      # the issue's grid on the current CUDA device
+    python tools/bench_gpu.py --ms 1 --shapes 8192x28672
+    python tools/bench_gpu.py --interpret-smoke    # tiny CPU shapes under TRITON_INTERPRET=1: tests the logic only
+
+All three run in one process on the same inputs (timed with triton.testing.do_bench, median). "ours" is the
+full bitlinear: activation quantization + packed-ternary matmul + epilogue, bf16 out. %HBM counts only the
+packed weight bytes read by our GEMV (M <= 16) against the device's peak bandwidth. torch._int_mm needs
+M > 16, so at M <= 16 it runs on 32 rows (marked *): an upper bound on what int8 cuBLASLt can do there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+MS = (1, 16, 2048, 4096)
+SHAPES = ((2048, 2048), (2048, 5632), (4096, 4096), (8192, 28672))  # (K, N)
+SMOKE_MS, SMOKE_SHAPES = (1, 16, 20), ((64, 48), (200, 40))
+HBM_PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600, "4090": 1008}
+
+
+def hbm_peak_gbps(device_name: str) -> float | None:
+    """Nominal peak HBM bandwidth by device-name substring (first match wins); None when unknown."""
+    return next((v for k, v in HBM_PEAK_GBPS.items() if k in device_name), None)
+
+
+def make_timer(smoke: bool):
+    if smoke:  # the interpreter: one call, wall clock (no meaning as a speed)
+        def timer(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return timer
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_case(m: int, k: int, n: int, ops, timer, device: str) -> dict:
+    """Time ours / bf16 / int8 on one (M, K, N) and spot-check ours' int32 product exactly."""
+    g = torch.Generator(device="cpu").manual_seed(m * 7 + k + n)
+    x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(device, torch.bfloat16)
+    pw = ops.pack(w)
+    xq, _ = ops.quantize_activations(x)
+    wt = ops.unpack(pw)
+    cols = min(n, 64)  # exact check on a slice: int sums < 2**24 are exact in fp32
+    exact = torch.equal(ops.matmul_int(xq, pw)[:, :cols].float(), xq.float() @ wt[:cols].float().T)
+    m8 = max(m, 32)
+    a8 = torch.randint(-128, 128, (m8, k), dtype=torch.int8, device=device)
+    b8 = wt.T  # (K, N) view of an (N, K) row-major matrix: the column-major operand cuBLASLt prefers
+    res = {"M": m, "K": k, "N": n, "exact": exact, "int8_padded": m8 != m}
+    res["ours"] = timer(lambda: ops.bitlinear(x, pw))
+    res["bf16"] = timer(lambda: torch.nn.functional.linear(x, w))
+    try:
+        res["int8"] = timer(lambda: torch._int_mm(a8, b8))
+    except RuntimeError as e:  # e.g. a shape/device cuBLASLt (or this CPU build) does not take
+        res["int8"], res["int8_error"] = None, str(e).splitlines()[0]
+    res["weight_bytes"] = pw.data.numel() * pw.data.element_size()
+    return res
+
+
+def report(rows: list[dict], peak_gbps: float | None) -> None:
+    head = (f"{'case':>22} {'ours ms':>9} {'bf16 ms':>9} {'int8 ms':>9} {'ours TF':>8} {'bf16 TF':>8} "
+            f"{'%HBM':>6} {'ours/bf16':>9} {'ours/int8':>9} exact")
+    print(head)
+    for r in rows:
+        flop = 2 * r["M"] * r["K"] * r["N"]
+        hbm = ""
+        if r["M"] <= 16 and peak_gbps:
+            hbm = f"{100 * r['weight_bytes'] / (r['ours'] * 1e-3) / (peak_gbps * 1e9):.0f}"
+        int8 = "n/a" if r["int8"] is None else f"{r['int8']:.4f}" + ("*" if r["int8_padded"] else "")
+        vs8 = "n/a" if r["int8"] is None else f"{r['int8'] / r['ours']:.2f}x"
+        case = f"M={r['M']} K={r['K']} N={r['N']}"
+        print(f"{case:>22} {r['ours']:9.4f} {r['bf16']:9.4f} {int8:>9} {flop / r['ours'] / 1e9:8.1f} "
+              f"{flop / r['bf16'] / 1e9:8.1f} {hbm:>6} {r['bf16'] / r['ours']:8.2f}x {vs8:>9} {r['exact']}")
+    print("ours/bf16 and ours/int8 are speedups (> 1 means ours is faster); * = _int_mm ran on 32 rows")
+    for r in rows:
+        if r["M"] == 1 and (r["K"], r["N"]) == (8192, 28672):
+            bw = 100 * r["weight_bytes"] / (r["ours"] * 1e-3) / (peak_gbps * 1e9) if peak_gbps else float("nan")
+            print(f"target decode M=1 8192x28672: {r['bf16'] / r['ours']:.2f}x bf16 (>= 5), {bw:.0f}% HBM (>= 60)")
+        if r["M"] == 4096:
+            print(f"target prefill M=4096 {r['K']}x{r['N']}: {r['bf16'] / r['ours']:.2f}x bf16 (>= 1.3)")
+
+
+class _Ops:
+    """The kernels under test: the public dispatch on CUDA, gpu.py directly on CPU under the interpreter."""
+
+    def __init__(self, smoke: bool):
+        import bitnet_fast.kernels as K
+
+        if smoke:
+            from bitnet_fast.kernels import gpu as G
+
+            self.pack = lambda w: G.pack(*G.quantize_weight(w), "i2g")
+            self.unpack, self.matmul_int = G.unpack, G.matmul_int
+            self.quantize_activations = G.quantize_activations
+            self.bitlinear = lambda x, pw: G.bitlinear(x, pw, None, torch.bfloat16)
+        else:
+            self.pack, self.unpack = K.pack, lambda pw: K.unpack(pw)[0]
+            self.matmul_int, self.quantize_activations = K.matmul_int, K.quantize_activations
+            self.bitlinear = lambda x, pw: K.bitlinear(x, pw, None, torch.bfloat16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
+    p.add_argument("--hbm-gbps", type=float, default=None, help="peak HBM GB/s (default: by device name)")
+    p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU shapes under TRITON_INTERPRET=1")
+    args = p.parse_args(argv)
+    smoke = args.interpret_smoke
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton kernels are defined
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env=env)
+    if not smoke and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here, so there is nothing to time (GPU timings are owed until this runs "
+              "on a GPU machine). Use --interpret-smoke to exercise the logic on CPU.", file=sys.stderr)
+        return 2
+    ms = SMOKE_MS if smoke else tuple(int(v) for v in args.ms.split(","))
+    shapes = SMOKE_SHAPES if smoke else tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    device = "cpu" if smoke else "cuda"
+    name = "CPU (Triton interpreter: timings meaningless)" if smoke else torch.cuda.get_device_name()
+    peak = args.hbm_gbps or (1.0 if smoke else hbm_peak_gbps(name))
+    print(f"device: {name}; peak HBM: {peak} GB/s; torch {torch.__version__}")
+    ops, timer = _Ops(smoke), make_timer(smoke)
+    rows = [bench_case(m, k, n, ops, timer, device) for k, n in shapes for m in ms]
+    report(rows, peak)
+    return 0 if all(r["exact"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
