@@ -48,13 +48,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def linear_shapes(quick: bool) -> dict[str, list[tuple[int, int]]]:
-    """Distinct (N, K) = (out, in) of the projections in each preset (and TinyLlama-1.1B unless quick)."""
+def linear_shapes(presets: tuple[str, ...], tinyllama: bool) -> dict[str, list[tuple[int, int]]]:
+    """Distinct (N, K) = (out, in) of the projections in each preset (and TinyLlama-1.1B)."""
     out: dict[str, list[tuple[int, int]]] = {}
-    for name in QUICK_PRESETS if quick else PRESETS:
+    for name in presets:
         c = preset_config(name)
         out[name] = sorted({(c.n_embd, c.n_embd), (c.hidden, c.n_embd), (c.n_embd, c.hidden)})
-    if not quick:
+    if tinyllama:
         d, f = TINYLLAMA["hidden_size"], TINYLLAMA["intermediate_size"]
         kv = d // TINYLLAMA["num_attention_heads"] * TINYLLAMA["num_key_value_heads"]
         out["tinyllama-1.1b"] = sorted({(d, d), (kv, d), (f, d), (d, f)})
@@ -197,10 +197,11 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
 
 # ----------------------------------------------------------------------------------------- model throughput
 @torch.inference_mode()
-def _decode(model: LM, prompt: torch.Tensor, steps: int) -> None:
-    """Greedy decode `steps` tokens after `prompt` (1, T) with a per-layer KV cache: each step is an M=1 pass."""
+def _decode(model: LM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode `steps` tokens after `prompt` (1, T) with a per-layer KV cache (each step after the prompt
+    is an M=1 pass); returns the new tokens (1, steps)."""
     caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.blocks)
-    tok, pos = prompt, 0
+    tok, pos, out = prompt, 0, []
     for _ in range(steps):
         T = tok.shape[1]
         cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
@@ -217,6 +218,8 @@ def _decode(model: LM, prompt: torch.Tensor, steps: int) -> None:
             x = x + blk.mlp(blk.mlp_norm(x))
         logits = model.head(model.norm(x[:, -1:]))  # (1, 1, V)
         tok, pos = logits.argmax(-1), pos + T
+        out.append(tok)
+    return torch.cat(out, dim=1)
 
 
 def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int, int], decode_steps: int,
@@ -270,25 +273,33 @@ def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int,
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def calibrate(quick: bool = False, target_seconds: float = 1.0, save: bool = True, echo: Echo = print) -> dict:
-    """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`."""
+def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[str, ...] | None = None,
+              save: bool = True, echo: Echo = print) -> dict:
+    """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`.
+
+    `quick` keeps to the tiny/small presets with few repeats (under a minute); `presets` narrows the presets.
+    """
     if not target_seconds > 0:
         raise ValueError(f"target_seconds={target_seconds} must be > 0 (the wanted training step time in seconds)")
+    presets = tuple(presets or (QUICK_PRESETS if quick else PRESETS))
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"presets={unknown} are not presets; choose from {sorted(PRESETS)}")
     t0 = time.perf_counter()
     say = echo
     echo = lambda msg: say(f"[{time.perf_counter() - t0:5.1f}s] {msg}")  # noqa: E731
-    shapes = linear_shapes(quick)
+    shapes = linear_shapes(presets, tinyllama=not quick)
     prefill_m = 32 if quick else 128
     repeats, budget = (3, 0.02) if quick else (5, 0.2)
     backends = available_backends()
-    result: dict[str, Any] = {"schema": SCHEMA, "quick": quick, "target_seconds": target_seconds,
-                              "machine": machine_info(), "backends": backends}
-    ref_shapes = shapes if quick else {k: v for k, v in shapes.items() if k in ("small", "tinyllama-1.1b")}
+    result: dict[str, Any] = {"schema": SCHEMA, "quick": quick, "presets": list(presets),
+                              "target_seconds": target_seconds, "machine": machine_info(), "backends": backends}
+    ref_shapes = shapes if quick else {k: v for k, v in shapes.items() if k in (presets[0], "tinyllama-1.1b")}
     result["kernels"] = time_kernels([b for b in backends if b != "reference"], shapes, (1, prefill_m), repeats,
                                      budget, echo)
     result["kernels"] += time_kernels(["reference"], ref_shapes, (1, prefill_m), repeats, budget, echo)
     if "numba" in backends:
-        tune_on = shapes["small"] if quick else shapes["tinyllama-1.1b"] + shapes["medium"]
+        tune_on = [s for p in (presets[-1:] if quick else [presets[-1], "tinyllama-1.1b"]) for s in shapes[p]]
         result["tuning"] = tune_cpu(tune_on, prefill_m, repeats, budget, echo)
         if save:
             from .kernels import tuning
@@ -296,7 +307,7 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, save: bool = Tru
             result["tuning"]["path"] = str(tuning.save(result["tuning"]["params"]))
             echo(f"tune: saved {result['tuning']['params']} to {result['tuning']['path']}")
     result["models"] = []
-    for preset in QUICK_PRESETS if quick else PRESETS:
+    for preset in presets:
         for linear in ("bitnet", "fp"):
             echo(f"models: {preset}/{linear}: training, prefill and decode ...")
             seq = 64 if quick else 256

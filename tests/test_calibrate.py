@@ -1,0 +1,104 @@
+"""bitnet-fast calibrate: quick path on the tiny preset writes a tuning file the kernels read; JSON schema; decode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from bitnet_fast.kernels import cpu, tuning
+
+from bitnet_fast import calibrate as cal
+from bitnet_fast.model import build_model, preset_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One quick calibration of the tiny preset with the tuning file in a temp dir (the process's kernel
+    parameters are restored afterwards so later tests see the defaults)."""
+    path = tmp_path_factory.mktemp("tuning") / "kernel_tuning.json"
+    old_env, old_params = os.environ.get("BITNET_FAST_TUNING"), cpu.params()
+    os.environ["BITNET_FAST_TUNING"] = str(path)
+    log: list[str] = []
+    try:
+        result = cal.calibrate(quick=True, target_seconds=0.5, presets=("tiny",), echo=log.append)
+        saved = tuning.load()
+    finally:
+        if old_env is None:
+            del os.environ["BITNET_FAST_TUNING"]
+        else:
+            os.environ["BITNET_FAST_TUNING"] = old_env
+        cpu.configure(**old_params)
+    return {"result": result, "path": path, "saved": saved, "log": log}
+
+
+def test_tuning_file_is_written_read_back_and_honoured_by_the_kernels(run) -> None:
+    r = run["result"]
+    assert r["tuning"]["path"] == str(run["path"]) and run["path"].is_file()
+    assert run["saved"] == r["tuning"]["params"]
+    for name, value in r["tuning"]["params"].items():
+        assert value in tuning.CPU_SEARCH_SPACE[name] or (name == "gemv_max_m" and value == 0)
+    # A fresh process reads the file on first kernel use and runs with those parameters.
+    code = (
+        "import json, numba, torch\n"
+        "from bitnet_fast import kernels\nfrom bitnet_fast.kernels import cpu\n"
+        "kernels.bitlinear(torch.randn(3, 64), kernels.pack(torch.randn(8, 64)))\n"
+        "print(json.dumps({'params': cpu.params(), 'numba_threads': numba.get_num_threads(),"
+        " 'torch_threads': torch.get_num_threads(), 'max': numba.config.NUMBA_NUM_THREADS}))\n"
+    )
+    env = {**os.environ, "BITNET_FAST_TUNING": str(run["path"])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["params"] == r["tuning"]["params"]
+    want = r["tuning"]["params"]["threads"] or min(got["torch_threads"], got["max"])
+    assert got["numba_threads"] == max(1, min(want, got["max"]))
+
+
+def test_json_schema(run) -> None:
+    r = json.loads(json.dumps(run["result"]))  # JSON-serialisable as a whole
+    assert r["schema"] == cal.SCHEMA and r["quick"] is True and r["presets"] == ["tiny"]
+    m = r["machine"]
+    assert m["logical_cpus"] >= 1 and m["memory_total_bytes"] > 0 and m["cpu"]
+    assert "numba" in r["backends"] and "reference" in r["backends"]
+    assert ("triton" in r["backends"]) == torch.cuda.is_available()
+    shapes = {(64, 64), (176, 64), (64, 176)}
+    for backend in ("numba", "reference"):
+        rows = [k for k in r["kernels"] if k["backend"] == backend]
+        assert {(k["n"], k["k"]) for k in rows} == shapes and {k["m"] for k in rows} == {1, 32}
+        assert all(k["seconds"] > 0 and k["gops"] > 0 for k in rows), rows
+    t = r["tuning"]
+    assert set(t["params"]) == set(tuning.CPU_DEFAULTS) and t["speedup"] >= 1.0
+    assert {x["param"] for x in t["trials"]} >= {"threads", "rows_per_pass", "gemm_impl", "gemv_max_m"}
+    models = {(x["preset"], x["linear"]): x for x in r["models"]}
+    assert set(models) == {("tiny", "bitnet"), ("tiny", "fp")}
+    for x in models.values():
+        assert x["decode_tokens_per_sec"] > 0 and x["prefill_tokens_per_sec"] > 0 and x["train_tokens_per_sec"] > 0
+        rec = x["recommended"]
+        assert rec["tokens_per_step"] == rec["batch_size"] * rec["seq_len"] and rec["target_seconds"] == 0.5
+        assert rec["batch_size"] == 1 or rec["predicted_step_seconds"] <= 0.5 + 1e-9
+
+
+def test_table_and_progress(run) -> None:
+    text = cal.format_table(run["result"])
+    for part in ("machine:", run["result"]["machine"]["cpu"], "kernel timings", "tuned CPU kernel parameters",
+                 "tiny", "bitnet", "batch x seq", str(run["path"])):
+        assert part in text
+    assert any("tune:" in line for line in run["log"]) and any("models:" in line for line in run["log"])
+
+
+def test_kv_cache_decode_matches_full_recompute() -> None:
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", linear="fp", vocab_size=97)).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    want = model.generate(prompt, 6, temperature=0)[:, 5:]  # (1, 6), recomputes the whole context per token
+    assert torch.equal(cal._decode(model, prompt, 6), want)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="target_seconds"):
+        cal.calibrate(target_seconds=0)
+    with pytest.raises(ValueError, match="not presets"):
+        cal.calibrate(presets=("huge",))
