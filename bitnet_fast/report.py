@@ -66,8 +66,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_steps(run_dir: Path) -> list[tuple[float, float]]:
-    """(step, train loss) from the run's metrics JSONL; a truncated last line (killed run) is skipped."""
-    points: list[tuple[float, float]] = []
+    """(step, train loss) from the run's metrics JSONL ("step" events); a truncated last line (killed run) is
+    skipped and a step logged twice (resumed run) keeps its last value."""
+    points: dict[float, float] = {}
     for log in sorted(run_dir.glob("*.jsonl")):
         lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
         for i, line in enumerate(lines):
@@ -77,11 +78,12 @@ def _read_steps(run_dir: Path) -> list[tuple[float, float]]:
                 if i == len(lines) - 1:
                     continue
                 raise ReportError(f"{log}: line {i + 1} is not valid JSON ({e.msg}); fix or delete that line") from None
-            loss = rec.get("train_loss", rec.get("loss")) if isinstance(rec, dict) else None
-            step = rec.get("step") if isinstance(rec, dict) else None
+            if not isinstance(rec, dict) or rec.get("event", "step") != "step":
+                continue
+            loss, step = rec.get("loss", rec.get("train_loss")), rec.get("step")
             if isinstance(loss, (int, float)) and isinstance(step, (int, float)) and math.isfinite(loss):
-                points.append((float(step), float(loss)))
-    return points
+                points[float(step)] = float(loss)
+    return sorted(points.items())
 
 
 def _load_one(run_dir: Path) -> Run:

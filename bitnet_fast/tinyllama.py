@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -164,7 +165,8 @@ def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, .
         "config": {**CONFIG, "num_hidden_layers": sizes["layers"]}, "quick": sizes["layers"] < FULL["layers"],
         "layers": sizes["layers"], "total_layers": FULL["layers"], "variants": results,
         "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
-                    "memory_bytes": psutil.virtual_memory().total, "torch": torch.__version__},
+                    "memory_bytes": psutil.virtual_memory().total, "torch": torch.__version__,
+                    "load_average_1m": os.getloadavg()[0]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m bitnet_fast.tinyllama" + (" --quick" if quick else ""),
     }

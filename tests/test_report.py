@@ -23,7 +23,9 @@ def _run_dir(path: Path, model: str, ppl: list[float], tps: float, rss: int, ste
     rep = {"model": model, "preset": "tiny", "parameters": 625_000, "initial_valid_ppl": 8000.0,
            "final_valid_ppl": ppl[-1], "peak_rss_bytes": rss, "epochs": epochs}
     (path / "report.json").write_text(json.dumps(rep))
-    lines = [json.dumps({"step": s, "epoch": 1, "loss": 7.0 - 0.5 * s, "lr": 1e-3}) for s in range(steps)]
+    lines = [json.dumps({"event": "step", "step": s, "epoch": 1, "loss": 7.0 - 0.5 * s, "lr": 1e-3})
+             for s in [*range(steps), steps - 1]]  # the last step logged twice, as after a resume
+    lines.append(json.dumps({"event": "epoch", **epochs[0], "steps": steps}))
     (path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99, "lo')  # killed mid-write
     return path
 
