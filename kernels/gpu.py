@@ -26,6 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 GEMV_MAX_M = 16  # M <= this takes the bandwidth-bound GEMV kernel (decode); larger M the tiled GEMM
 CODES = reference.I2G_CODES  # 2-bit codes per int32 word
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EXACT = {"enable_fp_fusion": False}  # no FMA in the epilogue: acc * (gamma / s) + bias rounds like the reference
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -234,7 +235,22 @@ def _gemm_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW,
     _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW", "IEEE"])
+def _grad_input_configs() -> list[triton.Config]:
+    """Tensor-core tiles for bf16/fp16 grads; small tiles for IEEE fp32 (FMA dots spill on big tiles)."""
+    if INTERPRET:
+        return _gemm_configs()
+    big = [(128, 128, 8, 3, 8), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4), (128, 128, 4, 4, 4)]
+    ieee = [(64, 32, 4, 2, 4), (32, 32, 4, 2, 4), (64, 16, 4, 2, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
+            for bm, bn, bkw, st, w in big + ieee]
+
+
+def _prune_grad_input(configs, named_args, **kwargs):
+    return [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_KW"] <= 256) == bool(kwargs["IEEE"])]
+
+
+@triton.autotune(configs=_grad_input_configs(), key=["M_BUCKET", "N", "KW", "IEEE"],
+                 prune_configs_by={"early_config_prune": _prune_grad_input})
 @triton.jit
 def _grad_input_kernel(g_ptr, w_ptr, gamma_ptr, out_ptr, M, N, K, KW, M_BUCKET,
                        stride_gm, stride_gn, stride_wn, stride_ww, stride_om, IEEE: tl.constexpr,
@@ -379,16 +395,16 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
         _gemv_kernel[grid](x, s, pw.data, gamma, bias_t, out, acc, m, n, k, kw, *common,
                            BLOCK_M=1 if m == 1 else 16, SPLIT_K=split, QUANT_X=quant_x, EPILOGUE=epilogue,
-                           HAS_BIAS=bias is not None)
+                           HAS_BIAS=bias is not None, **_EXACT)
         if split > 1 and epilogue:
             _epilogue_kernel[(m, triton.cdiv(n, 1024))](acc, s, gamma, bias_t, out, m, n, out.stride(0),
-                                                        HAS_BIAS=bias is not None, BLOCK_N=1024)
+                                                        HAS_BIAS=bias is not None, BLOCK_N=1024, **_EXACT)
         return out
     if quant_x:
         raise AssertionError("the GEMM path takes int8 activations")
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](x, s, pw.data, gamma, bias_t, out, m, n, k, kw, triton.next_power_of_2(m), *common,
-                       EPILOGUE=epilogue, HAS_BIAS=bias is not None)
+                       EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
     return out
 
 
