@@ -10,6 +10,7 @@ Layers are generated one at a time (random fp32, untimed) to bound memory; only 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -70,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     layers = 2 if args.quick else LAYERS
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    print(f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}, load average {load}")
 
     per_layer = sum(n * k for n, k in SHAPES.values())
     total = per_layer * LAYERS
