@@ -265,3 +265,14 @@ def test_compile_inductor_matches_eager():
     torch.testing.assert_close(y2, y)
     for a, p in zip(eager, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_tiny_llama_traces_without_graph_breaks():
+    model = convert(_tiny_llama())
+    ids = torch.randint(0, 128, (2, 8))
+    for mode in ("latent", "packed"):
+        if mode == "packed":
+            pack_model(model)
+        with torch.set_grad_enabled(mode == "latent"):
+            explain = torch._dynamo.explain(model)(input_ids=ids)
+        assert (explain.graph_count, explain.graph_break_count) == (1, 0), (mode, explain.break_reasons)

@@ -1,0 +1,176 @@
+"""Side-by-side CPU benchmark of bitnet_fast.BitLinear against fp32 nn.Linear and other BitNet layers.
+
+    python tools/bench_bitlinear.py            # torch.set_num_threads(2), CPU, prints ms and ratios
+
+Cases (all overheads in: module call, activation quant, weight re-pack, allocation):
+  infer  packed BitLinear forward at M=1, 4096->4096 under inference_mode, vs fp32 nn.Linear and Hugging Face's
+         packed `transformers.integrations.bitnet.BitLinear` (it unpacks the weight on every call)
+  train  forward + backward + SGD step at (M=2048, 1024->1024) and (M=512, 4096->4096), vs fp32 nn.Linear,
+         transformers' online-quant AutoBitLinear, a plain-torch detach-form STE layer and onebitllms
+Contenders run interleaved round by round and report the median, so load drift on a shared box hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bitnet_fast import kernels
+from bitnet_fast.nn import BitLinear
+
+
+def _ste_fake_quant(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The usual plain-torch STE layer (BitNet paper code / DESIGN.md detach form), in eager torch."""
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    xq = x + ((x * s).round().clamp(-128, 127) / s - x).detach()
+    gamma = w.abs().mean().clamp(min=1e-5)
+    wq = w + ((w / gamma).round().clamp(-1, 1) * gamma - w).detach()
+    return nn.functional.linear(xq, wq, bias)
+
+
+class TorchSTE(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ste_fake_quant(x, self.weight, self.bias)
+
+
+def _hf_packed(k: int, n: int) -> nn.Module:
+    from transformers.integrations import bitnet
+
+    layer = bitnet.BitLinear(k, n, bias=False, dtype=torch.float32)
+    layer.weight.copy_(bitnet.pack_weights(torch.randint(-1, 2, (n, k), dtype=torch.int8)))
+    layer.weight_scale.fill_(0.02)
+    return layer
+
+
+def _hf_online(k: int, n: int) -> nn.Module:
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    return AutoBitLinear(k, n, bias=False, online_quant=True)
+
+
+def _onebitllms(k: int, n: int) -> nn.Module:
+    import onebitllms
+
+    layer = onebitllms.BitNetLinear(k, n, bias=False)
+    nn.init.normal_(layer.weight, std=0.02)
+    return layer
+
+
+def _bitnet_fast(k: int, n: int, packed: bool) -> nn.Module:
+    layer = BitLinear(k, n, bias=False)
+    return layer.pack() if packed else layer
+
+
+def _timer(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_side_by_side(makers: dict[str, Callable[[], Callable[[], None]]], rounds: int, warmup: int) -> dict:
+    """Build each contender's step, warm it up (JIT, torch.compile), then time all of them round-robin."""
+    steps, results = {}, {}
+    for name, make in makers.items():
+        try:
+            step = make()
+            for _ in range(warmup):
+                step()
+            steps[name] = step
+        except Exception as e:  # a contender that cannot run here is reported, not fatal
+            results[name] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timer(step))
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    return results
+
+
+def infer_makers(m: int, k: int, n: int) -> dict:
+    x = torch.randn(m, k)
+
+    def forward_of(build):
+        def make():
+            layer = build()
+
+            def step():
+                with torch.inference_mode():
+                    layer(x)
+
+            return step
+
+        return make
+
+    return {
+        "fp32 nn.Linear": forward_of(lambda: nn.Linear(k, n, bias=False)),
+        "bitnet_fast BitLinear (packed)": forward_of(lambda: _bitnet_fast(k, n, packed=True)),
+        "transformers BitLinear (packed)": forward_of(lambda: _hf_packed(k, n)),
+    }
+
+
+def train_makers(m: int, k: int, n: int) -> dict:
+    x = torch.randn(m, k, requires_grad=True)
+    gy = torch.randn(m, n)
+
+    def step_of(build):
+        def make():
+            layer = build()
+            opt = torch.optim.SGD(layer.parameters(), lr=1e-4)
+
+            def step():
+                layer(x).backward(gy)
+                opt.step()  # changes the weight, so BitLinear re-packs every step, as in real training
+                opt.zero_grad(set_to_none=True)
+                x.grad = None
+
+            return step
+
+        return make
+
+    return {
+        "fp32 nn.Linear": step_of(lambda: nn.Linear(k, n, bias=False)),
+        "bitnet_fast BitLinear": step_of(lambda: _bitnet_fast(k, n, packed=False)),
+        "torch detach-STE (eager)": step_of(lambda: TorchSTE(k, n, bias=False)),
+        "transformers AutoBitLinear (online)": step_of(lambda: _hf_online(k, n)),
+        "onebitllms BitNetLinear": step_of(lambda: _onebitllms(k, n)),
+    }
+
+
+def print_table(title: str, results: dict, base: str) -> None:
+    print(f"\n### {title}\n")
+    print("| implementation | ms | vs fp32 |")
+    print("|---|---:|---:|")
+    ref = results.get(base)
+    for name, v in results.items():
+        if isinstance(v, str):
+            print(f"| {name} | {v} | |")
+        else:
+            print(f"| {name} | {v:.3f} | {ref / v:.2f}x |" if isinstance(ref, float) else f"| {name} | {v:.3f} | |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30, help="timed rounds per case (median reported)")
+    ap.add_argument("--only", choices=["infer", "train"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads={args.threads}, CPU backend: {kernels.backend_for('cpu')}")
+    print("'vs fp32' = fp32 time / this time (higher is faster)")
+    if args.only in (None, "infer"):
+        res = run_side_by_side(infer_makers(1, 4096, 4096), rounds=args.rounds * 10, warmup=5)
+        print_table("Inference forward, M=1, 4096 -> 4096 (inference_mode)", res, "fp32 nn.Linear")
+    if args.only in (None, "train"):
+        for m, k, n in ((2048, 1024, 1024), (512, 4096, 4096)):
+            res = run_side_by_side(train_makers(m, k, n), rounds=args.rounds, warmup=3)
+            print_table(f"Training step (fwd + bwd + SGD), M={m}, {k} -> {n}", res, "fp32 nn.Linear")
+
+
+if __name__ == "__main__":
+    main()
