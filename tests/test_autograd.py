@@ -74,6 +74,20 @@ def test_function_apply_matches_op(bias):
     torch.testing.assert_close(grads, grads_ref[:2], rtol=1e-4, atol=1e-4)
 
 
+def test_strided_and_empty_inputs():
+    w = torch.randn(6, 64, requires_grad=True)
+    pw = pack_weight(w, _fmt())
+    x = torch.randn(5, 128)[:, ::2].requires_grad_()  # rows are strided views
+    y = bitlinear_train(x, w, pw)
+    y.sum().backward()
+    x2 = x.detach().contiguous().requires_grad_()
+    reference.ste_linear(x2, w.detach()).sum().backward()
+    torch.testing.assert_close(y, reference.ste_linear(x.detach().contiguous(), w.detach()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad)
+    empty = torch.zeros(0, 64, requires_grad=True)
+    assert bitlinear_train(empty, w, pw).shape == (0, 6) and bitlinear_inference(empty, pw).shape == (0, 6)
+
+
 def test_only_needed_grads():
     x = torch.randn(3, 16)
     w = torch.randn(4, 16, requires_grad=True)
