@@ -77,6 +77,17 @@ def _code_impl(src, idx, gamma):
     return quantize
 
 
+def _top(mx, c, src):
+    """Running max of the codes, tracked only for int8 input (float input cannot go out of range)."""
+
+
+@overload(_top)
+def _top_impl(mx, c, src):
+    if src.dtype == types.int8:
+        return lambda mx, c, src: max(mx, c)
+    return lambda mx, c, src: mx
+
+
 def _absf(src, idx):
     """|src[idx]| as fp32 for a float source."""
 
@@ -114,7 +125,7 @@ def _quantize_rows(src, n, k, rs, gamma):
 
 @njit(parallel=True, cache=True)
 def _pack_i2_rows(src, n, k, rs, gamma):
-    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest code seen per row (> 2 means a non-ternary input).
+    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest int8 code per row (> 2 means a non-ternary input).
 
     Bytes start as 0x55 (four codes 1 = padding weight 0); slot q of byte j takes weight 32q + j of the
     block by XOR-ing (c ^ 1) into it, so the loop over j is branch-free and contiguous.
@@ -132,7 +143,7 @@ def _pack_i2_rows(src, n, k, rs, gamma):
                 kq = b * _BLOCK + 32 * q
                 for j in range(min(32, k - kq)):
                     c = _code(src, base + kq + j, gamma)
-                    mx = max(mx, c)
+                    mx = _top(mx, c, src)
                     out[i, o + j] ^= (c ^ np.uint8(1)) << np.uint8(2 * q)
         top[i] = mx
     return out, top
@@ -140,7 +151,7 @@ def _pack_i2_rows(src, n, k, rs, gamma):
 
 @njit(parallel=True, cache=True)
 def _pack_tq1_rows(src, n, k, rs, gamma):
-    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest code seen per row.
+    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest int8 code per row.
 
     Bytes start at 121 (five codes 1 = padding weight 0); trit q of byte t adds (c - 1) * 3**q.
     """
@@ -155,7 +166,7 @@ def _pack_tq1_rows(src, n, k, rs, gamma):
         for q in range(_TRITS):
             for t in range(-(-(k - q) // _TRITS)):  # bytes whose trit q is a real weight
                 c = _code(src, base + _TRITS * t + q, gamma)
-                mx = max(mx, c)
+                mx = _top(mx, c, src)
                 out[i, t] = np.uint8(out[i, t] + c * mul - mul)
             mul *= 3
         top[i] = mx

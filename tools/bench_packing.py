@@ -3,6 +3,7 @@ with the unfused path and the pure-torch reference, plus tq1 -> i2 repack at loa
 
     python tools/bench_packing.py            # all 22 layers (~0.97B weights)
     python tools/bench_packing.py --quick    # 2 layers, whole-model time extrapolated
+    python tools/bench_packing.py --passes   # single-thread CPU time of each kernel pass on one layer
 
 Layers are generated one at a time (random fp32, untimed) to bound memory; only the kernels are timed.
 """
@@ -16,6 +17,7 @@ from collections import defaultdict
 
 import bitnet_fast.kernels as K
 import numba
+import numpy as np
 import torch
 from bitnet_fast.kernels import cpu_pack, reference
 
@@ -64,11 +66,41 @@ def reference_paths(w: torch.Tensor) -> dict[str, tuple[object, float]]:
     return res
 
 
+def passes(reps: int = 5) -> None:
+    """Single-thread CPU time of each kernel pass on one 5632x2048 fp32 layer (best of `reps`)."""
+    numba.set_num_threads(1)
+    w = torch.randn(5632, 2048)
+    src, n, k, rs = cpu_pack._float_rows(w)
+    gamma = cpu_pack._gamma(src, n, k, rs)
+    wt = cpu_pack._quantize_rows(src, n, k, rs, gamma).reshape(-1)
+    zero = np.float32(0)
+    steps = {
+        "gamma (read-only pass over w)": lambda: cpu_pack._abs_row_sums(src, n, k, rs),
+        "int8 codes (quantize_weight pass 2)": lambda: cpu_pack._quantize_rows(src, n, k, rs, gamma),
+        "fused i2 pack pass": lambda: cpu_pack._pack_i2_rows(src, n, k, rs, gamma),
+        "fused tq1 pack pass": lambda: cpu_pack._pack_tq1_rows(src, n, k, rs, gamma),
+        "int8 -> i2": lambda: cpu_pack._pack_i2_rows(wt, n, k, k, zero),
+        "int8 -> tq1": lambda: cpu_pack._pack_tq1_rows(wt, n, k, k, zero),
+    }
+    print("single-thread CPU ms per 5632x2048 layer (best of 5):")
+    for name, fn in steps.items():
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t)
+        print(f"  {name:38s} {best * 1e3:6.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 layers; extrapolate the whole-model time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--passes", action="store_true", help="only: single-thread CPU time of each kernel pass")
     args = ap.parse_args()
+    if args.passes:
+        return passes()
     layers = 2 if args.quick else LAYERS
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
