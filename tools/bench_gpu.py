@@ -3,6 +3,7 @@
     python tools/bench_gpu.py                      # the issue's grid on the current CUDA device
     python tools/bench_gpu.py --ms 1 --shapes 8192x28672
     python tools/bench_gpu.py --interpret-smoke    # tiny CPU shapes under TRITON_INTERPRET=1: tests the logic only
+    python tools/bench_gpu.py --compile-check      # no GPU needed: compile every kernel for sm_90 with ptxas
 
 All three run in one process on the same inputs (timed with triton.testing.do_bench, median). "ours" is the
 full bitlinear: activation quantization + packed-ternary matmul + epilogue, bf16 out. %HBM counts only the
@@ -22,7 +23,7 @@ import torch
 
 MS = (1, 16, 2048, 4096)
 SHAPES = ((2048, 2048), (2048, 5632), (4096, 4096), (8192, 28672))  # (K, N)
-SMOKE_MS, SMOKE_SHAPES = (1, 16, 20), ((64, 48), (200, 40))
+SMOKE_MS, SMOKE_SHAPES = (1, 16, 20), ((200, 40),)  # K = 200: a partial 128-block
 HBM_PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600, "4090": 1008}
 
 
@@ -90,6 +91,91 @@ def report(rows: list[dict], peak_gbps: float | None) -> None:
             print(f"target prefill M=4096 {r['K']}x{r['N']}: {r['bf16'] / r['ours']:.2f}x bf16 (>= 1.3)")
 
 
+# ------------------------------------------------------------------------------------- ahead-of-time compile
+_I, _P = "i32", "*"
+_GEMV = dict(x_ptr="*i8", s_ptr="*fp32", w_ptr="*i32", gamma_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16",
+             acc_ptr="*i32", M=_I, N=_I, K=_I, KW=_I, stride_xm=_I, stride_xk=1, stride_wn=_I, stride_ww=1,
+             stride_om=_I)
+_GEMM = {**{k: v for k, v in _GEMV.items() if k != "acc_ptr"}, "M_BUCKET": _I}
+_GRAD = dict(g_ptr="*bf16", w_ptr="*i32", gamma_ptr="*fp32", out_ptr="*fp32", M=_I, N=_I, K=_I, KW=_I, M_BUCKET=_I,
+             stride_gm=_I, stride_gn=1, stride_wn=_I, stride_ww=1, stride_om=_I)
+_DIV16 = {"N", "K", "KW", "stride_xm", "stride_wn", "stride_om", "stride_gm"}  # as the benchmark shapes are
+
+
+def _compile_cases(G, all_configs: bool):
+    """(label, kernel, arg types/constants, num_warps, num_stages) for every kernel variant the backend launches."""
+    def tuned(kernel, label, types, consts, keep=lambda c: True):
+        configs = [c for c in kernel.configs if keep(c)]
+        for c in configs if all_configs else configs[:1]:
+            spec = {**types, **consts, **c.kwargs}
+            yield f"{label} {c.kwargs} w{c.num_warps} s{c.num_stages}", kernel, spec, c.num_warps, c.num_stages
+
+    base = dict(SPLIT_K=1, QUANT_X=False, EPILOGUE=True, HAS_BIAS=False)
+    yield from tuned(G._gemv_kernel, "gemv M=1", _GEMV, {**base, "BLOCK_M": 1})
+    yield from tuned(G._gemv_kernel, "gemv M=1 fused-quant+bias", {**_GEMV, "x_ptr": "*bf16"},
+                     {**base, "BLOCK_M": 1, "QUANT_X": True, "HAS_BIAS": True})
+    yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "BLOCK_M": 16, "SPLIT_K": 4,
+                                                                        "EPILOGUE": False})
+    yield from tuned(G._gemm_kernel, "gemm", _GEMM, dict(EPILOGUE=True, HAS_BIAS=True))
+    yield from tuned(G._grad_input_kernel, "grad_input bf16", _GRAD, dict(IEEE=False),
+                     lambda c: not G._prune_grad_input([c], {}, IEEE=True))
+    yield from tuned(G._grad_input_kernel, "grad_input fp32", {**_GRAD, "g_ptr": "*fp32"}, dict(IEEE=True),
+                     lambda c: G._prune_grad_input([c], {}, IEEE=True))
+    yield ("act_quant", G._act_quant_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", K=_I, stride_xm=_I,
+           stride_xk=1, stride_qm=_I, BLOCK_K=4096, WRITE_XQ=True), 8, 1)
+    yield "abs_sum", G._abs_sum_kernel, dict(w_ptr="*bf16", part_ptr="*fp64", numel="i64", BLOCK=4096), 4, 1
+    yield ("ternarize", G._ternarize_kernel, dict(w_ptr="*bf16", gamma_ptr="*fp32", wt_ptr="*i8", numel="i64",
+           BLOCK=4096), 4, 1)
+    yield ("pack", G._pack_kernel, dict(wt_ptr="*i8", out_ptr="*i32", K=_I, KW=_I, stride_wn=_I, stride_wk=1,
+           BLOCK_W=64), 4, 1)
+    yield ("unpack", G._unpack_kernel, dict(w_ptr="*i32", wt_ptr="*i8", K=_I, KW=_I, stride_wn=_I, stride_ww=1,
+           BLOCK_W=64), 4, 1)
+    yield ("split-K epilogue", G._epilogue_kernel, dict(acc_ptr="*i32", s_ptr="*fp32", gamma_ptr="*fp32",
+           bias_ptr="*bf16", out_ptr="*bf16", M=_I, N=_I, stride_om=_I, HAS_BIAS=True, BLOCK_N=1024), 4, 1)
+
+
+def compile_check(arch: int = 90, all_configs: bool = False) -> int:
+    """Compile the backend's kernels for sm_<arch> with Triton's bundled ptxas (no GPU needed) and print the
+    registers / spill bytes / shared memory of each: catches compiled-mode errors the interpreter cannot."""
+    import tempfile
+
+    import triton
+    from bitnet_fast.kernels import gpu as G
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    failures = 0
+    print(f"{'kernel':<84} {'regs':>5} {'spill B':>8} {'smem B':>7} {'s':>5}")
+    for label, kernel, spec, warps, stages in _compile_cases(G, all_configs):
+        fn = kernel
+        while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap the autotuner
+            fn = fn.fn
+        consts = {k: v for k, v in spec.items() if not (isinstance(v, str))}
+        sig = {a: "constexpr" if a in consts else spec[a] for a in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if a not in consts and (spec[a].startswith(_P) or a in _DIV16)}
+        t = time.perf_counter()
+        try:
+            opts = backend.parse_options({"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+            cc = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=target, options=opts.__dict__)
+        except Exception as e:  # report every failing variant, then fail
+            failures += 1
+            print(f"{label:<84} FAILED: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cc.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        fields = dict(kv.split(":") for line in usage.splitlines() if "REG:" in line for kv in line.split()
+                      if ":" in kv and kv.split(":")[1].isdigit())
+        spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+        print(f"{label:<84} {fields.get('REG', '?'):>5} {spill:>8} {cc.metadata.shared:>7} "
+              f"{time.perf_counter() - t:5.1f}")
+    return 1 if failures else 0
+
+
 class _Ops:
     """The kernels under test: the public dispatch on CUDA, gpu.py directly on CPU under the interpreter."""
 
@@ -115,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     p.add_argument("--hbm-gbps", type=float, default=None, help="peak HBM GB/s (default: by device name)")
     p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU shapes under TRITON_INTERPRET=1")
+    p.add_argument("--compile-check", type=int, nargs="?", const=90, metavar="ARCH",
+                   help="no GPU needed: AOT-compile every kernel for sm_ARCH (default 90) and print resources")
+    p.add_argument("--all-configs", action="store_true", help="with --compile-check: every autotune config")
     args = p.parse_args(argv)
+    if args.compile_check:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("--compile-check needs compiled kernels: unset TRITON_INTERPRET")
+        return compile_check(args.compile_check, args.all_configs)
     smoke = args.interpret_smoke
     if smoke and os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton kernels are defined
         env = {**os.environ, "TRITON_INTERPRET": "1"}
