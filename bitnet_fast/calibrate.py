@@ -274,10 +274,11 @@ def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int,
 
 # ---------------------------------------------------------------------------------------------- the command
 def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[str, ...] | None = None,
-              save: bool = True, echo: Echo = print) -> dict:
+              seq_len: int | None = None, save: bool = True, echo: Echo = print) -> dict:
     """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`.
 
-    `quick` keeps to the tiny/small presets with few repeats (under a minute); `presets` narrows the presets.
+    `quick` keeps to the tiny/small presets with few repeats (under a minute); `presets` narrows the presets;
+    `seq_len` is the training sequence length to size steps for (default 128, as `bitnet-fast train`; quick 64).
     """
     if not target_seconds > 0:
         raise ValueError(f"target_seconds={target_seconds} must be > 0 (the wanted training step time in seconds)")
@@ -285,6 +286,9 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"presets={unknown} are not presets; choose from {sorted(PRESETS)}")
+    seq_len = seq_len or (64 if quick else 128)
+    if seq_len < 8:
+        raise ValueError(f"seq_len={seq_len} must be >= 8 (the decode benchmark uses an 8-token prompt)")
     t0 = time.perf_counter()
     say = echo
     echo = lambda msg: say(f"[{time.perf_counter() - t0:5.1f}s] {msg}")  # noqa: E731
@@ -310,10 +314,9 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
     for preset in presets:
         for linear in ("bitnet", "fp"):
             echo(f"models: {preset}/{linear}: training, prefill and decode ...")
-            seq = 64 if quick else 256
-            batches = (1, 4) if quick or preset in QUICK_PRESETS else (1, 2)
-            result["models"].append(model_throughput(preset, linear, seq, batches, 4 if quick else 16,
-                                                     2 if quick else 3, 0.25 if quick else 1.0, target_seconds))
+            batches = (1, 4) if preset in QUICK_PRESETS else (1, 2)
+            result["models"].append(model_throughput(preset, linear, seq_len, batches, 4 if quick else 8, 2,
+                                                     0.25 if quick else 0.0, target_seconds))
     result["seconds"] = time.perf_counter() - t0
     return result
 

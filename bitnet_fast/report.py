@@ -389,3 +389,19 @@ def write_report(dirs: list[str | Path], out: str | Path, tinyllama: dict | None
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(rep, indent=2))
     return out, json_path
+
+
+def make_report(dirs: list[str | Path], out: str | Path, tinyllama: bool = True, quick: bool = False,
+                remeasure: bool = False, echo=print) -> tuple[Path, Path]:
+    """What `bitnet-fast report` does: check the run dirs first (fast), then measure (or reuse) TinyLlama, then
+    write the HTML and JSON. Failures are ReportError with one line."""
+    load_runs(dirs)
+    tl = None
+    if tinyllama:
+        from . import tinyllama as tl_bench
+
+        try:
+            tl = tl_bench.measure(quick=quick, remeasure=remeasure, echo=echo)
+        except RuntimeError as e:
+            raise ReportError(str(e)) from None
+    return write_report(dirs, out, tl)
