@@ -21,7 +21,7 @@ from numba.extending import intrinsic, overload
 from . import reference
 from .packing import FORMATS, PackedWeight
 
-__all__ = ["pack", "quantize_and_pack", "quantize_weight", "unpack"]
+__all__ = ["pack", "quantize_and_pack", "quantize_weight", "transcode", "unpack"]
 
 _EPS32 = np.float32(reference.EPS)
 _BLOCK = reference.I2_BLOCK  # 128 weights -> 32 bytes
@@ -60,7 +60,7 @@ def _f16_to_f32(h):
 
 def _code(src, idx, gamma):
     """Ternary code c = wt + 1 in {0, 1, 2} of src[idx]. The array dtype says what src holds: fp32 values,
-    bf16 codes (uint16), fp16 codes (int16) or int8 ternary weights (see _rows)."""
+    bf16 codes (uint16), fp16 codes (int16), int8 ternary weights (see _rows) or uint8 codes."""
 
 
 @overload(_code, inline="never")
@@ -68,6 +68,8 @@ def _code_impl(src, idx, gamma):
     dt = src.dtype
     if dt == types.int8:  # already ternary; out-of-range values land above 2 and the caller reports them
         return lambda src, idx, gamma: np.uint8(src[idx] + 1)
+    if dt == types.uint8:  # codes decoded from another packed format
+        return lambda src, idx, gamma: src[idx]
     load = {types.float32: np.float32, types.uint16: _bf16_to_f32, types.int16: _f16_to_f32}[dt]
 
     def quantize(src, idx, gamma):
@@ -78,12 +80,12 @@ def _code_impl(src, idx, gamma):
 
 
 def _top(mx, c, src):
-    """Running max of the codes, tracked only for int8 input (float input cannot go out of range)."""
+    """Running max of the codes, tracked only for integer input (float input cannot go out of range)."""
 
 
 @overload(_top)
 def _top_impl(mx, c, src):
-    if src.dtype == types.int8:
+    if src.dtype in (types.int8, types.uint8):
         return lambda mx, c, src: max(mx, c)
     return lambda mx, c, src: mx
 
@@ -123,83 +125,108 @@ def _quantize_rows(src, n, k, rs, gamma):
     return out
 
 
-@njit(parallel=True, cache=True)
-def _pack_i2_rows(src, n, k, rs, gamma):
-    """(N, Kp // 4) uint8 i2 bytes and the (N,) largest int8 code per row (> 2 means a non-ternary input).
+@njit
+def _pack_i2_row(src, base, k, gamma, out):
+    """Weights src[base : base + K] -> one i2 row `out`; returns the largest int8/uint8 code (> 2: invalid).
 
     Bytes start as 0x55 (four codes 1 = padding weight 0); slot q of byte j takes weight 32q + j of the
     block by XOR-ing (c ^ 1) into it, so the loop over j is branch-free and contiguous.
     """
-    nblk = -(-k // _BLOCK)
-    out = np.empty((n, nblk * (_BLOCK // 4)), np.uint8)
-    top = np.empty(n, np.uint8)
-    for i in prange(n):
-        base = i * rs
-        mx = np.uint8(0)
-        for b in range(nblk):
-            o = b * 32
-            out[i, o : o + 32] = 0x55
-            for q in range(4):
-                kq = b * _BLOCK + 32 * q
-                for j in range(min(32, k - kq)):
-                    c = _code(src, base + kq + j, gamma)
-                    mx = _top(mx, c, src)
-                    out[i, o + j] ^= (c ^ np.uint8(1)) << np.uint8(2 * q)
-        top[i] = mx
-    return out, top
+    mx = np.uint8(0)
+    for b in range(out.size // 32):
+        out[32 * b : 32 * b + 32] = 0x55
+        for q in range(4):
+            kq = b * _BLOCK + 32 * q
+            for j in range(min(32, k - kq)):
+                c = _code(src, base + kq + j, gamma)
+                mx = _top(mx, c, src)
+                out[32 * b + j] ^= (c ^ np.uint8(1)) << np.uint8(2 * q)
+    return mx
 
 
-@njit(parallel=True, cache=True)
-def _pack_tq1_rows(src, n, k, rs, gamma):
-    """(N, ceil(K / 5)) uint8 tq1 bytes (sum_q c[5t + q] * 3**q) and the (N,) largest int8 code per row.
+@njit
+def _pack_tq1_row(src, base, k, gamma, out):
+    """Weights src[base : base + K] -> one tq1 row `out` (byte t = sum_q c[5t + q] * 3**q); returns the max code.
 
     Bytes start at 121 (five codes 1 = padding weight 0); trit q of byte t adds (c - 1) * 3**q.
     """
-    nbytes = -(-k // _TRITS)
-    out = np.empty((n, nbytes), np.uint8)
+    mx = np.uint8(0)
+    out[:] = 121
+    mul = 1
+    for q in range(_TRITS):
+        for t in range(-(-(k - q) // _TRITS)):  # bytes whose trit q is a real weight
+            c = _code(src, base + _TRITS * t + q, gamma)
+            mx = _top(mx, c, src)
+            out[t] = np.uint8(out[t] + c * mul - mul)
+        mul *= 3
+    return mx
+
+
+@njit
+def _i2_codes(row, codes):
+    """One i2 row (Kp / 4 bytes) -> codes[:Kp], each (byte >> 2q) & 3 (3 only in corrupt data)."""
+    for b in range(row.size // 32):
+        for q in range(4):
+            for j in range(32):
+                codes[_BLOCK * b + 32 * q + j] = (row[32 * b + j] >> np.uint8(2 * q)) & np.uint8(3)
+
+
+@njit
+def _tq1_codes(row, codes):
+    """One tq1 row (ceil(K / 5) bytes) -> codes[:5 * bytes], trit q of a byte = (byte // 3**q) % 3."""
+    for t in range(row.size):
+        v = row[t]
+        for q in range(_TRITS):
+            codes[_TRITS * t + q] = v % np.uint8(3)
+            v //= np.uint8(3)
+
+
+@njit(parallel=True, cache=True)
+def _pack_rows(src, n, k, rs, gamma, i2):
+    """Rows of `src` (row i at i * rs) -> (N, bytes) i2 or tq1 data, and the (N,) largest int8 code per row."""
+    out = np.empty((n, -(-k // _BLOCK) * (_BLOCK // 4) if i2 else -(-k // _TRITS)), np.uint8)
     top = np.empty(n, np.uint8)
     for i in prange(n):
-        base = i * rs
-        mx = np.uint8(0)
-        out[i, :] = 121
-        mul = 1
-        for q in range(_TRITS):
-            for t in range(-(-(k - q) // _TRITS)):  # bytes whose trit q is a real weight
-                c = _code(src, base + _TRITS * t + q, gamma)
-                mx = _top(mx, c, src)
-                out[i, t] = np.uint8(out[i, t] + c * mul - mul)
-            mul *= 3
-        top[i] = mx
+        if i2:
+            top[i] = _pack_i2_row(src, i * rs, k, gamma, out[i])
+        else:
+            top[i] = _pack_tq1_row(src, i * rs, k, gamma, out[i])
     return out, top
 
 
 @njit(parallel=True, cache=True)
-def _unpack_i2_rows(data, k):
-    """(N, Kp // 4) uint8 i2 -> (N, K) int8."""
-    n = data.shape[0]
+def _unpack_rows(data, k, i2):
+    """(N, bytes) i2 or tq1 data -> (N, K) int8 ternary."""
+    n, nbytes = data.shape
     out = np.empty((n, k), np.int8)
     for i in prange(n):
-        for kk in range(k):
-            b, r = divmod(kk, _BLOCK)
-            q, j = divmod(r, 32)
-            out[i, kk] = np.int8((data[i, b * 32 + j] >> (2 * q)) & 3) - 1
+        codes = np.empty(nbytes * (4 if i2 else _TRITS), np.uint8)
+        if i2:
+            _i2_codes(data[i], codes)
+        else:
+            _tq1_codes(data[i], codes)
+        for j in range(k):
+            out[i, j] = np.int8(codes[j]) - 1
     return out
 
 
 @njit(parallel=True, cache=True)
-def _unpack_tq1_rows(data, k):
-    """(N, ceil(K / 5)) uint8 tq1 -> (N, K) int8, trit q of a byte = (byte // 3**q) % 3."""
+def _transcode_rows(data, k, i2_in):
+    """i2 -> tq1 (i2_in) or tq1 -> i2 row by row through a codes buffer; never builds the int8 matrix."""
     n, nbytes = data.shape
-    out = np.empty((n, k), np.int8)
+    nout = -(-k // _TRITS) if i2_in else -(-k // _BLOCK) * (_BLOCK // 4)
+    out = np.empty((n, nout), np.uint8)
+    top = np.empty(n, np.uint8)
     for i in prange(n):
-        for t in range(nbytes):
-            v = np.int32(data[i, t])
-            for q in range(_TRITS):
-                kk = _TRITS * t + q
-                if kk < k:
-                    out[i, kk] = np.int8(v % 3) - 1
-                v //= 3
-    return out
+        if i2_in:
+            codes = np.empty(nbytes * 4, np.uint8)
+            _i2_codes(data[i], codes)
+            top[i] = _pack_tq1_row(codes, 0, k, np.float32(0), out[i])
+        else:
+            codes = np.empty(nbytes * _TRITS, np.uint8)
+            _tq1_codes(data[i], codes)
+            top[i] = _pack_i2_row(codes, 0, k, np.float32(0), out[i])
+    return out, top
 
 
 # ---------------------------------------------------------------------------------------------------- wrappers
@@ -263,45 +290,60 @@ def _scale(gamma) -> torch.Tensor:
     return g.reshape(()).clone()
 
 
-def _packer(fmt: str):
-    _check_format(fmt)
-    return _pack_i2_rows if fmt == "i2" else _pack_tq1_rows
+_NOT_TERNARY = "holds values outside {-1, 0, 1}"
 
 
 def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> PackedWeight:
     """Pack an (N, K) int8 ternary matrix into `fmt` ("i2" or "tq1"), bit-exact with reference.pack_*."""
     if fmt not in PACK_FORMATS and fmt in FORMATS:  # e.g. the GPU's i2g: reference codec (kernels.repack on CPU)
         return PackedWeight(FORMATS[fmt].pack(wt.cpu()), _scale(gamma), tuple(wt.shape), fmt)
-    kernel = _packer(fmt)
+    _check_format(fmt)
     scale = _scale(gamma)
     src, n, k, rs = _rows(wt, "wt", (torch.int8,))
     _set_threads()
-    data, top = kernel(src, n, k, rs, np.float32(0))
+    data, top = _pack_rows(src, n, k, rs, np.float32(0), fmt == "i2")
     if top.max() > 2:
-        raise ValueError("wt holds values outside {-1, 0, 1}; quantize it first (kernels.quantize_weight)")
+        raise ValueError(f"wt {_NOT_TERNARY}; quantize it first (kernels.quantize_weight)")
     return PackedWeight(torch.from_numpy(data), scale, (n, k), fmt)
 
 
 def quantize_and_pack(w: torch.Tensor, fmt: str = "i2") -> PackedWeight:
     """Fused quantize_weight + pack: reads w twice (gamma, then codes) and never builds the int8 matrix."""
-    kernel = _packer(fmt)
+    _check_format(fmt)
     src, n, k, rs = _float_rows(w)
     _set_threads()
     gamma = _gamma(src, n, k, rs)
-    data, _ = kernel(src, n, k, rs, gamma)
+    data, _ = _pack_rows(src, n, k, rs, gamma, fmt == "i2")
     return PackedWeight(torch.from_numpy(data), torch.tensor(gamma, dtype=torch.float32), (n, k), fmt)
+
+
+def _cpu_data(pw: PackedWeight) -> np.ndarray:
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
+    _check_format(pw.format)
+    if pw.device.type != "cpu":
+        raise ValueError(f"pw is on {pw.device}; the numba kernels take CPU tensors (use pw.to('cpu'))")
+    return pw.data.contiguous().numpy()
 
 
 def unpack(pw: PackedWeight) -> torch.Tensor:
     """PackedWeight (i2 or tq1, CPU) -> (N, K) int8 ternary, bit-exact with reference.unpack_*."""
-    if not isinstance(pw, PackedWeight):
-        raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
-    if pw.format not in PACK_FORMATS and pw.format in FORMATS:  # e.g. a GPU-packed i2g weight loading on CPU
-        return FORMATS[pw.format].unpack(pw.data.cpu(), pw.in_features)
-    _check_format(pw.format)
-    if pw.device.type != "cpu":
-        raise ValueError(f"pw is on {pw.device}; the numba kernels take CPU tensors (use pw.to('cpu'))")
-    data = pw.data.contiguous().numpy()
+    if isinstance(pw, PackedWeight) and pw.format not in PACK_FORMATS and pw.format in FORMATS:
+        return FORMATS[pw.format].unpack(pw.data.cpu(), pw.in_features)  # e.g. a GPU-packed i2g weight on CPU
+    data = _cpu_data(pw)
     _set_threads()
-    kernel = _unpack_i2_rows if pw.format == "i2" else _unpack_tq1_rows
-    return torch.from_numpy(kernel(data, pw.in_features))
+    return torch.from_numpy(_unpack_rows(data, pw.in_features, pw.format == "i2"))
+
+
+def transcode(pw: PackedWeight, fmt: str) -> PackedWeight:
+    """i2 <-> tq1 on CPU without the int8 matrix (e.g. tq1 storage -> i2 compute at load); same result as
+    pack(unpack(pw), pw.gamma, fmt)."""
+    data = _cpu_data(pw)
+    _check_format(fmt)
+    if fmt == pw.format:
+        return pw
+    _set_threads()
+    out, top = _transcode_rows(data, pw.in_features, pw.format == "i2")
+    if top.max() > 2:
+        raise ValueError(f"pw {_NOT_TERNARY}: its i2 data has code 3, so the buffer is corrupt")
+    return PackedWeight(torch.from_numpy(out), pw.gamma.clone(), pw.shape, fmt)

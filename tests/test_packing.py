@@ -166,6 +166,34 @@ def test_repack_round_trip(n, k, seed):
     assert torch.equal(back.data, i2.data) and torch.equal(back.gamma, i2.gamma)
 
 
+@given(
+    n=st.integers(1, 20),
+    k=st.one_of(st.integers(1, 300), st.sampled_from([126, 127, 128, 129, 255, 256])),
+    seed=st.integers(0, 2**32 - 1),
+    src=st.sampled_from(["i2", "tq1"]),
+)
+def test_transcode_matches_unpack_then_pack(n, k, seed, src):
+    """Direct i2 <-> tq1 equals the reference round trip, even for arbitrary bytes in the padding."""
+    dst = "tq1" if src == "i2" else "i2"
+    rng = np.random.default_rng(seed)
+    if src == "i2":  # any code 0..3 in the padding, only valid codes 0..2 in the real weights
+        full = torch.from_numpy(rng.integers(-1, 3, (n, reference.padded_k(k)), np.int8))
+        data = reference.pack_i2(torch.cat([full[:, :k].clamp(max=1), full[:, k:]], dim=1))
+    else:  # every byte value, including those above 242
+        data = torch.from_numpy(rng.integers(0, 256, K.get_format(src).data_shape(n, k), np.uint8))
+    pw = PackedWeight(data, torch.tensor(0.5), (n, k), src)
+    out = cpu_pack.transcode(pw, dst)
+    assert out.format == dst and out.shape == (n, k) and torch.equal(out.gamma, pw.gamma)
+    assert torch.equal(out.data, REF_PACK[dst](REF_UNPACK[src](data, k)))
+    assert cpu_pack.transcode(pw, src) is pw
+
+
+def test_transcode_rejects_corrupt_i2():
+    data = torch.full((2, 32), 0xFF, dtype=torch.uint8)  # code 3 everywhere
+    with pytest.raises(ValueError, match="outside"):
+        cpu_pack.transcode(PackedWeight(data, torch.tensor(1.0), (2, 128), "i2"), "tq1")
+
+
 def test_state_round_trip():
     pw = cpu_pack.quantize_and_pack(torch.randn(5, 131), "tq1")
     again = PackedWeight.from_state(pw.state())

@@ -51,6 +51,7 @@ def numba_paths(w: torch.Tensor) -> dict[str, tuple[object, float]]:
     res["unpack tq1 -> int8"] = timed(cpu_pack.unpack, tq1)
     res["unpack i2 -> int8"] = timed(cpu_pack.unpack, res["fused i2 (quantize_and_pack)"][0])
     res["repack tq1 -> i2 (load)"] = timed(K.repack, tq1, "i2")
+    res["transcode tq1 -> i2 (load)"] = timed(cpu_pack.transcode, tq1, "i2")
     return res
 
 
@@ -63,6 +64,7 @@ def reference_paths(w: torch.Tensor) -> dict[str, tuple[object, float]]:
     k = w.shape[1]
     res["unpack tq1 -> int8"] = timed(reference.unpack_tq1, tq1, k)
     res["repack tq1 -> i2 (load)"] = timed(lambda: reference.pack_i2(reference.unpack_tq1(tq1, k)))
+    res["transcode tq1 -> i2 (load)"] = res["repack tq1 -> i2 (load)"]
     return res
 
 
@@ -74,15 +76,20 @@ def passes(reps: int = 5) -> None:
     gamma = cpu_pack._gamma(src, n, k, rs)
     wt = cpu_pack._quantize_rows(src, n, k, rs, gamma).reshape(-1)
     zero = np.float32(0)
+    i2 = cpu_pack._pack_rows(src, n, k, rs, gamma, True)[0]
+    tq1 = cpu_pack._pack_rows(src, n, k, rs, gamma, False)[0]
     steps = {
         "gamma (read-only pass over w)": lambda: cpu_pack._abs_row_sums(src, n, k, rs),
         "int8 codes (quantize_weight pass 2)": lambda: cpu_pack._quantize_rows(src, n, k, rs, gamma),
-        "fused i2 pack pass": lambda: cpu_pack._pack_i2_rows(src, n, k, rs, gamma),
-        "fused tq1 pack pass": lambda: cpu_pack._pack_tq1_rows(src, n, k, rs, gamma),
-        "int8 -> i2": lambda: cpu_pack._pack_i2_rows(wt, n, k, k, zero),
-        "int8 -> tq1": lambda: cpu_pack._pack_tq1_rows(wt, n, k, k, zero),
+        "fused i2 pack pass": lambda: cpu_pack._pack_rows(src, n, k, rs, gamma, True),
+        "fused tq1 pack pass": lambda: cpu_pack._pack_rows(src, n, k, rs, gamma, False),
+        "int8 -> i2": lambda: cpu_pack._pack_rows(wt, n, k, k, zero, True),
+        "int8 -> tq1": lambda: cpu_pack._pack_rows(wt, n, k, k, zero, False),
+        "tq1 -> i2 (transcode)": lambda: cpu_pack._transcode_rows(tq1, k, False),
+        "tq1 -> int8 (unpack)": lambda: cpu_pack._unpack_rows(tq1, k, False),
+        "i2 -> int8 (unpack)": lambda: cpu_pack._unpack_rows(i2, k, True),
     }
-    print("single-thread CPU ms per 5632x2048 layer (best of 5):")
+    print(f"single-thread CPU ms per 5632x2048 layer (best of {reps}):")
     for name, fn in steps.items():
         fn()
         best = float("inf")
