@@ -3,11 +3,11 @@
 Two paths, picked by `gemv_max_m` (kernels/tuning.py):
   * packed (M small: decode): a Numba kernel reads the i2 bytes directly. Codes c = w + 1 are unsigned, so
     x.w = x.c - sum(x); the inner loop is an LLVM-IR intrinsic doing u8 x s8 dot products
-    (AVX-512-VNNI/AVX-VNNI `vpdpbusd`, else AVX2 `vpmaddubsw`, else plain Numba) over 128-weight blocks.
+    (AVX-512-VNNI 512-bit or AVX-VNNI 256-bit `vpdpbusd`, else AVX2 `vpmaddubsw`, else generic IR).
   * GEMM (M large: prefill/training): i2 tiles are unpacked to int8 and multiplied by oneDNN's
     `torch._int_mm` (VNNI int8 GEMM); the epilogue acc * gamma / s (+ bias) runs in Numba.
 Everything compiles lazily on first call (`cache=True`); the ISA is read once from the host CPU and can be
-forced with BITNET_FAST_CPU_ISA=vnni|avx2|portable (use a fresh NUMBA_CACHE_DIR when you change it).
+forced with BITNET_FAST_CPU_ISA=vnni512|vnni|avx2|portable (use a fresh NUMBA_CACHE_DIR when you change it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = ["bitlinear", "configure", "grad_input", "grad_weight", "matmul", "mat
 
 name = "numba"
 default_format = "i2"
-ISAS = ("vnni", "avx2", "portable")
+ISAS = ("vnni512", "vnni", "avx2", "portable")
 
 
 def _detect_isa() -> str:
@@ -43,12 +43,15 @@ def _detect_isa() -> str:
             raise ValueError(f"BITNET_FAST_CPU_ISA={forced!r} is not one of {ISAS}")
         return forced
     f = llvm_binding.get_host_cpu_features()
+    if f.get("avx512vnni") and f.get("avx512bw"):
+        return "vnni512"
     if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
         return "vnni"
     return "avx2" if f.get("avx2") else "portable"
 
 
 ISA = _detect_isa()
+WIDE = 64 if ISA == "vnni512" else 32  # packed bytes per vector load: 512-bit vpdpbusd, else 256-bit
 BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
 
 # ---------------------------------------------------------------------------------------- the dot intrinsic
@@ -79,12 +82,87 @@ def _row_addr(context, builder, typ, val):
     return builder.ptrtoint(ary.data, _I64), cgutils.unpack_tuple(builder, ary.strides)[0]
 
 
-def _make_dot(rows: int):
-    """dot(wp, i, xq, r0, nblk, out): out[t] = sum_k c[i, k] * xq[r0 + t, k] over nblk i2 blocks (t < rows).
+def _emit_loop(builder, start, stop, step: int, inits: list, body) -> list:
+    """IR for `for b in range(start, stop, step)` carrying `inits` through `body(b, values) -> values`."""
+    pre = builder.block
+    loop, after = builder.append_basic_block("i2loop"), builder.append_basic_block("i2after")
+    builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
+    builder.position_at_end(loop)
+    b = builder.phi(_I64)
+    carried = [builder.phi(v.type) for v in inits]
+    new = body(b, carried)
+    bn = builder.add(b, ir.Constant(_I64, step))
+    end = builder.block
+    b.add_incoming(start, pre)
+    b.add_incoming(bn, end)
+    for phi, v0, v1 in zip(carried, inits, new, strict=True):
+        phi.add_incoming(v0, pre)
+        phi.add_incoming(v1, end)
+    builder.cbranch(builder.icmp_signed("<", bn, stop), loop, after)
+    builder.position_at_end(after)
+    final = [builder.phi(v.type) for v in inits]
+    for phi, v0, v1 in zip(final, inits, new, strict=True):
+        phi.add_incoming(v0, pre)
+        phi.add_incoming(v1, end)
+    return final
 
-    One packed block (32 bytes) is decoded once into four <32 x u8> code vectors (shift + mask) and reused
-    for `rows` activation rows; accumulators stay in vector registers for the whole row.
+
+def _dot_step(builder, w_addrs, x_addrs, b, nbytes: int, unroll: int, accs: list) -> list:
+    """One loop step: `unroll` vectors of `nbytes` packed bytes from block b of every weight row, times every
+    activation row. Codes are decoded once (shift + mask) per weight row and reused for all activation rows;
+    activations are loaded once and reused for all weight rows. With 64-byte vectors the activations are
+    stored pair-interleaved (see _dot_layout) so that a plain load matches the code lanes.
     """
+    i8v = ir.VectorType(ir.IntType(8), nbytes)
+    i32v = ir.VectorType(ir.IntType(32), nbytes // 4)
+    rows, g = len(x_addrs), len(w_addrs)
+    per_row = len(accs) // (rows * g)
+    new = list(accs)
+    mask = ir.Constant(i8v, [3] * nbytes)
+    for u in range(unroll):
+        blk = builder.add(b, ir.Constant(_I64, u * nbytes // 32))
+        codes = []
+        for w_addr in w_addrs:  # codes[s][q][j] = c[row s, 128 blk + 32 q + j] (per 32-byte half)
+            wv = builder.load(builder.inttoptr(builder.add(w_addr, builder.mul(blk, ir.Constant(_I64, 32))),
+                                               i8v.as_pointer()), align=1)
+            codes.append([builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask)
+                          for q in range(4)])
+        for t, sw in ((t, sw) for t in range(rows) for sw in range(g)):
+            r = t * g + sw
+            if sw == 0:
+                xblk = builder.add(x_addrs[t], builder.mul(blk, ir.Constant(_I64, BLOCK)))
+                xs = [builder.load(builder.inttoptr(builder.add(xblk, ir.Constant(_I64, nbytes * q)),
+                                                    i8v.as_pointer()), align=1) for q in range(4)]
+            codes_r = codes[sw]
+            if ISA == "avx2":  # |sum of 4 maddubs| <= 4 * 2 * 2 * 128: no int16 saturation
+                maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+                maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+                s16 = builder.call(maddubs, [codes_r[0], xs[0]])
+                for q in range(1, 4):
+                    s16 = builder.add(s16, builder.call(maddubs, [codes_r[q], xs[q]]))
+                j = r * per_row + u % per_row
+                new[j] = builder.add(new[j], builder.call(maddwd, [s16, ir.Constant(_I16x16, [1] * 16)]))
+                continue
+            for q in range(4):
+                j = r * per_row + (u * 4 + q) % per_row
+                if ISA == "portable":
+                    new[j] = _generic_dot(builder, new[j], codes_r[q], xs[q])
+                else:
+                    dpbusd = _fn(builder, f"llvm.x86.avx512.vpdpbusd.{nbytes * 8}", i32v, [i32v] * 3)
+                    new[j] = builder.call(dpbusd, [new[j], builder.bitcast(codes_r[q], i32v),
+                                                   builder.bitcast(xs[q], i32v)])
+    return new
+
+
+def _make_dot(rows: int, g: int):
+    """dot(wp, i, xq, r0, nblk, out): out[t * g + s] = sum_k c[i + s, k] * xq[r0 + t, k] over nblk i2 blocks,
+    for t < rows activation rows and s < g weight rows.
+
+    Loops: 'wide' steps of WIDE bytes x unroll, then single WIDE vectors, then single 32-byte blocks; each
+    keeps ~8 independent vector accumulators (latency hiding) that are reduced to one int32 per row at the end.
+    """
+    unroll = 2 if rows * g < 4 else 1
+    per_row = max(1, 8 // (rows * g)) if ISA != "avx2" else unroll
 
     @intrinsic
     def dot(typingctx, wp, i, xq, r0, nblk, out):
@@ -93,66 +171,30 @@ def _make_dot(rows: int):
         def codegen(context, builder, signature, args):
             addr = [_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True)]
             wp, i, xq, r0, nblk, out = addr
-            w_addr, x_stride = builder.add(wp[0], builder.mul(i[0], wp[1])), xq[1]
-            x_addr, out_addr = builder.add(xq[0], builder.mul(r0[0], x_stride)), out[0]
+            w0, x_stride = builder.add(wp[0], builder.mul(i[0], wp[1])), xq[1]
+            w_addrs = [builder.add(w0, builder.mul(wp[1], ir.Constant(_I64, s))) for s in range(g)]
+            x0 = builder.add(xq[0], builder.mul(r0[0], x_stride))
+            x_addrs = [builder.add(x0, builder.mul(x_stride, ir.Constant(_I64, r))) for r in range(rows)]
             nblk = nblk[0]
-            nacc = 2 if rows == 1 else 1  # independent chains hide the multiply latency
-            if ISA == "vnni":
-                dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _I32x8, [_I32x8] * 3)
-            elif ISA == "avx2":
-                maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
-                maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-            zero = ir.Constant(_I32x8, None)
-            pre = builder.block
-            loop, done = builder.append_basic_block("i2loop"), builder.append_basic_block("i2done")
-            builder.cbranch(builder.icmp_signed(">", nblk, ir.Constant(_I64, 0)), loop, done)
-            builder.position_at_end(loop)
-            b = builder.phi(_I64)
-            b.add_incoming(ir.Constant(_I64, 0), pre)
-            accs = [[builder.phi(_I32x8) for _ in range(nacc)] for _ in range(rows)]
-            for a in (a for ra in accs for a in ra):
-                a.add_incoming(zero, pre)
-            wv = builder.load(builder.inttoptr(builder.add(w_addr, builder.mul(b, ir.Constant(_I64, 32))),
-                                               _I8x32.as_pointer()), align=1)
-            mask = ir.Constant(_I8x32, [3] * 32)
-            codes = [builder.and_(builder.lshr(wv, ir.Constant(_I8x32, [2 * q] * 32)) if q else wv, mask)
-                     for q in range(4)]  # codes[q][j] = c[128 b + 32 q + j]
-            xblk = builder.add(x_addr, builder.mul(b, ir.Constant(_I64, BLOCK)))
-            new = [list(ra) for ra in accs]
-            for r in range(rows):
-                xr = builder.add(xblk, builder.mul(x_stride, ir.Constant(_I64, r)))
-                s16 = None
-                for q in range(4):
-                    xv = builder.load(builder.inttoptr(builder.add(xr, ir.Constant(_I64, 32 * q)),
-                                                       _I8x32.as_pointer()), align=1)
-                    if ISA == "vnni":
-                        a = new[r][q % nacc]
-                        new[r][q % nacc] = builder.call(
-                            dpbusd, [a, builder.bitcast(codes[q], _I32x8), builder.bitcast(xv, _I32x8)])
-                    elif ISA == "portable":
-                        new[r][q % nacc] = _generic_dot(builder, new[r][q % nacc], codes[q], xv)
-                    else:  # |sum of 4 maddubs| <= 4 * 2 * 2 * 128: no int16 saturation
-                        p = builder.call(maddubs, [codes[q], xv])
-                        s16 = p if s16 is None else builder.add(s16, p)
-                if ISA == "avx2":
-                    ones = ir.Constant(_I16x16, [1] * 16)
-                    new[r][0] = builder.add(new[r][0], builder.call(maddwd, [s16, ones]))
-            bn = builder.add(b, ir.Constant(_I64, 1))
-            b.add_incoming(bn, builder.block)
-            for r in range(rows):
-                for j in range(nacc):
-                    accs[r][j].add_incoming(new[r][j], builder.block)
-            builder.cbranch(builder.icmp_signed("<", bn, nblk), loop, done)
-            builder.position_at_end(done)
-            fin = [[builder.phi(_I32x8) for _ in range(nacc)] for _ in range(rows)]  # phis first in the block
-            reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", ir.IntType(32), [_I32x8])
-            for r in range(rows):
-                for j in range(nacc):
-                    fin[r][j].add_incoming(zero, pre)
-                    fin[r][j].add_incoming(new[r][j], loop)
-                total = fin[r][0] if nacc == 1 else builder.add(fin[r][0], fin[r][1])
-                ptr = builder.inttoptr(builder.add(out_addr, ir.Constant(_I64, 4 * r)), ir.IntType(32).as_pointer())
-                builder.store(builder.call(reduce, [total]), ptr)
+            total = [ir.Constant(ir.IntType(32), 0)] * (rows * g)
+            start = ir.Constant(_I64, 0)
+            for nbytes, u in dict.fromkeys([(WIDE, unroll), (WIDE, 1), (32, 1)]):
+                step = u * nbytes // 32
+                stop = builder.sub(nblk, builder.srem(nblk, ir.Constant(_I64, step)))
+                i32v = ir.VectorType(ir.IntType(32), nbytes // 4)
+                zero = [ir.Constant(i32v, None)] * (rows * g * per_row)
+                accs = _emit_loop(builder, start, stop, step, zero,
+                                  lambda b, a, n=nbytes, u=u: _dot_step(builder, w_addrs, x_addrs, b, n, u, a))
+                reduce = _fn(builder, f"llvm.vector.reduce.add.v{nbytes // 4}i32", ir.IntType(32), [i32v])
+                for r in range(rows * g):
+                    v = accs[r * per_row]
+                    for j in range(1, per_row):
+                        v = builder.add(v, accs[r * per_row + j])
+                    total[r] = builder.add(total[r], builder.call(reduce, [v]))
+                start = stop
+            for r in range(rows * g):
+                ptr = builder.inttoptr(builder.add(out[0], ir.Constant(_I64, 4 * r)), ir.IntType(32).as_pointer())
+                builder.store(total[r], ptr)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -160,7 +202,7 @@ def _make_dot(rows: int):
     return dot
 
 
-_dot1, _dot2, _dot4 = _make_dot(1), _make_dot(2), _make_dot(4)
+_dot_1x4, _dot_1x1, _dot_4x2, _dot_4x1 = (_make_dot(r, g) for r, g in ((1, 4), (1, 1), (4, 2), (4, 1)))
 
 
 # ----------------------------------------------------------------------------------------- Numba kernels
@@ -199,6 +241,22 @@ def _quantize(x, xq, s, xsum) -> None:
         _quant_row(x, r, xq, s, xsum)
 
 
+@njit(cache=True)
+def _dot_layout(xp):
+    """(M, Kp) int8 -> the order the dot intrinsic loads: with 64-byte vectors, each pair of 128-blocks is
+    interleaved by quarter (q, block, j) so that one load meets the codes of two blocks; else unchanged."""
+    if WIDE == 32:
+        return xp
+    out = xp.copy()
+    for r in range(xp.shape[0]):
+        for p in range(xp.shape[1] // (2 * BLOCK)):
+            for h in range(2):
+                for q in range(4):
+                    for j in range(32):
+                        out[r, 2 * BLOCK * p + 64 * q + 32 * h + j] = xp[r, 2 * BLOCK * p + BLOCK * h + 32 * q + j]
+    return out
+
+
 @njit(cache=True, inline="always")
 def _store(r, i, v, scale, bias, fused, has_bias, outi, outf) -> None:
     if fused:
@@ -213,35 +271,42 @@ def _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, fused, has_bias, outi, 
     """(M, Kp) int8 x i2 (N, Kp/4) -> int32 outi, or (fused) fp32 outf = acc * scale[r] (+ bias)."""
     m, n, nblk = xq.shape[0], wp.shape[0], wp.shape[1] // 32
     nchunks = min(n, nchunks)
+    g = 4 if min(rows, m) < 4 else 2  # weight rows per pass: 1 x 4 or 4 x 2 dot products per call
     for c in prange(nchunks):
-        acc = np.zeros(4, np.int32)
-        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+        acc = np.zeros(8, np.int32)  # acc[t * gi + s]: activation row r + t, weight row i + s
+        i, hi = c * n // nchunks, (c + 1) * n // nchunks
+        while i < hi:
+            gi = g if i + g <= hi else 1
             r = 0
             while r < m:
-                nr = min(rows, m - r)
-                nr = 4 if nr >= 4 else (2 if nr >= 2 else 1)
-                if nr == 4:
-                    _dot4(wp, i, xq, r, nblk, acc)
-                elif nr == 2:
-                    _dot2(wp, i, xq, r, nblk, acc)
-                else:
-                    _dot1(wp, i, xq, r, nblk, acc)
+                nr = 4 if rows >= 4 and m - r >= 4 else 1
+                if nr == 4 and gi == 2:
+                    _dot_4x2(wp, i, xq, r, nblk, acc)
+                elif nr == 4:
+                    _dot_4x1(wp, i, xq, r, nblk, acc)
+                elif gi == 4:
+                    _dot_1x4(wp, i, xq, r, nblk, acc)
+                else:  # gi in (1, 2): the leftover rows of a 4 x 2 pass
+                    for sw in range(gi):
+                        _dot_1x1(wp, i + sw, xq, r, nblk, acc[sw:])
                 for t in range(nr):
-                    _store(r + t, i, acc[t] - xsum[r + t], scale, bias, fused, has_bias, outi, outf)
+                    for sw in range(gi):
+                        _store(r + t, i + sw, acc[t * gi + sw] - xsum[r + t], scale, bias, fused, has_bias, outi, outf)
                 r += nr
+            i += gi
 
 
-@njit(cache=True, parallel=True)
-def _bitlinear_packed(x, kp, wp, rows, nchunks, gamma, bias, has_bias, outf) -> None:
-    """Fused decode path: quantize the few rows of x (serially), then the packed product, one call."""
+@njit(cache=True)
+def _quantize_small(x, kp, gamma):
+    """Decode-path prologue: quantize the few rows of x serially into the dot's layout; returns
+    (xq (M, Kp) int8, row sums (M,) int32, epilogue scale gamma / s (M,) fp32)."""
     m = x.shape[0]
     xq = np.zeros((m, kp), np.int8)
     s = np.empty(m, np.float32)
     xsum = np.empty(m, np.int32)
     for r in range(m):
         _quant_row(x, r, xq, s, xsum)
-    scale = gamma / s
-    _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, True, has_bias, np.empty((0, 0), np.int32), outf)
+    return _dot_layout(xq), xsum, gamma / s
 
 
 @njit(cache=True, parallel=True)
@@ -269,6 +334,7 @@ def _epilogue_t(acc_t, n0, scale, bias, has_bias, out) -> None:
 # ------------------------------------------------------------------------------------------------- params
 _params: dict[str, Any] | None = None
 _EMPTY_F32 = np.empty(0, np.float32)
+_EMPTY_I32, _EMPTY_F32_2D = np.empty((0, 0), np.int32), np.empty((0, 0), np.float32)
 
 
 def params() -> dict[str, Any]:
@@ -327,11 +393,11 @@ def _bias(bias: torch.Tensor | None) -> tuple[np.ndarray, bool]:
 
 
 def _padded(xq: torch.Tensor, kp: int) -> tuple[np.ndarray, np.ndarray]:
-    """(M, K) int8 -> zero-padded (M, Kp) int8 and row sums (M,) int32."""
+    """(M, K) int8 -> zero-padded (M, Kp) int8 in the dot's layout, and row sums (M,) int32."""
     m, k = xq.shape
     xp = np.zeros((m, kp), np.int8)
     xp[:, :k] = xq.numpy()
-    return xp, xp.sum(axis=1, dtype=np.int32)
+    return _dot_layout(xp), xp.sum(axis=1, dtype=np.int32)
 
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +444,7 @@ def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         return out
     xp, xsum = _padded(xq, reference.padded_k(k))
     _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), _EMPTY_F32, _EMPTY_F32, False, False, out.numpy(),
-               np.empty((0, 0), np.float32))
+               _EMPTY_F32_2D)
     return out
 
 
@@ -392,8 +458,8 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
     if _use_packed(m):
         xp, xsum = _padded(xq, reference.padded_k(k))
         b, has_bias = _bias(bias)
-        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias,
-                   np.empty((0, 0), np.int32), out.numpy())
+        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias, _EMPTY_I32,
+                   out.numpy())
     else:
         _gemm_int_mm(xq.contiguous(), pw, scale, bias, out)
     return out.to(out_dtype)
@@ -406,8 +472,8 @@ def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype)
     out = torch.empty((m, n), dtype=torch.float32)
     if m <= p["gemv_max_m"]:
         b, has_bias = _bias(bias)
-        kp = reference.padded_k(k)
-        _bitlinear_packed(_f32(x2d), kp, _i2(pw), p["rows_per_pass"], _nchunks(), _gamma(pw), b, has_bias, out.numpy())
+        xp, xsum, scale = _quantize_small(_f32(x2d), reference.padded_k(k), _gamma(pw))
+        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias, _EMPTY_I32, out.numpy())
         return out.to(out_dtype)
     xq, s = quantize_activations(x2d)
     return matmul(xq, s, pw, bias, out_dtype)

@@ -25,7 +25,7 @@ from typing import Any
 # gemv_max_m: batches with M <= this use the Numba packed kernel; larger M use the GEMM path.
 # gemm_impl: "int_mm" = unpack i2 tiles to int8 and call torch._int_mm (oneDNN); "numba" = packed kernel.
 # gemm_tile_n: weight rows unpacked per torch._int_mm call on the GEMM path (bounds the int8 scratch).
-# rows_per_pass: activation rows that share one decoded weight block in the Numba kernel (1, 2 or 4).
+# rows_per_pass: activation rows that share one decoded weight block in the Numba kernel (1 or 4).
 CPU_DEFAULTS: dict[str, Any] = {
     "threads": 0,
     "gemv_max_m": 16,
@@ -39,7 +39,7 @@ CPU_SEARCH_SPACE: dict[str, list[Any]] = {
     "gemv_max_m": [1, 4, 8, 16, 32, 64, 128],
     "gemm_impl": ["int_mm", "numba"],
     "gemm_tile_n": [256, 512, 1024, 2048, 4096],
-    "rows_per_pass": [1, 2, 4],
+    "rows_per_pass": [1, 4],
 }
 
 
@@ -63,8 +63,8 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key}={value!r} must be a {want.__name__}")
         if key == "gemm_impl" and value not in ("int_mm", "numba"):
             raise ValueError(f"gemm_impl={value!r} must be 'int_mm' or 'numba'")
-        if key == "rows_per_pass" and value not in (1, 2, 4):
-            raise ValueError(f"rows_per_pass={value!r} must be 1, 2 or 4")
+        if key == "rows_per_pass" and value not in (1, 4):
+            raise ValueError(f"rows_per_pass={value!r} must be 1 or 4")
         if key != "gemm_impl" and value < (0 if key in ("threads", "gemv_max_m") else 1):
             raise ValueError(f"{key}={value!r} is out of range")
     return params

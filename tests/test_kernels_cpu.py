@@ -210,7 +210,7 @@ from bitnet_fast import kernels
 from bitnet_fast.kernels import cpu, reference
 assert cpu.ISA == {isa!r}
 g = torch.Generator().manual_seed(0)
-for m, k, n in [(1, 300, 7), (6, 128, 5)]:
+for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13)]:
     wt = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     assert torch.equal(kernels.matmul_int(xq, kernels.pack_ternary(wt, 1.0)), reference.matmul_int(xq, wt))
@@ -219,10 +219,12 @@ print(json.dumps(sorted(set(re.findall(r"\\b(vpdpbusd|vpmaddubsw)\\b", asm)))))
 """
 
 
-@pytest.mark.parametrize("isa", ["vnni", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "portable"])
 def test_each_isa_exact_and_uses_its_instruction(isa, tmp_path):
     feats = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
-    if isa == "vnni" and not (feats.get("avxvnni") or feats.get("avx512vnni")):
+    if isa == "vnni512" and not (feats.get("avx512vnni") and feats.get("avx512bw")):
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    if isa == "vnni" and not (feats.get("avxvnni") or (feats.get("avx512vnni") and feats.get("avx512vl"))):
         pytest.skip("no VNNI on this CPU")
     if isa == "avx2" and not feats.get("avx2"):
         pytest.skip("no AVX2 on this CPU")
@@ -231,4 +233,4 @@ def test_each_isa_exact_and_uses_its_instruction(isa, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])  # portable: whatever LLVM picks for generic IR
-    assert {"vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}[isa] in [*found, None]
+    assert {"vnni512": "vpdpbusd", "vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}[isa] in [*found, None]

@@ -1,0 +1,108 @@
+"""Side-by-side CPU benchmark: bitnet-fast packed i2 (numba) vs torch fp32 / bf16 F.linear and fbgemm int8.
+
+All contenders run in one process, round-robin (one call each per round) so that background load hits them
+alike; the table shows the median ms, GOPS = 2*M*N*K / t and speed ratios of ours over each baseline.
+
+    python tools/bench_kernels.py [--quick] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from bitnet_fast.kernels import cpu
+
+from bitnet_fast import kernels
+
+SHAPES = [(2048, 2048), (4096, 4096), (2048, 5632), (5632, 2048)]  # (K, N)
+MS = [1, 8, 512]
+
+
+def _fbgemm(w: torch.Tensor) -> torch.nn.Module:
+    """torch.ao dynamic int8 Linear (fbgemm): per-tensor int8 weights, dynamic per-tensor activations."""
+    n, k = w.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = torch.ao.nn.quantized.dynamic.Linear(k, n, bias_=False, dtype=torch.qint8)
+        scale = float(w.abs().max()) / 127
+        lin.set_weight_bias(torch.quantize_per_tensor(w, scale, 0, torch.qint8), None)
+    return lin
+
+
+def _contenders(m: int, k: int, n: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    pw = kernels.pack(w)
+    wb, xb, q = w.bfloat16(), x.bfloat16(), _fbgemm(w)
+    return {
+        "ours": lambda: kernels.bitlinear(x, pw),
+        "fp32": lambda: F.linear(x, w),
+        "bf16": lambda: F.linear(xb, wb),
+        "fbgemm": lambda: q(x),
+    }
+
+
+def _time(fns: dict, budget_s: float, min_reps: int) -> dict[str, float]:
+    """Median seconds per call for each fn, measured round-robin within about `budget_s`."""
+    for f in fns.values():  # warm up (JIT, oneDNN primitive caches)
+        f(), f()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    while len(times["ours"]) < min_reps or (time.perf_counter() - start < budget_s and len(times["ours"]) < 1000):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(quick: bool, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    cpu.configure(threads=threads)
+    shapes = [(4096, 4096)] if quick else SHAPES
+    rows = []
+    for m in MS:
+        for k, n in shapes:
+            med = _time(_contenders(m, k, n), budget_s=(1.0 if quick else 3.0) * (1 + (m > 8)), min_reps=3)
+            row = {"M": m, "K": k, "N": n, **{f"{c}_ms": t * 1e3 for c, t in med.items()}}
+            row["ours_gops"] = 2 * m * n * k / med["ours"] / 1e9
+            row.update({f"x_vs_{c}": med[c] / med["ours"] for c in med if c != "ours"})
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+HEADER = "| M | K | N | ours ms | GOPS | fp32 ms | bf16 ms | fbgemm ms | vs fp32 | vs bf16 | vs fbgemm |"
+
+
+def _fmt(r: dict) -> str:
+    return (
+        f"| {r['M']} | {r['K']} | {r['N']} | {r['ours_ms']:.3f} | {r['ours_gops']:.0f} | {r['fp32_ms']:.3f} | "
+        f"{r['bf16_ms']:.3f} | {r['fbgemm_ms']:.3f} | {r['x_vs_fp32']:.1f}x | {r['x_vs_bf16']:.1f}x | "
+        f"{r['x_vs_fbgemm']:.2f}x |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only K=N=4096, shorter timing budget")
+    ap.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = ap.parse_args()
+    print(f"bitnet-fast kernels: numba ISA={cpu.ISA}, params={cpu.params()}, torch {torch.__version__}")
+    print(HEADER + "\n" + "|---" * 11 + "|")
+    rows = run(args.quick, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"isa": cpu.ISA, "params": cpu.params(), "threads": args.threads, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
