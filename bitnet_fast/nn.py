@@ -203,7 +203,7 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in skip)
 
 
-def _convertible(parent: nn.Module, child: nn.Module) -> bool:
+def _convertible(child: nn.Module, parent: nn.Module | None = None) -> bool:
     """An nn.Linear (or subclass) that is called through its own forward: MultiheadAttention reads out_proj's
     weight directly and a subclass with its own forward (LoRA, ...) is not a plain linear map."""
     return (
@@ -227,12 +227,12 @@ def convert(
     if isinstance(skip, str):
         raise TypeError(f"skip must be a collection of name patterns, not a single string; use skip=({skip!r},)")
     skip = tuple(skip)
-    if isinstance(model, nn.Linear) and _convertible(nn.Module(), model):
+    if _convertible(model):
         model = BitLinear.from_linear(model, subln=subln)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
-            if _convertible(parent, child) and not _skipped(full, skip):
+            if _convertible(child, parent) and not _skipped(full, skip):
                 setattr(parent, name, BitLinear.from_linear(child, subln=subln))
     return pack_model(model) if pack else model
 
