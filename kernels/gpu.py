@@ -26,6 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 GEMV_MAX_M = 16  # M <= this takes the bandwidth-bound GEMV kernel (decode); larger M the tiled GEMM
 CODES = reference.I2G_CODES  # 2-bit codes per int32 word
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+USE_DP4A = not INTERPRET and torch.version.hip is None  # PTX dp4a on NVIDIA; an exact emulation elsewhere
 _EXACT = {"enable_fp_fusion": False}  # no FMA in the epilogue: acc * (gamma / s) + bias rounds like the reference
 
 
@@ -55,6 +56,18 @@ def _unpack_tile(words, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
 
 
 @triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the 4 bytes of (unsigned a[i]) * (signed b[i]): PTX dp4a, or an exact emulation."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return c
+
+
+@triton.jit
 def _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om,
                     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Store (BM, BN) int32 acc as is, or as acc * (gamma / s) (+ bias) in out's dtype."""
@@ -72,10 +85,8 @@ def _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_p
 
 # ----------------------------------------------------------------------------------------------- quantization
 @triton.jit
-def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
-                      BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr):
-    """One row per program: absmax -> s = 127 / max(amax, 1e-5) (NaN for non-finite rows) -> xq."""
-    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
+def _row_scale(x_row, K, stride_xk, BLOCK_K: tl.constexpr):
+    """s = 127 / max(max|x|, 1e-5) for one row, NaN when the row holds NaN or +-Inf."""
     amax = tl.zeros((BLOCK_K,), tl.float32)
     bad = tl.zeros((BLOCK_K,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -84,7 +95,15 @@ def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
         bad = tl.maximum(bad, ((ax != ax) | (ax > 3.4028234663852886e38)).to(tl.int32))
         amax = tl.maximum(amax, ax)
     s = tl.div_rn(1.0, tl.maximum(tl.max(amax, 0), 1e-5)) * 127.0  # torch's 127 / t is reciprocal(t) * 127
-    s = tl.where(tl.max(bad, 0) > 0, float("nan"), s)
+    return tl.where(tl.max(bad, 0) > 0, float("nan"), s)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
+                      BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr):
+    """One row per program: absmax -> s (stored) -> xq (stored when WRITE_XQ)."""
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
+    s = _row_scale(x_row, K, stride_xk, BLOCK_K)
     tl.store(s_ptr + tl.program_id(0), s)
     if WRITE_XQ:
         q_row = xq_ptr + tl.program_id(0).to(tl.int64) * stride_qm
@@ -92,6 +111,29 @@ def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
             tl.store(q_row + offs, _quant(x, s), mask=offs < K)
+
+
+@triton.jit
+def _pack_x_kernel(x_ptr, s_ptr, xp_ptr, K, KW, stride_xk, QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """The M = 1 GEMV's prologue (one program): optionally quantize (storing s), then pack x into dp4a order,
+    xp[4t + j] = bytes x[16t + j + 4i] for i = 0..3 (zeros past K), and store sum(x) at xp[4 * KW]."""
+    if QUANT:
+        s = _row_scale(x_ptr, K, stride_xk, BLOCK_K)
+        tl.store(s_ptr, s)
+    j = tl.arange(0, 4)
+    xsum = tl.zeros((BLOCK_W, 4, 4), tl.int32)
+    for w0 in range(0, KW, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        offs_k = offs_w[:, None, None] * 16 + j[None, :, None] + 4 * j[None, None, :]  # (BW, j, i)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0)
+        if QUANT:
+            x = _quant(x.to(tl.float32), s)
+        x = x.to(tl.int32)
+        xsum += x
+        xp = tl.sum((x & 0xFF) << (8 * j)[None, None, :], axis=2)  # (BW, j): disjoint bytes, sum == or
+        tl.store(xp_ptr + offs_w[:, None] * 4 + j[None, :], xp, mask=(offs_w < KW)[:, None])
+    tl.store(xp_ptr + 4 * KW, tl.sum(tl.sum(tl.sum(xsum, axis=2), axis=1), axis=0))
 
 
 @triton.jit
@@ -140,22 +182,58 @@ def _unpack_kernel(w_ptr, wt_ptr, K, KW, stride_wn, stride_ww, BLOCK_W: tl.const
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_KW": 4}, num_warps=4)]  # one small config: fast on CPU
-    shapes = [(16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (16, 32, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]
+    shapes = [(16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]  # none spill
     return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3) for bn, bkw, w in shapes]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "BLOCK_M", "SPLIT_K", "QUANT_X"], reset_to_zero=["acc_ptr"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
+@triton.jit
+def _gemv1_kernel(xp_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, N, KW, stride_wn, stride_ww, stride_om,
+                  SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DP4A: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Decode M = 1 on the CUDA cores at ~2 integer instructions per 4 weights, so HBM stays the bottleneck.
+
+    `word & (0x03030303 << 2j)` leaves 4**j times the codes of k = 16t + j + 4i (i = 0..3) in the four bytes
+    of one register (no shift), and dp4a multiplies them by the four x bytes packed in that order by
+    _pack_x_kernel: one LOP3 + one dp4a per 4 weights. Each j keeps its own accumulator, divided by 4**j (a
+    shift) after the loop; |acc| < 2**31 for K < 2**18. Codes are w + 1, so sum(c * x) - sum(x) = sum(w * x):
+    the first split subtracts sum(x). Grid and split-K as in _gemv_kernel.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, 4)
+    per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW
+    w_lo = tl.program_id(1) * per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_KW, 4), tl.int32)  # per (row, word, j) partial sums of 4**j * c * x
+    for w0 in range(w_lo, tl.minimum(w_lo + per_split, KW), BLOCK_KW):
+        offs_w = w0 + tl.arange(0, BLOCK_KW)
+        words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :] * stride_ww,
+                        mask=(offs_n < N)[:, None] & (offs_w < KW)[None, :], other=0)
+        # x loaded straight into the (BN, BKW, j) layout (L1 hits across rows) instead of a shared-memory broadcast
+        xp_offs = offs_w[None, :, None] * 4 + j[None, None, :] + 0 * offs_n[:, None, None]
+        xp = tl.load(xp_ptr + xp_offs, mask=xp_offs < 4 * KW, other=0)
+        codes = words[:, :, None] & (0x03030303 << (2 * j))[None, None, :]  # (BN, BKW, j): bytes c * 4**j
+        acc = _dp4a(codes, xp, acc, USE_DP4A)
+    acc = acc >> (2 * j)[None, None, :]  # exact: every term was a multiple of 4**j
+    dot = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.where(tl.program_id(1) == 0, tl.load(xp_ptr + 4 * KW), 0)
+    if SPLIT_K == 1:
+        _store_epilogue(dot[None, :], tl.arange(0, 1), offs_n, 1, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om,
+                        EPILOGUE, HAS_BIAS)
+    else:
+        tl.atomic_add(acc_ptr + offs_n, dot, mask=offs_n < N, sem="relaxed")
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K", "QUANT_X"], reset_to_zero=["acc_ptr"])
 @triton.jit
 def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KW,
                  stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
-                 BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, EPILOGUE: tl.constexpr,
+                 SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, EPILOGUE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """Decode (M <= 16): grid (N tiles, SPLIT_K); each program streams its K range of BLOCK_N weight rows once.
-
-    M = 1 multiplies and reduces on the CUDA cores; 2 <= M <= 16 uses one 16-row tl.dot. With SPLIT_K > 1 the
-    int32 partials are atomically added into acc (exact, order-free) and the epilogue runs as a second kernel.
-    QUANT_X: x is float and is quantized in registers with the precomputed row scales s (fused bitlinear).
+    """Decode 2 <= M <= 16: grid (N tiles, SPLIT_K); each program streams its K range of BLOCK_N weight rows once
+    into one 16-row int8 tl.dot. With SPLIT_K > 1 the int32 partials are atomically added into acc (exact,
+    order-free) and the epilogue runs as a second kernel. QUANT_X: x is float and is quantized in registers with
+    the precomputed row scales s (the fused bitlinear: xq never reaches memory).
     """
+    BLOCK_M: tl.constexpr = 16
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,10 +253,7 @@ def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, 
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0)
         if QUANT_X:
             x = _quant(x.to(tl.float32), s[:, None])
-        if BLOCK_M == 1:
-            acc += tl.sum(wt * x.to(tl.int32), axis=1)[None, :]
-        else:
-            acc += tl.dot(x.to(tl.int8), tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
+        acc += tl.dot(x.to(tl.int8), tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
     if SPLIT_K == 1:
         _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
     else:
@@ -314,12 +389,16 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return _act_quant(x2d, write_xq=True)
 
 
+def _act_block(k: int) -> int:
+    return min(triton.next_power_of_2(k), 4096)
+
+
 def _act_quant(x2d: torch.Tensor, write_xq: bool) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2d.shape
     xq = torch.empty((m, k) if write_xq else (1, 1), dtype=torch.int8, device=x2d.device)
     s = torch.empty(m, dtype=torch.float32, device=x2d.device)
     if m > 0:
-        block = min(triton.next_power_of_2(k), 4096)
+        block = _act_block(k)
         _act_quant_kernel[(m,)](x2d, xq, s, k, x2d.stride(0), x2d.stride(1), xq.stride(0),
                                 BLOCK_K=block, WRITE_XQ=write_xq, num_warps=4 if block <= 1024 else 8)
     return xq, s
@@ -384,6 +463,10 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
     if m == 0:
         return out
     gamma = _gamma(pw)
+    if quant_x and m > 1:  # row scales first; x is quantized inside the GEMV (xq never reaches memory)
+        s = _act_quant(x, write_xq=False)[1]
+    elif quant_x:  # M = 1: _pack_x_kernel computes and stores s
+        s = torch.empty(1, dtype=torch.float32, device=dev)
     s = s if s is not None else gamma  # an unused pointer when there is no epilogue
     bias_t = bias if bias is not None else gamma
     common = (x.stride(0), x.stride(1), pw.data.stride(0), pw.data.stride(1), out.stride(0))
@@ -393,9 +476,16 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
         if split > 1:
             acc.zero_()
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-        _gemv_kernel[grid](x, s, pw.data, gamma, bias_t, out, acc, m, n, k, kw, *common,
-                           BLOCK_M=1 if m == 1 else 16, SPLIT_K=split, QUANT_X=quant_x, EPILOGUE=epilogue,
-                           HAS_BIAS=bias is not None, **_EXACT)
+        flags = dict(SPLIT_K=split, QUANT_X=quant_x, EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
+        if m == 1:
+            xp = torch.empty(4 * kw + 1, dtype=torch.int32, device=dev)  # dp4a-ordered x, then sum(x)
+            _pack_x_kernel[(1,)](x, s, xp, k, kw, x.stride(1), QUANT=quant_x, BLOCK_K=_act_block(k), BLOCK_W=64,
+                                 num_warps=8)
+            del flags["QUANT_X"]
+            _gemv1_kernel[grid](xp, s, pw.data, gamma, bias_t, out, acc, n, kw, *common[2:], USE_DP4A=USE_DP4A,
+                                **flags)
+        else:
+            _gemv_kernel[grid](x, s, pw.data, gamma, bias_t, out, acc, m, n, k, kw, *common, **flags)
         if split > 1 and epilogue:
             _epilogue_kernel[(m, triton.cdiv(n, 1024))](acc, s, gamma, bias_t, out, m, n, out.stride(0),
                                                         HAS_BIAS=bias is not None, BLOCK_N=1024, **_EXACT)
@@ -430,15 +520,15 @@ def matmul(xq, s, pw, bias=None, out_dtype=torch.float32, split_k: int | None = 
 
 
 def bitlinear(x2d, pw, bias=None, out_dtype=torch.float32, split_k: int | None = None) -> torch.Tensor:
-    """(M, K) float -> (M, N): decode computes the row scales, then quantizes x inside the GEMV (xq never hits
-    memory); prefill writes int8 xq once (the GEMM reads each x tile N / BLOCK_N times, cheaper as int8)."""
+    """(M, K) float -> (M, N). Decode: M = 1 quantizes and packs x in the GEMV's prologue kernel, 2..16 compute the
+    row scales and quantize x inside the GEMV (xq never reaches memory). Prefill writes int8 xq once (the GEMM
+    reads each x tile N / BLOCK_N times: cheaper as int8). Always two launches."""
     _check("x", x2d, FLOAT_DTYPES)
     _check_i2g(pw)
     if bias is not None:
         _check("bias", bias, FLOAT_DTYPES)
     if x2d.shape[0] <= GEMV_MAX_M:
-        _, s = _act_quant(x2d, write_xq=False)
-        return _matmul(x2d, s, pw, bias, out_dtype, quant_x=True, epilogue=True, split_k=split_k)
+        return _matmul(x2d, None, pw, bias, out_dtype, quant_x=True, epilogue=True, split_k=split_k)
     xq, s = _act_quant(x2d, write_xq=True)
     return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True)
 

@@ -111,11 +111,16 @@ def _compile_cases(G, all_configs: bool):
             yield f"{label} {c.kwargs} w{c.num_warps} s{c.num_stages}", kernel, spec, c.num_warps, c.num_stages
 
     base = dict(SPLIT_K=1, QUANT_X=False, EPILOGUE=True, HAS_BIAS=False)
-    yield from tuned(G._gemv_kernel, "gemv M=1", _GEMV, {**base, "BLOCK_M": 1})
-    yield from tuned(G._gemv_kernel, "gemv M=1 fused-quant+bias", {**_GEMV, "x_ptr": "*bf16"},
-                     {**base, "BLOCK_M": 1, "QUANT_X": True, "HAS_BIAS": True})
-    yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "BLOCK_M": 16, "SPLIT_K": 4,
-                                                                        "EPILOGUE": False})
+    gemv1 = dict(xp_ptr="*i32", s_ptr="*fp32", w_ptr="*i32", gamma_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16",
+                 acc_ptr="*i32", N=_I, KW=_I, stride_wn=_I, stride_ww=1, stride_om=_I)
+    flags1 = dict(SPLIT_K=1, EPILOGUE=True, HAS_BIAS=True, USE_DP4A=True)
+    yield from tuned(G._gemv1_kernel, "gemv M=1 dp4a", gemv1, flags1)
+    yield from tuned(G._gemv1_kernel, "gemv M=1 dp4a split-K", gemv1, {**flags1, "SPLIT_K": 4, "EPILOGUE": False})
+    yield ("pack_x (M=1 prologue, quantizing)", G._pack_x_kernel, dict(x_ptr="*bf16", s_ptr="*fp32", xp_ptr="*i32",
+           K=_I, KW=_I, stride_xk=1, QUANT=True, BLOCK_K=4096, BLOCK_W=64), 8, 1)
+    yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "SPLIT_K": 4, "EPILOGUE": False})
+    yield from tuned(G._gemv_kernel, "gemv M<=16 fused-quant", {**_GEMV, "x_ptr": "*bf16"},
+                     {**base, "QUANT_X": True})
     yield from tuned(G._gemm_kernel, "gemm", _GEMM, dict(EPILOGUE=True, HAS_BIAS=True))
     yield from tuned(G._grad_input_kernel, "grad_input bf16", _GRAD, dict(IEEE=False),
                      lambda c: not G._prune_grad_input([c], {}, IEEE=True))
