@@ -5,8 +5,9 @@ runs `prange` over rows of a flat 1-D view (row i starts at i * row_stride), so 
 inputs cost no copy; fp16/bf16 are read as raw 16-bit codes and widened to fp32 in registers. Kernels
 compile on first call (nothing at import) and are cached on disk.
 
-Why the quantizer is a comparison: clip(rint(w / gamma), -1, 1) is +-1 exactly when |fl32(w / gamma)| > 0.5
-(0.5 itself rounds half-to-even to 0), and NaN -> 0 as torch's float -> int8 cast does.
+The quantizer compares instead of rounding: clip(rint(q), -1, 1) with q = fl32(w / gamma) is +-1 exactly when
+|q| > 0.5 (0.5 itself rounds half-to-even to 0), and a NaN q gives 0, as torch's float -> int8 cast does.
+`transcode` converts i2 <-> tq1 row by row through a small codes buffer, never building the int8 matrix.
 """
 
 from __future__ import annotations
