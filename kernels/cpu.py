@@ -208,29 +208,29 @@ _dot_1x4, _dot_1x1, _dot_4x2, _dot_4x1 = (_make_dot(r, g) for r, g in ((1, 4), (
 # ----------------------------------------------------------------------------------------- Numba kernels
 @njit(cache=True, inline="always")
 def _quant_row(x, r, xq, s, xsum) -> None:
-    """reference.act_quant for one row, bit-exact: s = (1 / amax) * 127 as torch's 127.0 / t computes it."""
+    """reference.act_quant for one row, bit-exact: s = (1 / amax) * 127 as torch's 127.0 / t computes it.
+
+    amax and the finiteness test use the int32 bits (|x| orders like its bits; NaN/Inf have the top
+    exponent), so both loops vectorize.
+    """
     k = x.shape[1]
-    amax = np.float32(0.0)
-    poison = np.float32(0.0)
+    bits = x[r].view(np.int32)
+    top = np.int32(0)
     for j in range(k):
-        v = x[r, j]
-        poison += v * np.float32(0.0)  # NaN iff the row holds a NaN or an Inf
-        a = abs(v)
-        if a > amax:
-            amax = a
-    if poison != np.float32(0.0):
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    if top >= np.int32(0x7F800000):  # a NaN or an Inf in the row
         s[r] = np.float32(np.nan)
         xsum[r] = 0
-        for j in range(k):
-            xq[r, j] = 0
+        xq[r, :k] = 0
         return
+    amax = np.full(1, top, np.int32).view(np.float32)[0]
     sc = (np.float32(1.0) / max(amax, np.float32(1e-5))) * np.float32(127.0)
     s[r] = sc
-    total = 0
+    total = np.int32(0)
     for j in range(k):
-        qv = min(max(np.rint(x[r, j] * sc), np.float32(-128.0)), np.float32(127.0))
+        qv = np.int32(min(max(np.rint(x[r, j] * sc), np.float32(-128.0)), np.float32(127.0)))
         xq[r, j] = np.int8(qv)
-        total += np.int32(qv)
+        total += qv
     xsum[r] = total
 
 
@@ -322,12 +322,11 @@ def _unpack_i2(wp, n0, n1, k, out) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _epilogue_t(acc_t, n0, scale, bias, has_bias, out) -> None:
-    """out[:, n0 + i] = acc_t[i, :] * scale (+ bias): the transposed int_mm tile into the (M, N) output."""
-    m = out.shape[0]
-    for r in prange(m):
-        for i in range(acc_t.shape[0]):
-            y = np.float32(acc_t[i, r]) * scale[r]
+def _epilogue(acc, n0, scale, bias, has_bias, out) -> None:
+    """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t]), in fp32."""
+    for r in prange(out.shape[0]):
+        for i in range(acc.shape[1]):
+            y = np.float32(acc[r, i]) * scale[r]
             out[r, n0 + i] = y + bias[n0 + i] if has_bias else y
 
 
@@ -413,21 +412,20 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, bias, out: torch.Tensor) -> None:
     """GEMM path: unpack i2 tiles of weight rows to int8 and let oneDNN multiply; Numba epilogue (none if
     scale is None: out is then the int32 product)."""
-    p = _params
-    wp, (n, k) = _i2(pw), pw.shape
-    tile = min(n, p["gemm_tile_n"])
+    wp, (n, k), m = _i2(pw), pw.shape, xq.shape[0]
+    tile = min(n, _params["gemm_tile_n"])
     w8 = torch.empty((tile, k), dtype=torch.int8)
-    acc = torch.empty((tile, xq.shape[0]), dtype=torch.int32)
-    xt = torch.empty((k, xq.shape[0]), dtype=torch.int8).copy_(xq.t())  # (K, M), row stride M even when K == 1
+    acc = torch.empty((m, tile), dtype=torch.int32)
     b, has_bias = _bias(bias)
     for n0 in range(0, n, tile):
-        n1 = min(n, n0 + tile)
-        _unpack_i2(wp, n0, n1, k, w8.numpy())
-        acc_t = torch._int_mm(w8[: n1 - n0], xt, out=acc[: n1 - n0])  # (tile, M) = W_tile @ xq^T
+        t = min(n, n0 + tile) - n0
+        _unpack_i2(wp, n0, n0 + t, k, w8.numpy())
+        wt = w8[:t].t() if k > 1 else w8[:t].t().clone(memory_format=torch.contiguous_format)  # (K, t)
+        acc_t = torch._int_mm(xq, wt, out=acc if t == tile else torch.empty((m, t), dtype=torch.int32))
         if scale is None:
-            out[:, n0:n1] = acc_t.t()
+            out[:, n0 : n0 + t] = acc_t
         else:
-            _epilogue_t(acc_t.numpy(), n0, scale, b, has_bias, out.numpy())
+            _epilogue(acc_t.numpy(), n0, scale, b, has_bias, out.numpy())
 
 
 def _use_packed(m: int) -> bool:
