@@ -100,6 +100,10 @@ def _ste_linear(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (M, K) float -> (y (M, N) x.dtype, xq, s). `weight` (the latent weight) only carries
     the gradient; the product uses its packed form (data, gamma), which the caller keeps in sync."""
+    return _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt)
+
+
+def _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt) -> tuple[Tensor, Tensor, Tensor]:
     xq, s = kernels.quantize_activations(x)
     y = kernels.matmul(xq, s, _pw(data, gamma, out_features, in_features, fmt), bias, out_dtype=x.dtype)
     return y, xq, s
@@ -114,21 +118,16 @@ def _(x, weight, data, gamma, bias, out_features, in_features, fmt):
 
 # ------------------------------------------------------------------------------------------------- autograd
 class BitLinearFunction(torch.autograd.Function):
-    """STE linear over the fused kernels. Inputs: x (M, K), latent weight (N, K), packed (data, gamma), bias,
-    N, K, fmt. Returns y (M, N). Its setup_context/backward are also the autograd of `bitnet_fast::ste_linear`."""
+    """STE linear over the fused kernels: (x (M, K), latent weight (N, K), packed data, gamma, bias, N, K, fmt)
+    -> (y (M, N), xq, s). Eager training calls it directly (cheaper than custom-op dispatch); its setup_context
+    and backward are also the autograd of `bitnet_fast::ste_linear`, which torch.compile traces."""
 
-    @staticmethod
-    def forward(x, weight, data, gamma, bias, out_features, in_features, fmt):
-        return torch.ops.bitnet_fast.ste_linear(x, weight, data, gamma, bias, out_features, in_features, fmt)[0]
+    forward = staticmethod(_ste_forward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, data, gamma, bias, out_features, in_features, fmt = inputs
-        if isinstance(output, tuple):  # the custom op returns (y, xq, s)
-            xq, s = output[1], output[2]
-        else:  # BitLinearFunction.apply returns y only: quantize again (cheap next to the matmul)
-            xq, s = torch.ops.bitnet_fast.quantize_activations(x.detach())
-        ctx.save_for_backward(data, gamma, xq, s)
+        ctx.save_for_backward(data, gamma, output[1], output[2])  # packed weight, xq, s
         ctx.meta = (out_features, in_features, fmt, x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
     @staticmethod
@@ -136,11 +135,16 @@ class BitLinearFunction(torch.autograd.Function):
         data, gamma, xq, s = ctx.saved_tensors
         out_features, in_features, fmt, x_dtype, w_dtype, b_dtype = ctx.meta
         grad_y = grad_y.contiguous()
+        traced = torch.compiler.is_compiling()  # AOTAutograd traces this: use the ops (they have fake kernels)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.bitnet_fast.grad_input(grad_y, data, gamma, out_features, in_features, fmt).to(x_dtype)
+            if traced:
+                gx = torch.ops.bitnet_fast.grad_input(grad_y, data, gamma, out_features, in_features, fmt)
+            else:
+                gx = kernels.grad_input(grad_y, _pw(data, gamma, out_features, in_features, fmt))
+            gx = gx.to(x_dtype)
         if ctx.needs_input_grad[1]:
-            gw = torch.ops.bitnet_fast.grad_weight(grad_y, xq, s).to(w_dtype)
+            gw = (torch.ops.bitnet_fast.grad_weight if traced else kernels.grad_weight)(grad_y, xq, s).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[4]:
             gb = grad_y.float().sum(0).to(b_dtype)
         return gx, gw, None, None, gb, None, None, None
@@ -171,9 +175,11 @@ def pack_weight(w: Tensor, fmt: str) -> PackedWeight:
 def bitlinear_train(x: Tensor, weight: Tensor, pw: PackedWeight, bias: Tensor | None = None) -> Tensor:
     """STE BitLinear for training: (..., K) float -> (..., N). `pw` must be the packed form of `weight`."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    y = torch.ops.bitnet_fast.ste_linear(
-        x2, weight, pw.data, pw.gamma, bias, pw.out_features, pw.in_features, pw.format
-    )[0]
+    args = (x2, weight, pw.data, pw.gamma, bias, pw.out_features, pw.in_features, pw.format)
+    if torch.compiler.is_compiling():
+        y = torch.ops.bitnet_fast.ste_linear(*args)[0]
+    else:
+        y = BitLinearFunction.apply(*args)[0]
     return y.reshape(*x.shape[:-1], pw.out_features)
 
 

@@ -60,18 +60,22 @@ def test_ste_matches_reference(lead, k, n, bias, dtype, seed):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_function_apply_matches_op(bias):
+@pytest.mark.parametrize("path", ["function", "op"])
+def test_function_and_op_match_reference(bias, path):
+    """BitLinearFunction.apply (eager path) and the custom op with its registered autograd (compiled path)."""
     torch.manual_seed(0)
     x = torch.randn(5, 70, requires_grad=True)
     w = torch.randn(9, 70, requires_grad=True)
     b = torch.randn(9, requires_grad=True) if bias else None
     pw = pack_weight(w, _fmt())
-    y = BitLinearFunction.apply(x, w, pw.data, pw.gamma, b, 9, 70, pw.format)
+    fn = BitLinearFunction.apply if path == "function" else torch.ops.bitnet_fast.ste_linear
+    y, xq, s = fn(x, w, pw.data, pw.gamma, b, 9, 70, pw.format)
+    assert xq.dtype == torch.int8 and s.shape == (5,)
     gy = torch.randn(y.shape)
-    grads = torch.autograd.grad(y, [x, w], gy)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy)
     y_ref, grads_ref = _reference_grads(x, w, b, gy)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads, grads_ref[:2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_strided_and_empty_inputs():
