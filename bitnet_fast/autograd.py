@@ -2,16 +2,15 @@
 
 Each kernel is a `torch.library.custom_op` in the `bitnet_fast` namespace with a fake (meta) implementation,
 so `torch.compile` traces through BitLinear without graph breaks. Custom ops cannot take a PackedWeight, so a
-packed weight travels as (data, gamma, in_features, fmt). The training op `bitnet_fast::ste_linear` gets its
-gradients from `BitLinearFunction` (registered with `register_autograd`), which matches the DESIGN.md detach form
-`kernels.reference.ste_linear`:
+packed weight travels as (data, gamma, out_features, in_features, fmt). The training op `bitnet_fast::ste_linear`
+gets its gradients from `BitLinearFunction` (registered with `register_autograd`), which eager code calls directly
+to skip the custom-op dispatch. Both match the DESIGN.md detach form `kernels.reference.ste_linear`:
 
     forward   y  = (xq @ Wt^T) * gamma / s + b          (exact int32 product, float epilogue)
     backward  dx = dy @ (Wt * gamma)      dW = dy^T @ (xq / s)      db = sum(dy)
 """
 
 # No `from __future__ import annotations`: custom_op reads the real annotations to infer the schemas.
-
 
 import torch
 
