@@ -9,7 +9,6 @@ benchmark module just to discover the suite).
 from __future__ import annotations
 
 import importlib
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -104,21 +103,9 @@ def rate(step: Callable[[], object], items_per_call: int, min_time: float = 1.0,
 
 
 def wikitext_dir() -> Path:
-    """WikiText-2 found as the CLI finds it (BITNET_FAST_DATA, then the user cache); skip when absent."""
-    data = need("bitnet_fast.data")
-    locate = getattr(data, "find_data_dir", None) or getattr(data, "locate_data", None)
-    roots = []
-    if locate is not None:
-        try:
-            roots.append(Path(locate(None)))
-        except (FileNotFoundError, ValueError, OSError):
-            pass
-    if "BITNET_FAST_DATA" in os.environ:
-        roots.append(Path(os.environ["BITNET_FAST_DATA"]))
-    for root in roots:
-        for cand in (root, root / "wikitext-2"):
-            if (cand / "train.txt").is_file() and (cand / "valid.txt").is_file():
-                return cand
-    raise NotImplementedError(
-        "WikiText-2 not found: set BITNET_FAST_DATA to the folder holding wikitext-2/{train,valid}.txt"
-    )
+    """WikiText-2 found as the CLI finds it (BITNET_FAST_DATA, then the user cache dir); skip when absent."""
+    data = need("bitnet_fast.data", "find_wikitext", "DataError")
+    try:
+        return data.find_wikitext(None)
+    except data.DataError as e:
+        raise NotImplementedError(f"skipped, no data: {e}") from None
