@@ -101,7 +101,7 @@ class BitLinear(nn.Module):
         w = self.weight
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable by a later training step
                 self._cache = (key, kernels.pack(w.detach(), _compute_format(w.device)))
         return self._cache[1]
 

@@ -87,6 +87,15 @@ def test_pack_cache_follows_weight_version(monkeypatch):
     torch.testing.assert_close(m.packed_weight.gamma, kernels.quantize_weight(m.weight.detach())[1])
 
 
+def test_cache_filled_under_inference_mode_still_trains():
+    m = BitLinear(32, 8)
+    x = torch.randn(2, 32, requires_grad=True)
+    with torch.inference_mode():
+        m(x.detach())
+    m(x).sum().backward()  # the cached packing must not be an inference tensor
+    assert m.weight.grad.shape == (8, 32)
+
+
 def test_pack_frees_latent_weight_and_matches():
     torch.manual_seed(0)
     m = BitLinear(256, 64)
