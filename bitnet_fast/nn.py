@@ -33,10 +33,8 @@ def _compute_format(device: torch.device) -> str:
 
 def _to_compute(pw: PackedWeight, device: torch.device) -> PackedWeight:
     """`pw` on `device`, in the format the kernels there compute with (tq1 storage -> i2 compute, ...)."""
-    if pw.device == device and pw.format == _compute_format(device):
-        return pw
-    wt, gamma = kernels.unpack(pw)
-    return kernels.pack_ternary(wt.to(device), gamma.to(device))
+    fmt = _compute_format(device)
+    return pw if pw.device == device and pw.format == fmt else kernels.repack(pw, fmt, device)
 
 
 class BitLinear(nn.Module):
