@@ -106,9 +106,14 @@ def infer_makers(m: int, k: int, n: int) -> dict:
 
         return make
 
+    def kernel_only():
+        pw = kernels.pack(torch.randn(n, k))
+        return lambda: kernels.bitlinear(x, pw)
+
     return {
         "fp32 nn.Linear": forward_of(lambda: nn.Linear(k, n, bias=False)),
         "bitnet_fast BitLinear (packed)": forward_of(lambda: _bitnet_fast(k, n, packed=True)),
+        "bitnet_fast kernels.bitlinear (no module)": kernel_only,
         "transformers BitLinear (packed)": forward_of(lambda: _hf_packed(k, n)),
     }
 
