@@ -352,6 +352,34 @@ def _grad_input_kernel(g_ptr, w_ptr, gamma_ptr, out_ptr, M, N, K, KW, M_BUCKET,
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :], y, mask=mask)
 
 
+@triton.autotune(configs=_grad_input_configs(), key=["M_BUCKET", "N", "K", "IEEE"],
+                 prune_configs_by={"early_config_prune": _prune_grad_input})
+@triton.jit
+def _grad_weight_kernel(g_ptr, xq_ptr, s_ptr, out_ptr, M, N, K, M_BUCKET, stride_gm, stride_gn, stride_xm, stride_xk,
+                        stride_on, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
+    """dW (N, K) fp32 = sum_m (grad_y[m, :] / s[m])^T xq[m, :]: grad_y / s is formed in fp32 and rounded once to
+    grad_y's dtype so the product runs on tensor cores; xq is exact in bf16/fp16. Tiles: BLOCK_M output rows
+    (over N), 16 * BLOCK_KW output columns (over K), BLOCK_N rows of the M reduction per step."""
+    offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_KW * 16 + tl.arange(0, BLOCK_KW * 16)
+    acc = tl.zeros((BLOCK_M, BLOCK_KW * 16), tl.float32)
+    for m0 in range(0, M, BLOCK_N):
+        offs_m = m0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * stride_gm + offs_n[:, None] * stride_gn,
+                    mask=(offs_n < N)[:, None] & (offs_m < M)[None, :], other=0.0)  # (BM over N, BN over M)
+        s = tl.load(s_ptr + offs_m, mask=offs_m < M, other=1.0)
+        a = (g.to(tl.float32) / s[None, :]).to(g.dtype)
+        x = tl.load(xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)  # (BN over M, BK)
+        if IEEE:
+            acc += tl.dot(a.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, x.to(g.dtype))
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], acc, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------- host checks
 def _check(arg: str, t, dtypes=None) -> None:
     """TypeError for a non-tensor or wrong dtype; ValueError for a tensor this backend cannot run on."""
@@ -552,9 +580,22 @@ def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 
 def grad_weight(grad_y2d: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """grad_y^T (N, M) x (xq / s) (M, K) -> (N, K) fp32. A plain dense GEMM with nothing ternary to exploit, so
-    cuBLAS does it (it follows torch.backends.cuda.matmul.allow_tf32 like any fp32 matmul)."""
+    """grad_y^T (N, M) x (xq / s) (M, K) -> (N, K) fp32.
+
+    fp32 grads: the reference's fp32 GEMM (cuBLAS; honours torch.backends.cuda.matmul.allow_tf32). bf16/fp16
+    grads: a tensor-core kernel on grad_y / s rounded once to grad_y's dtype (<= 2**-9 relative per term for
+    bf16, the precision bf16 training has anyway) with fp32 accumulation and output."""
     _check("grad_y", grad_y2d, FLOAT_DTYPES)
     _check("xq", xq, (torch.int8,))
     _check("s", s, (torch.float32,))
-    return reference.grad_weight(grad_y2d, xq, s)
+    if grad_y2d.dtype == torch.float32:
+        return reference.grad_weight(grad_y2d, xq, s)
+    (m, n), k = grad_y2d.shape, xq.shape[1]
+    out = torch.empty((n, k), dtype=torch.float32, device=xq.device)
+    if m == 0:
+        return out.zero_()
+    ieee = INTERPRET and grad_y2d.dtype == torch.bfloat16  # the interpreter cannot tl.dot bf16 (see grad_input)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(k, 16 * meta["BLOCK_KW"]))  # noqa: E731
+    _grad_weight_kernel[grid](grad_y2d, xq, s, out, m, n, k, triton.next_power_of_2(m), grad_y2d.stride(0),
+                              grad_y2d.stride(1), xq.stride(0), xq.stride(1), out.stride(0), IEEE=ieee)
+    return out
