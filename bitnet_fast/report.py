@@ -171,20 +171,23 @@ def build_report(runs: list[Run], tinyllama: dict | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- SVG charts
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
     if hi <= lo:
-        lo, hi = lo - 0.5 - abs(lo) * 0.05, hi + 0.5 + abs(hi) * 0.05
+        pad = 1.0 if integer else 0.5 + abs(lo) * 0.05
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = max(1, round(step)) if integer else step
     start = math.floor(lo / step) * step
     return [start + i * step for i in range(math.ceil((hi - start) / step - 1e-9) + 1)]
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 3, 5)]
     inside = [t for t in ticks if lo <= t <= hi]
-    return inside if len(inside) >= 2 else [lo, hi]
+    return inside if len(inside) >= 2 else sorted({lo, *inside, hi})
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -204,13 +207,14 @@ def fmt(v: float | None, unit: str = "") -> str:
 
 def line_chart(title: str, series: list[dict], xlabel: str, ylabel: str, logy: bool = False, zero: bool = False,
                width: int = 560, height: int = 320) -> str:
-    """SVG line chart; series = [{label, color, points: [(x, y)]}]. logy: log10 y axis; zero: y axis from 0."""
+    """SVG line chart; series = [{label, color, points: [(x, y)]}]. logy: log10 y axis; zero: y axis from 0.
+    Integer x values (epochs, steps) get integer ticks."""
     pts = [(x, y) for s in series for x, y in s["points"] if not logy or y > 0]
     if not pts:
         return f'<p class="empty">{html.escape(title)}: no data</p>'
     left, right, top, bottom = 64, 16, 50, 46
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xt = _ticks(min(xs), max(xs))
+    xt = _ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     yt = _log_ticks(min(ys), max(ys)) if logy else _ticks(min(min(ys), 0.0) if zero else min(ys), max(ys))
     f = math.log10 if logy else (lambda v: v)
     x0, x1, y0, y1 = xt[0], xt[-1], f(min(yt[0], min(ys))), f(max(yt[-1], max(ys)))
@@ -289,10 +293,16 @@ def _colors(runs: list[dict]) -> list[str]:
     return out
 
 
-def _epoch_series(runs: list[dict], colors: list[str], key: str) -> list[dict]:
-    return [{"label": r["label"], "color": c,
-             "points": [(e["epoch"], e[key]) for e in r["epochs_detail"] if _num(e.get(key)) is not None
-                        and _num(e.get("epoch")) is not None]} for r, c in zip(runs, colors, strict=True)]
+def _epoch_series(runs: list[dict], colors: list[str], key: str, initial: str | None = None) -> list[dict]:
+    """One series per run of epochs_detail[key]; `initial` names a run field plotted at epoch 0."""
+    out = []
+    for r, c in zip(runs, colors, strict=True):
+        pts = [(e["epoch"], e[key]) for e in r["epochs_detail"]
+               if _num(e.get(key)) is not None and _num(e.get("epoch")) is not None]
+        if initial and r.get(initial) is not None:
+            pts.insert(0, (0, r[initial]))
+        out.append({"label": r["label"], "color": c, "points": pts})
+    return out
 
 
 def _training_html(rep: dict) -> str:
@@ -317,7 +327,8 @@ def _training_html(rep: dict) -> str:
         loss = line_chart("Training loss (per epoch)", _epoch_series(runs, colors, "train_loss"), "epoch", "train loss")
     charts = [
         loss,
-        line_chart("Validation perplexity", _epoch_series(runs, colors, "valid_ppl"), "epoch", "valid ppl", logy=True),
+        line_chart("Validation perplexity (epoch 0 = before training)",
+                   _epoch_series(runs, colors, "valid_ppl", "initial_valid_ppl"), "epoch", "valid ppl", logy=True),
         line_chart("Training throughput", _epoch_series(runs, colors, "tokens_per_sec"), "epoch", "tokens / s",
                    zero=True),
         line_chart("Time per epoch", _epoch_series(runs, colors, "seconds"), "epoch", "seconds", zero=True),
