@@ -99,18 +99,16 @@ def _row_scale(x_row, K, stride_xk, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
-                      BLOCK_K: tl.constexpr, WRITE_XQ: tl.constexpr):
-    """One row per program: absmax -> s (stored) -> xq (stored when WRITE_XQ)."""
+def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
+    """One row per program: absmax -> s -> xq."""
     x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
     s = _row_scale(x_row, K, stride_xk, BLOCK_K)
     tl.store(s_ptr + tl.program_id(0), s)
-    if WRITE_XQ:
-        q_row = xq_ptr + tl.program_id(0).to(tl.int64) * stride_qm
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, _quant(x, s), mask=offs < K)
+    q_row = xq_ptr + tl.program_id(0).to(tl.int64) * stride_qm
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        tl.store(q_row + offs, _quant(x, s), mask=offs < K)
 
 
 @triton.jit
@@ -222,23 +220,21 @@ def _gemv1_kernel(xp_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, N
         tl.atomic_add(acc_ptr + offs_n, dot, mask=offs_n < N, sem="relaxed")
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K", "QUANT_X"], reset_to_zero=["acc_ptr"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
 @triton.jit
 def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KW,
                  stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
-                 SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, EPILOGUE: tl.constexpr,
+                 SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     """Decode 2 <= M <= 16: grid (N tiles, SPLIT_K); each program streams its K range of BLOCK_N weight rows once
     into one 16-row int8 tl.dot. With SPLIT_K > 1 the int32 partials are atomically added into acc (exact,
-    order-free) and the epilogue runs as a second kernel. QUANT_X: x is float and is quantized in registers with
-    the precomputed row scales s (the fused bitlinear: xq never reaches memory).
+    order-free) and the epilogue runs as a second kernel. (Quantizing float x in this loop was measured in SASS
+    at 27-90 instructions per weight, re-done for every N tile: bitlinear writes int8 xq first instead.)
     """
     BLOCK_M: tl.constexpr = 16
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if QUANT_X:
-        s = tl.load(s_ptr + offs_m, mask=offs_m < M, other=1.0)
     per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW  # words per split, a multiple of BLOCK_KW
     w_lo = tl.program_id(1) * per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
@@ -251,9 +247,7 @@ def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, 
         offs_k = w0 * 16 + tl.arange(0, BLOCK_KW * 16)
         x_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0)
-        if QUANT_X:
-            x = _quant(x.to(tl.float32), s[:, None])
-        acc += tl.dot(x.to(tl.int8), tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
+        acc += tl.dot(x, tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
     if SPLIT_K == 1:
         _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
     else:
@@ -414,21 +408,21 @@ def _gamma(pw: PackedWeight) -> torch.Tensor:
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (xq int8 (M, K), s fp32 (M,)): per-row absmax; non-finite rows get xq = 0, s = NaN."""
     _check("x", x2d, FLOAT_DTYPES)
-    return _act_quant(x2d, write_xq=True)
+    return _act_quant(x2d)
 
 
 def _act_block(k: int) -> int:
     return min(triton.next_power_of_2(k), 4096)
 
 
-def _act_quant(x2d: torch.Tensor, write_xq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2d.shape
-    xq = torch.empty((m, k) if write_xq else (1, 1), dtype=torch.int8, device=x2d.device)
+    xq = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     s = torch.empty(m, dtype=torch.float32, device=x2d.device)
     if m > 0:
         block = _act_block(k)
         _act_quant_kernel[(m,)](x2d, xq, s, k, x2d.stride(0), x2d.stride(1), xq.stride(0),
-                                BLOCK_K=block, WRITE_XQ=write_xq, num_warps=4 if block <= 1024 else 8)
+                                BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
     return xq, s
 
 
@@ -483,7 +477,8 @@ def _split_k(n: int, kw: int, device: torch.device) -> int:
 
 
 def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: int | None = None):
-    """Shared driver: GEMV for M <= 16 (optionally split-K), tiled GEMM otherwise. x is int8 unless quant_x."""
+    """Shared driver: GEMV for M <= 16 (optionally split-K), tiled GEMM otherwise. x is int8, or float with
+    quant_x (M = 1 only: the GEMV prologue quantizes it and stores s)."""
     m, k = x.shape
     n, kw = pw.out_features, pw.data.shape[1]
     dev = x.device
@@ -491,9 +486,8 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
     if m == 0:
         return out
     gamma = _gamma(pw)
-    if quant_x and m > 1:  # row scales first; x is quantized inside the GEMV (xq never reaches memory)
-        s = _act_quant(x, write_xq=False)[1]
-    elif quant_x:  # M = 1: _pack_x_kernel computes and stores s
+    if quant_x:
+        assert m == 1, "float x is quantized in the M = 1 prologue only"
         s = torch.empty(1, dtype=torch.float32, device=dev)
     s = s if s is not None else gamma  # an unused pointer when there is no epilogue
     bias_t = bias if bias is not None else gamma
@@ -504,12 +498,11 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
         if split > 1:
             acc.zero_()
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-        flags = dict(SPLIT_K=split, QUANT_X=quant_x, EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
+        flags = dict(SPLIT_K=split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
         if m == 1:
             xp = torch.empty(4 * kw + 1, dtype=torch.int32, device=dev)  # dp4a-ordered x, then sum(x)
             _pack_x_kernel[(1,)](x, s, xp, k, kw, x.stride(1), QUANT=quant_x, BLOCK_K=_act_block(k), BLOCK_W=64,
                                  num_warps=8)
-            del flags["QUANT_X"]
             _gemv1_kernel[grid](xp, s, pw.data, gamma, bias_t, out, acc, n, kw, *common[2:], USE_DP4A=USE_DP4A,
                                 **flags)
         else:
@@ -518,8 +511,6 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
             _epilogue_kernel[(m, triton.cdiv(n, 1024))](acc, s, gamma, bias_t, out, m, n, out.stride(0),
                                                         HAS_BIAS=bias is not None, BLOCK_N=1024, **_EXACT)
         return out
-    if quant_x:
-        raise AssertionError("the GEMM path takes int8 activations")
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](x, s, pw.data, gamma, bias_t, out, m, n, k, kw, triton.next_power_of_2(m), *common,
                        EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
@@ -548,17 +539,17 @@ def matmul(xq, s, pw, bias=None, out_dtype=torch.float32, split_k: int | None = 
 
 
 def bitlinear(x2d, pw, bias=None, out_dtype=torch.float32, split_k: int | None = None) -> torch.Tensor:
-    """(M, K) float -> (M, N). Decode: M = 1 quantizes and packs x in the GEMV's prologue kernel, 2..16 compute the
-    row scales and quantize x inside the GEMV (xq never reaches memory). Prefill writes int8 xq once (the GEMM
-    reads each x tile N / BLOCK_N times: cheaper as int8). Always two launches."""
+    """(M, K) float -> (M, N) in two launches. M = 1: the GEMV's prologue kernel quantizes x and packs it in dp4a
+    order (xq never reaches memory). M > 1: int8 xq is written once, then read by the GEMV / GEMM (each x tile
+    is read N / BLOCK_N times, so re-quantizing it per tile would cost more than the M * K byte round trip)."""
     _check("x", x2d, FLOAT_DTYPES)
     _check_i2g(pw)
     if bias is not None:
         _check("bias", bias, FLOAT_DTYPES)
-    if x2d.shape[0] <= GEMV_MAX_M:
+    if x2d.shape[0] == 1:
         return _matmul(x2d, None, pw, bias, out_dtype, quant_x=True, epilogue=True, split_k=split_k)
-    xq, s = _act_quant(x2d, write_xq=True)
-    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True)
+    xq, s = _act_quant(x2d)
+    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True, split_k=split_k)
 
 
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

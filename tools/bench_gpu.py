@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ def _compile_cases(G, all_configs: bool):
             spec = {**types, **consts, **c.kwargs}
             yield f"{label} {c.kwargs} w{c.num_warps} s{c.num_stages}", kernel, spec, c.num_warps, c.num_stages
 
-    base = dict(SPLIT_K=1, QUANT_X=False, EPILOGUE=True, HAS_BIAS=False)
+    base = dict(SPLIT_K=1, EPILOGUE=True, HAS_BIAS=False)
     gemv1 = dict(xp_ptr="*i32", s_ptr="*fp32", w_ptr="*i32", gamma_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16",
                  acc_ptr="*i32", N=_I, KW=_I, stride_wn=_I, stride_ww=1, stride_om=_I)
     flags1 = dict(SPLIT_K=1, EPILOGUE=True, HAS_BIAS=True, USE_DP4A=True)
@@ -119,8 +120,7 @@ def _compile_cases(G, all_configs: bool):
     yield ("pack_x (M=1 prologue, quantizing)", G._pack_x_kernel, dict(x_ptr="*bf16", s_ptr="*fp32", xp_ptr="*i32",
            K=_I, KW=_I, stride_xk=1, QUANT=True, BLOCK_K=4096, BLOCK_W=64), 8, 1)
     yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "SPLIT_K": 4, "EPILOGUE": False})
-    yield from tuned(G._gemv_kernel, "gemv M<=16 fused-quant", {**_GEMV, "x_ptr": "*bf16"},
-                     {**base, "QUANT_X": True})
+    yield from tuned(G._gemv_kernel, "gemv M<=16 + bias", _GEMV, {**base, "HAS_BIAS": True})
     yield from tuned(G._gemm_kernel, "gemm", _GEMM, dict(EPILOGUE=True, HAS_BIAS=True))
     yield from tuned(G._grad_input_kernel, "grad_input bf16", _GRAD, dict(IEEE=False),
                      lambda c: not G._prune_grad_input([c], {}, IEEE=True))
@@ -131,7 +131,7 @@ def _compile_cases(G, all_configs: bool):
     yield from tuned(G._grad_weight_kernel, "grad_weight bf16", gw, dict(IEEE=False),
                      lambda c: not G._prune_grad_input([c], {}, IEEE=True))
     yield ("act_quant", G._act_quant_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", K=_I, stride_xm=_I,
-           stride_xk=1, stride_qm=_I, BLOCK_K=4096, WRITE_XQ=True), 8, 1)
+           stride_xk=1, stride_qm=_I, BLOCK_K=4096), 8, 1)
     yield "abs_sum", G._abs_sum_kernel, dict(w_ptr="*bf16", part_ptr="*fp64", numel="i64", BLOCK=4096), 4, 1
     yield ("ternarize", G._ternarize_kernel, dict(w_ptr="*bf16", gamma_ptr="*fp32", wt_ptr="*i8", numel="i64",
            BLOCK=4096), 4, 1)
@@ -143,9 +143,25 @@ def _compile_cases(G, all_configs: bool):
            bias_ptr="*bf16", out_ptr="*bf16", M=_I, N=_I, stride_om=_I, HAS_BIAS=True, BLOCK_N=1024), 4, 1)
 
 
+def _loop_instructions(sass: str) -> int:
+    """SASS instructions in the largest loop (the K loop): the span of the longest backward branch."""
+    addrs, best = [], 0
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*)", line)
+        if m:
+            addrs.append(int(m.group(1), 16))
+            target = re.search(r"BRA\s+(?:!?U?P\d, )?0x([0-9a-f]+)", m.group(2))
+            if target and int(target.group(1), 16) < addrs[-1]:
+                lo = int(target.group(1), 16)
+                best = max(best, sum(1 for a in addrs if a >= lo))
+    return best
+
+
 def compile_check(arch: int = 90, all_configs: bool = False) -> int:
     """Compile the backend's kernels for sm_<arch> with Triton's bundled ptxas (no GPU needed) and print the
-    registers / spill bytes / shared memory of each: catches compiled-mode errors the interpreter cannot."""
+    registers / spill bytes / shared memory of each, and for the weight-streaming kernels the SASS instructions
+    per thread per weight in the K loop: catches compiled-mode errors the interpreter cannot, and shows where
+    a kernel spends issue slots."""
     import tempfile
 
     import triton
@@ -155,8 +171,8 @@ def compile_check(arch: int = 90, all_configs: bool = False) -> int:
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    failures = 0
-    print(f"{'kernel':<84} {'regs':>5} {'spill B':>8} {'smem B':>7} {'s':>5}")
+    failures, t0 = 0, time.perf_counter()
+    print(f"{'kernel':<84} {'regs':>5} {'spill B':>8} {'smem B':>7} {'instr/w':>8}")
     for label, kernel, spec, warps, stages in _compile_cases(G, all_configs):
         fn = kernel
         while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap the autotuner
@@ -165,7 +181,6 @@ def compile_check(arch: int = 90, all_configs: bool = False) -> int:
         sig = {a: "constexpr" if a in consts else spec[a] for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if a not in consts and (spec[a].startswith(_P) or a in _DIV16)}
-        t = time.perf_counter()
         try:
             opts = backend.parse_options({"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
             cc = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=target, options=opts.__dict__)
@@ -177,11 +192,16 @@ def compile_check(arch: int = 90, all_configs: bool = False) -> int:
             f.write(cc.asm["cubin"])
             f.flush()
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        per_w = ""
+        if "w_ptr" in spec and "BLOCK_KW" in spec:  # weights unpacked per thread per K-loop iteration
+            weights = spec["BLOCK_N"] * spec["BLOCK_KW"] * 16 / (32 * warps)
+            per_w = f"{_loop_instructions(sass) / weights:.2f}"
         fields = dict(kv.split(":") for line in usage.splitlines() if "REG:" in line for kv in line.split()
                       if ":" in kv and kv.split(":")[1].isdigit())
         spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
-        print(f"{label:<84} {fields.get('REG', '?'):>5} {spill:>8} {cc.metadata.shared:>7} "
-              f"{time.perf_counter() - t:5.1f}")
+        print(f"{label:<84} {fields.get('REG', '?'):>5} {spill:>8} {cc.metadata.shared:>7} {per_w:>8}")
+    print(f"sm_{arch}: {failures} failures, {time.perf_counter() - t0:.0f} s")
     return 1 if failures else 0
 
 
