@@ -1,0 +1,329 @@
+"""Text -> tokenizer -> checksummed token shards -> (B, T) batches. WikiText-2 goes through the same path.
+
+Every line of text becomes its tokens followed by one `<eos>` (the WikiText convention), so the number of
+"words" in a split is `sum(len(line.split()) + 1)` whatever the tokenizer, and word-level perplexity is
+exp(total NLL / words). Each split's stream starts with an extra `<eos>` so every real token is predicted.
+
+Shard file = 64-byte header + little-endian tokens:
+    magic b"BNFTOKS\\0" | version u32 | dtype code u32 (1=uint16, 2=uint32) | count u64 | sha256 of payload (32 B)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOS, UNK = "<eos>", "<unk>"
+SHARD_MAGIC, SHARD_VERSION = b"BNFTOKS\0", 1
+_HEADER = struct.Struct("<8sIIQ32s")  # 56 bytes, padded to 64
+HEADER_BYTES = 64
+_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+WIKITEXT_SHA256 = {
+    "train.txt": "728c77e87e176af4730f9a80fc6008bcaff421a7202c1c048877c0eec3685f89",
+    "valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+}
+WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext (config wikitext-2-v1)"
+
+
+class DataError(Exception):
+    """Missing, corrupt or unusable data; the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------ locations
+def cache_dir() -> Path:
+    """Where tokenizers and shards are cached: $BITNET_FAST_CACHE, else the user cache dir."""
+    import platformdirs
+
+    return Path(os.environ.get("BITNET_FAST_CACHE") or platformdirs.user_cache_dir("bitnet-fast"))
+
+
+def find_wikitext(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding WikiText-2 train.txt/valid.txt: --data-dir, then $BITNET_FAST_DATA, then the cache."""
+    import platformdirs
+
+    if data_dir is not None:
+        root, origin = Path(data_dir), "--data-dir"
+    elif os.environ.get("BITNET_FAST_DATA"):
+        root, origin = Path(os.environ["BITNET_FAST_DATA"]), "$BITNET_FAST_DATA"
+    else:
+        root, origin = Path(platformdirs.user_cache_dir("bitnet-fast")) / "data", "the default data dir"
+    for cand in (root, root / "wikitext-2"):
+        if all((cand / name).is_file() for name in WIKITEXT_SHA256):
+            return cand
+    raise DataError(
+        f"WikiText-2 not found in {root} ({origin}): need train.txt and valid.txt there or in {root}/wikitext-2/. "
+        f"Get WikiText-2 v1 ({WIKITEXT_URL}), save wiki.train.tokens / wiki.valid.tokens [/ wiki.test.tokens] as "
+        f"train.txt / valid.txt [/ test.txt] in one folder, and pass it with --data-dir or BITNET_FAST_DATA."
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def wikitext_split(root: Path, split: str) -> Path:
+    """Path of `split` ("train" | "valid" | "test") in root, sha256-checked where the hash is known."""
+    path = root / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path} not found; the {split} split needs {split}.txt in {root}")
+    want = WIKITEXT_SHA256.get(path.name)
+    if want is not None and (got := sha256_file(path)) != want:
+        raise DataError(f"{path} has sha256 {got}, expected {want} (WikiText-2 v1); re-download it")
+    return path
+
+
+def read_lines(paths: Sequence[str | os.PathLike], max_lines: int | None = None) -> list[str]:
+    """Lines of the text files (stripped), optionally only the first `max_lines` of each file."""
+    lines: list[str] = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            file_lines = [line.strip() for line in f]
+        lines += file_lines[:max_lines] if max_lines is not None else file_lines
+    return lines
+
+
+def count_words(lines: Sequence[str]) -> int:
+    """Words including one <eos> per line: the denominator of word-level perplexity."""
+    return sum(len(line.split()) + 1 for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def train_tokenizer(lines: Sequence[str], kind: str = "bpe", vocab_size: int = 8192):
+    """A `tokenizers.Tokenizer` trained on `lines`: "bpe" (subwords, whitespace-split) or "word" (one id per word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [EOS, UNK]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, end_of_word_suffix="</w>", show_progress=False
+        )
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    elif kind == "word":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.decoder = decoders.WordPiece(prefix="\0", cleanup=False)  # joins words with spaces
+    else:
+        raise ValueError(f"tokenizer kind={kind!r}; use 'bpe' or 'word'")
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type on bad JSON
+        raise DataError(f"cannot read tokenizer {path}: {e}") from e
+
+
+def encode_lines(tok, lines: Sequence[str], leading_eos: bool = True) -> np.ndarray:
+    """Token ids of `lines`, each line followed by <eos> (and the stream led by one <eos>), as int64."""
+    eos = tok.token_to_id(EOS)
+    out: list[int] = [eos] if leading_eos else []
+    for enc in tok.encode_batch(list(lines), add_special_tokens=False):
+        out += enc.ids
+        out.append(eos)
+    return np.asarray(out, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write tokens atomically (temp + fsync + rename) with a header holding count and sha256."""
+    code = 1 if tokens.size == 0 or int(tokens.max()) < 2**16 else 2
+    payload = np.ascontiguousarray(tokens, dtype=_DTYPES[code]).tobytes()
+    header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, code, tokens.size, hashlib.sha256(payload).digest())
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.ljust(HEADER_BYTES, b"\0"))
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | os.PathLike, verify: bool = True) -> np.memmap:
+    """Memory-map a shard; raises DataError when it is truncated, of another format or fails its checksum."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e}") from e
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path} is truncated (no complete header); re-run `bitnet-fast prepare`")
+    magic, version, code, count, digest = _HEADER.unpack(raw[: _HEADER.size])
+    if magic != SHARD_MAGIC or version != SHARD_VERSION or code not in _DTYPES:
+        raise DataError(f"{path} is not a bitnet-fast token shard (v{SHARD_VERSION}); re-run `bitnet-fast prepare`")
+    dtype = _DTYPES[code]
+    if size != HEADER_BYTES + count * dtype.itemsize:
+        raise DataError(f"{path} is truncated or padded: {size} bytes for {count} tokens; re-run `bitnet-fast prepare`")
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+    if verify and hashlib.sha256(tokens.tobytes()).digest() != digest:
+        raise DataError(f"{path} fails its sha256 checksum (corrupt); re-run `bitnet-fast prepare`")
+    return tokens
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    kind: str = "bpe",
+    vocab_size: int = 8192,
+    shard_tokens: int = 1 << 24,
+    max_lines: int | None = None,
+) -> dict:
+    """Tokenize text files into `out_dir`: tokenizer.json, <stem>-NNNNN.bin shards and manifest.json.
+
+    Without `tokenizer`, one is trained on all inputs. Returns the manifest (files, tokens and words per input).
+    """
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    missing = [str(p) for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"input file(s) not found: {', '.join(missing)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_file = {Path(p).stem: read_lines([p], max_lines) for p in inputs}
+    if tokenizer is None:
+        tokenizer = train_tokenizer([ln for lines in per_file.values() for ln in lines], kind, vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    manifest = {"version": SHARD_VERSION, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
+    for stem, lines in per_file.items():
+        tokens = encode_lines(tokenizer, lines)
+        files = []
+        for i, start in enumerate(range(0, max(tokens.size, 1), shard_tokens)):
+            name = f"{stem}-{i:05d}.bin"
+            write_shard(out / name, tokens[start : start + shard_tokens])
+            files.append(name)
+        manifest["splits"][stem] = {"files": files, "tokens": int(tokens.size), "words": count_words(lines)}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray  # (N,) token ids, starting with <eos>
+    words: int  # words incl. one <eos> per line
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus: its tokenizer, directory and splits loaded from verified shards."""
+
+    dir: Path
+    tokenizer: object
+    splits: dict[str, Split]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+
+def load_prepared(out_dir: str | os.PathLike) -> Corpus:
+    """Load a `prepare` output folder, verifying every shard."""
+    out = Path(out_dir)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{out}/manifest.json unreadable ({e}); re-run `bitnet-fast prepare`") from e
+    splits = {
+        name: Split(np.concatenate([read_shard(out / f) for f in s["files"]]).astype(np.int64), s["words"])
+        for name, s in manifest["splits"].items()
+    }
+    return Corpus(out, load_tokenizer(out / "tokenizer.json"), splits)
+
+
+def wikitext(
+    data_dir: str | os.PathLike | None = None,
+    kind: str = "bpe",
+    vocab_size: int = 8192,
+    max_lines: int | None = None,
+    splits: Sequence[str] = ("train", "valid"),
+) -> Corpus:
+    """WikiText-2 tokenized (tokenizer trained on train) and cached as shards under cache_dir()."""
+    root = find_wikitext(data_dir)
+    files = {s: wikitext_split(root, s) for s in splits}
+    key = hashlib.sha256(
+        json.dumps([kind, vocab_size, max_lines, sorted((s, sha256_file(p)) for s, p in files.items())]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "wikitext-2" / f"{kind}{vocab_size}-{key}"
+    if (out / "manifest.json").is_file():
+        try:
+            return load_prepared(out)
+        except DataError:
+            pass  # a corrupt cache is rebuilt below
+    tok = train_tokenizer(read_lines([files["train"]], max_lines), kind, vocab_size)
+    prepare([files[s] for s in splits], out, tokenizer=tok, max_lines=max_lines)
+    return load_prepared(out)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+class Batches:
+    """Non-overlapping (B, T) windows of a token stream, shuffled per epoch by (seed, epoch).
+
+    Deterministic for a seed; rank r of world_size takes every world_size-th window so all ranks get the
+    same number of batches. `epoch(e, start=k)` resumes at batch k.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.B, self.T, self.seed, self.rank, self.world = batch_size, seq_len, seed, rank, world_size
+        self.n_windows = (len(self.tokens) - 1) // seq_len
+        per_rank = self.n_windows // world_size
+        self.steps_per_epoch = per_rank // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.tokens)} tokens give no full batch of {batch_size} x {seq_len} per rank; "
+                f"lower --batch-size or --seq-len"
+            )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_windows, generator=g)[self.rank :: self.world]
+        for step in range(start, self.steps_per_epoch):
+            starts = order[step * self.B : (step + 1) * self.B] * self.T  # (B,)
+            idx = starts[:, None] + torch.arange(self.T + 1)  # (B, T + 1)
+            chunk = self.tokens[idx]
+            yield chunk[:, :-1], chunk[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every token after the first predicted exactly once: consecutive windows, the last one shorter."""
+    t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    n = len(t) - 1
+    full = n // seq_len
+    for b in range(0, full, batch_size):
+        rows = range(b, min(b + batch_size, full))
+        x = torch.stack([t[r * seq_len : (r + 1) * seq_len] for r in rows])
+        y = torch.stack([t[r * seq_len + 1 : (r + 1) * seq_len + 1] for r in rows])
+        yield x, y
+    if n % seq_len:
+        yield t[full * seq_len : n][None], t[full * seq_len + 1 :][None]

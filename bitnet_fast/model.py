@@ -1,0 +1,216 @@
+"""A LLaMA-style decoder LM whose linear layers are BitLinear (BitNet b1.58) or nn.Linear (the fp twin).
+
+The two models built from one `ModelConfig` differ only in `config.linear`: every projection inside the
+transformer blocks (q, k, v, o, gate, up, down) is a `bitnet_fast.nn.BitLinear` for "bitnet" and an
+`nn.Linear` for "fp". Embedding, RMSNorms and the output head stay full precision in both, as in the BitNet
+b1.58 recipe. The output head is tied to the token embedding by default (fewer parameters at small scale).
+No biases anywhere; RoPE positions; SwiGLU (default) or ReLU^2 MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LINEARS = ("bitnet", "fp")
+MLPS = ("swiglu", "relu2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters. `vocab_size` comes from the tokenizer (see data.py)."""
+
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 256
+    hidden: int = 688  # MLP inner width (SwiGLU: ~8/3 * n_embd rounded to a multiple of 16)
+    max_seq_len: int = 256  # RoPE table length; sequences may not be longer
+    mlp: str = "swiglu"  # "swiglu" | "relu2"
+    linear: str = "bitnet"  # "bitnet" | "fp"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.linear not in LINEARS:
+            raise ValueError(f"ModelConfig.linear={self.linear!r}; use one of {LINEARS}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"ModelConfig.mlp={self.mlp!r}; use one of {MLPS}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"ModelConfig.n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size"
+            )
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets as data. Parameter counts (tied embeddings, default 8192-token BPE): see `count_parameters`.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, hidden=176, max_seq_len=128),  # tests; trains in seconds
+    "small": dict(n_layer=6, n_head=4, n_embd=256, hidden=688, max_seq_len=256),  # ~6.8M
+    "medium": dict(n_layer=16, n_head=8, n_embd=512, hidden=1376, max_seq_len=512),  # ~55M
+    "large": dict(n_layer=16, n_head=12, n_embd=768, hidden=2048, max_seq_len=512),  # ~120M
+}
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The named preset as a ModelConfig; `overrides` (vocab_size, linear, ...) replace fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(ModelConfig(**PRESETS[name]), **overrides)
+
+
+def _linear_cls(kind: str) -> type[nn.Module]:
+    if kind == "fp":
+        return nn.Linear
+    from .nn import BitLinear  # imported lazily: the fp twin needs no kernels
+
+    return BitLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_table(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, H, T, D) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        lin = _linear_cls(cfg.linear)
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.wq = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wk = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wv = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wo = lin(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (w(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        lin = _linear_cls(cfg.linear)
+        self.kind = cfg.mlp
+        self.up = lin(cfg.n_embd, cfg.hidden, bias=False)
+        self.gate = lin(cfg.n_embd, cfg.hidden, bias=False) if cfg.mlp == "swiglu" else None
+        self.down = lin(cfg.hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nn.Module):
+    """Decoder-only LM. forward(idx (B, T), targets (B, T) | None) -> (logits (B, T, V), mean loss | None)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02) for matrices, residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("wo.weight", "down.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}; use shorter inputs")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """Sample `max_new_tokens` continuations of idx (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.max_seq_len :])
+            logits = logits[:, -1, :]  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LM:
+    """A freshly initialised LM on `device`."""
+    return LM(cfg).to(device)
