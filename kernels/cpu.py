@@ -52,6 +52,7 @@ def _detect_isa() -> str:
 
 ISA = _detect_isa()
 WIDE = 64 if ISA == "vnni512" else 32  # packed bytes per vector load: 512-bit vpdpbusd, else 256-bit
+ACCS = 16 if ISA == "vnni512" else 8  # vector accumulators per dot call (32 zmm vs 16 ymm registers)
 BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
 
 # ---------------------------------------------------------------------------------------- the dot intrinsic
@@ -125,8 +126,11 @@ def _dot_step(builder, w_addrs, x_addrs, b, nbytes: int, unroll: int, accs: list
         for w_addr in w_addrs:  # codes[s][q][j] = c[row s, 128 blk + 32 q + j] (per 32-byte half)
             wv = builder.load(builder.inttoptr(builder.add(w_addr, builder.mul(blk, ir.Constant(_I64, 32))),
                                                i8v.as_pointer()), align=1)
-            codes.append([builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask)
-                          for q in range(4)])
+            if per_row % 4 == 0 and ISA != "avx2":  # masks only: code q scaled by 4**q, unscaled at the end
+                codes.append([builder.and_(wv, ir.Constant(i8v, [3 << 2 * q] * nbytes)) for q in range(4)])
+            else:
+                codes.append([builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask)
+                              for q in range(4)])
         for t, sw in ((t, sw) for t in range(rows) for sw in range(g)):
             r = t * g + sw
             if sw == 0:
@@ -162,7 +166,8 @@ def _make_dot(rows: int, g: int):
     keeps ~8 independent vector accumulators (latency hiding) that are reduced to one int32 per row at the end.
     """
     unroll = 2 if rows * g < 4 else 1
-    per_row = max(1, 8 // (rows * g)) if ISA != "avx2" else unroll
+    per_row = max(1, ACCS // (rows * g)) if ISA != "avx2" else unroll
+    scaled = per_row % 4 == 0 and ISA != "avx2"  # see _dot_step: exact, |acc| < 64 * 2 * 128 * K / 4
 
     @intrinsic
     def dot(typingctx, wp, i, xq, r0, nblk, out):
@@ -187,10 +192,13 @@ def _make_dot(rows: int, g: int):
                                   lambda b, a, n=nbytes, u=u: _dot_step(builder, w_addrs, x_addrs, b, n, u, a))
                 reduce = _fn(builder, f"llvm.vector.reduce.add.v{nbytes // 4}i32", ir.IntType(32), [i32v])
                 for r in range(rows * g):
-                    v = accs[r * per_row]
-                    for j in range(1, per_row):
-                        v = builder.add(v, accs[r * per_row + j])
-                    total[r] = builder.add(total[r], builder.call(reduce, [v]))
+                    for q in range(4 if scaled else 1):  # accumulator j holds quarter q = j % 4, times 4**q
+                        v = accs[r * per_row + q]
+                        for j in range(q + (4 if scaled else 1), per_row, 4 if scaled else 1):
+                            v = builder.add(v, accs[r * per_row + j])
+                        part = builder.call(reduce, [v])
+                        part = builder.ashr(part, ir.Constant(ir.IntType(32), 2 * q)) if q else part
+                        total[r] = builder.add(total[r], part)
                 start = stop
             for r in range(rows * g):
                 ptr = builder.inttoptr(builder.add(out[0], ir.Constant(_I64, 4 * r)), ir.IntType(32).as_pointer())
@@ -341,30 +349,28 @@ def params() -> dict[str, Any]:
     global _params
     if _params is None:
         _params = tuning.load()
-    return dict(_params)
+    return {k: v for k, v in _params.items() if not k.startswith("_")}
 
 
 def configure(**kw: Any) -> dict[str, Any]:
     """Change kernel parameters at runtime (names/values as in tuning.CPU_DEFAULTS); returns them all."""
     params()
     _params.update(tuning.validate(kw))
-    return dict(_params)
+    return params()
 
 
-def _threads() -> None:
-    n = _params["threads"] or min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+def _threads() -> int:
+    """Apply the thread count (tuned value, else torch's, capped by NUMBA_NUM_THREADS); returns it."""
+    n = max(1, min(_params["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
-
-
-def _nchunks() -> int:
-    return 8 * numba.get_num_threads()  # a few chunks per thread: balance when a core is busy elsewhere
+    return n
 
 
 def _setup() -> dict[str, Any]:
-    params()
-    _threads()
+    if _params is None:
+        params()
+    _params["_nchunks"] = 8 * _threads()  # a few chunks per thread: balance when a core is busy elsewhere
     return _params
 
 
@@ -374,13 +380,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _f32(x: torch.Tensor) -> np.ndarray:
+    if x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+        return x.numpy()
     return _np(x.detach().float())
 
 
 def _i2(pw: PackedWeight) -> np.ndarray:
     if pw.format != "i2":
         raise ValueError(f"the numba kernels compute on format 'i2', got {pw.format!r}; use kernels.repack(pw, 'i2')")
-    return _np(pw.data)
+    return pw.data.numpy() if pw.data.is_contiguous() else _np(pw.data)
 
 
 def _gamma(pw: PackedWeight) -> np.float32:
@@ -441,7 +449,7 @@ def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         _gemm_int_mm(xq.contiguous(), pw, None, None, out)
         return out
     xp, xsum = _padded(xq, reference.padded_k(k))
-    _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), _EMPTY_F32, _EMPTY_F32, False, False, out.numpy(),
+    _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], _EMPTY_F32, _EMPTY_F32, False, False, out.numpy(),
                _EMPTY_F32_2D)
     return out
 
@@ -456,7 +464,7 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
     if _use_packed(m):
         xp, xsum = _padded(xq, reference.padded_k(k))
         b, has_bias = _bias(bias)
-        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias, _EMPTY_I32,
+        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], scale, b, True, has_bias, _EMPTY_I32,
                    out.numpy())
     else:
         _gemm_int_mm(xq.contiguous(), pw, scale, bias, out)
@@ -467,12 +475,12 @@ def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype)
     """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
     p = _setup()
     m, (n, k) = x2d.shape[0], pw.shape
-    out = torch.empty((m, n), dtype=torch.float32)
     if m <= p["gemv_max_m"]:
+        out = np.empty((m, n), np.float32)
         b, has_bias = _bias(bias)
         xp, xsum, scale = _quantize_small(_f32(x2d), reference.padded_k(k), _gamma(pw))
-        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], _nchunks(), scale, b, True, has_bias, _EMPTY_I32, out.numpy())
-        return out.to(out_dtype)
+        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], scale, b, True, has_bias, _EMPTY_I32, out)
+        return torch.from_numpy(out).to(out_dtype)
     xq, s = quantize_activations(x2d)
     return matmul(xq, s, pw, bias, out_dtype)
 

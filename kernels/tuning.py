@@ -28,7 +28,7 @@ from typing import Any
 # rows_per_pass: activation rows that share one decoded weight block in the Numba kernel (1 or 4).
 CPU_DEFAULTS: dict[str, Any] = {
     "threads": 0,
-    "gemv_max_m": 16,
+    "gemv_max_m": 128,
     "gemm_impl": "int_mm",
     "gemm_tile_n": 1024,
     "rows_per_pass": 4,
