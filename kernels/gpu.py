@@ -23,6 +23,7 @@ from .packing import PackedWeight, get_format
 name = "triton"
 default_format = "i2g"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+AUTOTUNE = os.environ.get("BITNET_FAST_TRITON_AUTOTUNE", "1") != "0"  # 0: each kernel's first (default) config
 GEMV_MAX_M = 16  # M <= this takes the bandwidth-bound GEMV kernel (decode); larger M the tiled GEMM
 CODES = reference.I2G_CODES  # 2-bit codes per int32 word
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -180,8 +181,9 @@ def _unpack_kernel(w_ptr, wt_ptr, K, KW, stride_wn, stride_ww, BLOCK_W: tl.const
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_KW": 4}, num_warps=4)]  # one small config: fast on CPU
-    shapes = [(16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]  # none spill
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3) for bn, bkw, w in shapes]
+    shapes = [(64, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]  # none spill
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3)
+            for bn, bkw, w in shapes[: None if AUTOTUNE else 1]]
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
@@ -271,7 +273,7 @@ def _gemm_configs() -> list[triton.Config]:
     shapes = [(128, 128, 8, 3, 8), (128, 256, 4, 3, 8), (256, 128, 4, 3, 8), (128, 128, 8, 4, 8),
               (64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 4, 4, 4), (64, 64, 8, 4, 4)]  # none spill on sm_90
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
-            for bm, bn, bkw, st, w in shapes]
+            for bm, bn, bkw, st, w in shapes[: None if AUTOTUNE else 1]]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW"])
@@ -310,6 +312,8 @@ def _grad_input_configs() -> list[triton.Config]:
         return _gemm_configs()
     big = [(128, 128, 8, 3, 8), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4), (128, 128, 4, 4, 4)]
     ieee = [(32, 32, 4, 2, 4), (64, 16, 4, 2, 4), (32, 16, 4, 2, 4)]  # (64, 32, 4) spills on sm_90
+    if not AUTOTUNE:
+        big, ieee = big[:1], ieee[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
             for bm, bn, bkw, st, w in big + ieee]
 

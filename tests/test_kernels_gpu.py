@@ -32,6 +32,8 @@ MODE = "cuda" if CUDA else ("interpret" if INNER else "outer")
 DEV = "cuda" if CUDA else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 
+if CUDA:  # hypothesis draws many shapes: one default config per kernel instead of autotuning each (set before
+    os.environ.setdefault("BITNET_FAST_TRITON_AUTOTUNE", "0")  # the backend's lazy import, when this file runs alone)
 kernel_test = pytest.mark.skipif(MODE == "outer", reason="runs in the TRITON_INTERPRET=1 subprocess (see module doc)")
 if MODE != "outer":
     from bitnet_fast.kernels import gpu as G
@@ -110,7 +112,7 @@ SPLITS = st.sampled_from([None, 1, 2, 3])
 
 # ----------------------------------------------------------------------------------------- quantization
 @kernel_test
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(m=st.integers(1, 6), k=Ks, dtype=st.sampled_from(FLOATS), scale=st.sampled_from([1e-7, 1e-3, 1.0, 300.0]),
        seed=st.integers(0, 2**31 - 1))
 def test_act_quant_bit_exact(m, k, dtype, scale, seed):
@@ -203,7 +205,7 @@ def test_i2g_loads_on_cpu_and_back():
 
 # ----------------------------------------------------------------------------------------- matmul
 @kernel_test
-@settings(max_examples=25)
+@settings(max_examples=20)
 @given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, seed=st.integers(0, 2**31 - 1))
 def test_matmul_int_bit_exact(m, n, k, split_k, seed):
     g = torch.Generator().manual_seed(seed)
@@ -226,12 +228,16 @@ def test_matmul_int_extremes_and_strides():
         xq = torch.full((m, k), -128, dtype=torch.int8)
         assert torch.equal(cpu(mm_int(xq.to(DEV), pw)), R.matmul_int(xq, wt))
     xt = rand_int8(torch.Generator().manual_seed(3), k, 18).to(DEV).T  # (18, k) with stride (1, 18)
-    assert torch.equal(cpu(mm_int(xt, pw)), R.matmul_int(cpu(xt), wt))
+    for rows in (xt, xt[:5], xt[:1]):  # GEMM, 16-row GEMV and the M = 1 dp4a path on strided input
+        assert torch.equal(cpu(mm_int(rows, pw)), R.matmul_int(cpu(rows), wt))
+    xf = torch.randn(k, 3).to(DEV).T[:1]  # strided float row through the quantizing M = 1 prologue
+    yr = R.matmul(*R.act_quant(cpu(xf)), wt, torch.tensor(1.0))
+    assert_epilogue_equal(cpu(bitlinear(xf, pw, None, torch.float32)), yr)
     assert mm_int(torch.empty(0, k, dtype=torch.int8, device=DEV), pw).shape == (0, n)
 
 
 @kernel_test
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, out_dtype=st.sampled_from(FLOATS), has_bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_matmul_epilogue(m, n, k, split_k, out_dtype, has_bias, seed):
@@ -250,7 +256,7 @@ def test_matmul_epilogue(m, n, k, split_k, out_dtype, has_bias, seed):
 
 
 @kernel_test
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(m=Ms, n=Ns, k=Ks, split_k=SPLITS, dtype=st.sampled_from(FLOATS), has_bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_bitlinear_fused(m, n, k, split_k, dtype, has_bias, seed):
@@ -270,7 +276,7 @@ def test_bitlinear_fused(m, n, k, split_k, dtype, has_bias, seed):
 
 # ----------------------------------------------------------------------------------------- backward
 @kernel_test
-@settings(max_examples=15)
+@settings(max_examples=12)
 @given(m=Ms, n=Ns, k=Ks, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1))
 def test_grad_input(m, n, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
