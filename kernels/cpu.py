@@ -274,9 +274,28 @@ def _store(r, i, v, scale, bias, fused, has_bias, outi, outf) -> None:
         outi[r, i] = v
 
 
+@njit(cache=True)
+def _quantize_small(x, kp, gamma):
+    """Decode-path prologue: quantize the few rows of x serially into the dot's layout; returns
+    (xq (M, Kp) int8, row sums (M,) int32, epilogue scale gamma / s (M,) fp32)."""
+    m = x.shape[0]
+    xq = np.zeros((m, kp), np.int8)
+    s = np.empty(m, np.float32)
+    xsum = np.empty(m, np.int32)
+    for r in range(m):
+        _quant_row(x, r, xq, s, xsum)
+    return _dot_layout(xq), xsum, gamma / s
+
+
 @njit(cache=True, parallel=True)
-def _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, fused, has_bias, outi, outf) -> None:
-    """(M, Kp) int8 x i2 (N, Kp/4) -> int32 outi, or (fused) fp32 outf = acc * scale[r] (+ bias)."""
+def _packed_mm(x, gamma, xq, xsum, scale, wp, rows, nchunks, bias, fused, has_bias, outi, outf) -> None:
+    """(M, Kp) int8 x i2 (N, Kp/4) -> int32 outi, or (fused) fp32 outf = acc * scale[r] (+ bias).
+
+    If x (M, K) fp32 has columns, it is quantized here first (one dispatch for the decode path) and
+    xq, xsum, scale are replaced by its quantization and gamma / s.
+    """
+    if x.shape[1] > 0:
+        xq, xsum, scale = _quantize_small(x, wp.shape[1] * 4, gamma)
     m, n, nblk = xq.shape[0], wp.shape[0], wp.shape[1] // 32
     nchunks = min(n, nchunks)
     g = 4 if min(rows, m) < 4 else 2  # weight rows per pass: 1 x 4 or 4 x 2 dot products per call
@@ -304,19 +323,6 @@ def _packed_mm(xq, xsum, wp, rows, nchunks, scale, bias, fused, has_bias, outi, 
             i += gi
 
 
-@njit(cache=True)
-def _quantize_small(x, kp, gamma):
-    """Decode-path prologue: quantize the few rows of x serially into the dot's layout; returns
-    (xq (M, Kp) int8, row sums (M,) int32, epilogue scale gamma / s (M,) fp32)."""
-    m = x.shape[0]
-    xq = np.zeros((m, kp), np.int8)
-    s = np.empty(m, np.float32)
-    xsum = np.empty(m, np.int32)
-    for r in range(m):
-        _quant_row(x, r, xq, s, xsum)
-    return _dot_layout(xq), xsum, gamma / s
-
-
 @njit(cache=True, parallel=True)
 def _unpack_i2(wp, n0, n1, k, out) -> None:
     """i2 rows n0..n1 -> out (n1 - n0, k) int8 in {-1, 0, 1}."""
@@ -342,6 +348,7 @@ def _epilogue(acc, n0, scale, bias, has_bias, out) -> None:
 _params: dict[str, Any] | None = None
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32, _EMPTY_F32_2D = np.empty((0, 0), np.int32), np.empty((0, 0), np.float32)
+_EMPTY_I8, _EMPTY_I32_1D = np.empty((0, 0), np.int8), np.empty(0, np.int32)
 
 
 def params() -> dict[str, Any]:
@@ -449,8 +456,8 @@ def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         _gemm_int_mm(xq.contiguous(), pw, None, None, out)
         return out
     xp, xsum = _padded(xq, reference.padded_k(k))
-    _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], _EMPTY_F32, _EMPTY_F32, False, False, out.numpy(),
-               _EMPTY_F32_2D)
+    _packed_mm(_EMPTY_F32_2D, np.float32(0), xp, xsum, _EMPTY_F32, _i2(pw), p["rows_per_pass"], p["_nchunks"],
+               _EMPTY_F32, False, False, out.numpy(), _EMPTY_F32_2D)
     return out
 
 
@@ -464,8 +471,8 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
     if _use_packed(m):
         xp, xsum = _padded(xq, reference.padded_k(k))
         b, has_bias = _bias(bias)
-        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], scale, b, True, has_bias, _EMPTY_I32,
-                   out.numpy())
+        _packed_mm(_EMPTY_F32_2D, np.float32(0), xp, xsum, scale, _i2(pw), p["rows_per_pass"], p["_nchunks"], b,
+                   True, has_bias, _EMPTY_I32, out.numpy())
     else:
         _gemm_int_mm(xq.contiguous(), pw, scale, bias, out)
     return out.to(out_dtype)
@@ -474,12 +481,12 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
     p = _setup()
-    m, (n, k) = x2d.shape[0], pw.shape
+    m, n = x2d.shape[0], pw.out_features
     if m <= p["gemv_max_m"]:
         out = np.empty((m, n), np.float32)
         b, has_bias = _bias(bias)
-        xp, xsum, scale = _quantize_small(_f32(x2d), reference.padded_k(k), _gamma(pw))
-        _packed_mm(xp, xsum, _i2(pw), p["rows_per_pass"], p["_nchunks"], scale, b, True, has_bias, _EMPTY_I32, out)
+        _packed_mm(_f32(x2d), _gamma(pw), _EMPTY_I8, _EMPTY_I32_1D, _EMPTY_F32, _i2(pw), p["rows_per_pass"],
+                   p["_nchunks"], b, True, has_bias, _EMPTY_I32, out)
         return torch.from_numpy(out).to(out_dtype)
     xq, s = quantize_activations(x2d)
     return matmul(xq, s, pw, bias, out_dtype)

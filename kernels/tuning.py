@@ -36,7 +36,7 @@ CPU_DEFAULTS: dict[str, Any] = {
 
 CPU_SEARCH_SPACE: dict[str, list[Any]] = {
     "threads": [0, 1, 2, 4, 8],
-    "gemv_max_m": [1, 4, 8, 16, 32, 64, 128],
+    "gemv_max_m": [1, 4, 8, 16, 32, 64, 128, 256, 512],
     "gemm_impl": ["int_mm", "numba"],
     "gemm_tile_n": [256, 512, 1024, 2048, 4096],
     "rows_per_pass": [1, 4],
