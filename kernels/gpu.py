@@ -435,6 +435,8 @@ def quantize_weight(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check("w", w2d, FLOAT_DTYPES)
     w = w2d.contiguous()
     numel, block = w.numel(), 4096
+    if numel == 0:  # like the reference: the mean of nothing is NaN
+        return torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.tensor(float("nan"), device=w.device)
     parts = torch.empty(triton.cdiv(numel, block), dtype=torch.float64, device=w.device)
     _abs_sum_kernel[(parts.numel(),)](w, parts, numel, BLOCK=block)
     gamma = (parts.sum() / numel).float().clamp(min=reference.EPS)
