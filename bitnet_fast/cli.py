@@ -139,3 +139,7 @@ def eval_(checkpoint, split, data_dir, batch_size, device, as_json) -> None:
     else:
         click.echo(f"{r['model']} step {r['step']} on {split}: ppl {r['ppl']:.3f} (token, {r['tokens']:,} tokens), "
                    f"word ppl {r['word_ppl']:.3f} ({r['words']:,} words)")
+
+
+if __name__ == "__main__":  # `python -m bitnet_fast.cli` (e.g. under torchrun)
+    main()

@@ -195,7 +195,12 @@ class _StopFlag:
 
 
 def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
-    if not (cfg.distributed and "WORLD_SIZE" in os.environ):
+    if not cfg.distributed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but distributed "
+                             "is off; add --distributed so the ranks share one run")
+        return 0, 1
+    if "WORLD_SIZE" not in os.environ:
         return 0, 1
     import torch.distributed as dist
 
@@ -335,7 +340,8 @@ def _run_epoch(cfg, ddp, opt, sched, batches, total, warmup, pos, acc, stop, log
     n_batches = (len(batches) // cfg.grad_accum) * cfg.grad_accum
     epoch = pos["epoch"]
     it = batches.epoch(epoch, start=pos["batch"])
-    bar = tqdm(total=n_batches // cfg.grad_accum, initial=pos["batch"] // cfg.grad_accum,
+    done = pos["batch"] // cfg.grad_accum
+    bar = tqdm(total=min(n_batches // cfg.grad_accum, done + total - pos["step"]), initial=done,
                desc=f"{cfg.linear} epoch {epoch + 1}", disable=not cfg.progress, mininterval=2, dynamic_ncols=True)
     try:
         while pos["batch"] < n_batches and pos["step"] < total:
