@@ -1,8 +1,9 @@
 """Side-by-side CPU benchmark: bitnet-fast packed i2 (numba) vs torch fp32 / bf16 F.linear and fbgemm int8.
 
 All contenders run in one process, in rounds: each round times a burst of consecutive calls of every
-contender (steady state per kernel, the way a layer runs), and rounds repeat so that background load hits
-all contenders alike. The table shows the median ms over all timed calls, GOPS = 2*M*N*K / t, and the
+contender, after 10 ms of untimed calls (torch's and Numba's OpenMP pools are separate and each spins for a
+while after its last task; see docs/kernels.md), and rounds repeat so that background load hits all
+contenders alike. The table shows the median ms over all timed calls, GOPS = 2*M*N*K / t, and the
 speed ratios of ours over each baseline (>1: ours is faster).
 
     python tools/bench_kernels.py [--quick] [--threads 2] [--json out.json]
@@ -59,7 +60,9 @@ def _time(fns: dict, budget_s: float, burst: int) -> dict[str, float]:
     start = time.perf_counter()
     while not times["ours"] or (time.perf_counter() - start < budget_s and len(times["ours"]) < 2000):
         for name, f in fns.items():
-            f()  # the first call of a burst pays the switch between thread pools; not timed
+            t_end = time.perf_counter() + 0.01  # untimed: let the previous contender's OpenMP pool stop spinning
+            while time.perf_counter() < t_end:
+                f()
             for _ in range(burst):
                 t0 = time.perf_counter()
                 f()
