@@ -141,5 +141,38 @@ def eval_(checkpoint, split, data_dir, batch_size, device, as_json) -> None:
                    f"word ppl {r['word_ppl']:.3f} ({r['words']:,} words)")
 
 
+@main.command(name="calibrate")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress goes to stderr).")
+@click.option("--quick", is_flag=True, help="tiny/small presets, few repeats: under a minute.")
+@click.option("--target-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Training step time to size the recommended batch for.")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
+              help="Only these presets (repeatable).")
+@click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Training sequence length [128; quick 64].")
+@click.option("--no-save", is_flag=True, help="Measure only; leave the kernel tuning file alone.")
+def calibrate_(as_json, quick, target_seconds, presets, seq_len, no_save) -> None:
+    """Time and tune the kernels on this machine (saved for later runs); tokens/sec and batch sizes per preset."""
+    from .calibrate import calibrate, format_table
+
+    result = calibrate(quick=quick, target_seconds=target_seconds, presets=presets or None, seq_len=seq_len,
+                       save=not no_save, echo=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
+
+
+@main.command(name="report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default="bitnet-fast-report.html", show_default=True,
+              help="HTML file to write; the JSON goes next to it (.json).")
+@click.option("--tinyllama/--no-tinyllama", default=True, show_default=True,
+              help="Include TinyLlama-1.1B BitNet/fp32/bf16 measurements (cached; minutes the first time).")
+@click.option("--quick", is_flag=True, help="TinyLlama with 2 of 22 layers (labelled QUICK in the report).")
+@click.option("--remeasure", is_flag=True, help="Ignore cached TinyLlama measurements.")
+def report_(dirs, out, tinyllama, quick, remeasure) -> None:
+    """One self-contained HTML report (+ JSON) from the run DIRS written by `bitnet-fast train`."""
+    from .report import make_report
+
+    html_path, json_path = make_report(dirs, out, tinyllama, quick, remeasure, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {html_path} and {json_path}")
+
 if __name__ == "__main__":  # `python -m bitnet_fast.cli` (e.g. under torchrun)
     main()
