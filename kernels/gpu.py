@@ -49,11 +49,17 @@ def _quant(x, s):
 
 
 @triton.jit
-def _unpack_tile(words, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """(BLOCK_N, BLOCK_KW) int32 i2g words -> (BLOCK_N, 16 * BLOCK_KW) int32 weights in {-1, 0, 1}."""
+def _unpack_codes(words, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """(BLOCK_N, BLOCK_KW) int32 i2g words -> (BLOCK_N, 16 * BLOCK_KW) int32 codes c = w + 1 in {0, 1, 2}."""
     shifts = 2 * tl.arange(0, 16)
     codes = (words[:, :, None] >> shifts[None, None, :]) & 3  # (BN, BKW, 16)
-    return tl.reshape(codes, (BLOCK_N, BLOCK_KW * 16)) - 1
+    return tl.reshape(codes, (BLOCK_N, BLOCK_KW * 16))
+
+
+@triton.jit
+def _unpack_tile(words, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """(BLOCK_N, BLOCK_KW) int32 i2g words -> (BLOCK_N, 16 * BLOCK_KW) int32 weights in {-1, 0, 1}."""
+    return _unpack_codes(words, BLOCK_N, BLOCK_KW) - 1
 
 
 @triton.jit
@@ -100,16 +106,19 @@ def _row_scale(x_row, K, stride_xk, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
-    """One row per program: absmax -> s -> xq."""
+def _act_quant_kernel(x_ptr, xq_ptr, s_ptr, xsum_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
+    """One row per program: absmax -> s -> xq, plus sum(xq) (the GEMM's correction for unsigned codes)."""
     x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
     s = _row_scale(x_row, K, stride_xk, BLOCK_K)
     tl.store(s_ptr + tl.program_id(0), s)
     q_row = xq_ptr + tl.program_id(0).to(tl.int64) * stride_qm
+    total = tl.zeros((BLOCK_K,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-        tl.store(q_row + offs, _quant(x, s), mask=offs < K)
+        q = _quant(tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32), s)
+        tl.store(q_row + offs, q, mask=offs < K)
+        total += q.to(tl.int32)
+    tl.store(xsum_ptr + tl.program_id(0), tl.sum(total, 0))
 
 
 @triton.jit
@@ -278,11 +287,14 @@ def _gemm_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW"])
 @triton.jit
-def _gemm_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW, M_BUCKET,
+def _gemm_kernel(x_ptr, xsum_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW, M_BUCKET,
                  stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
-    """Prefill/training (M > 16): grouped-order tiles, int8 tl.dot on weights unpacked in registers."""
+    """Prefill/training (M > 16): grouped-order tiles, int8 tl.dot on weights unpacked in registers.
+
+    The dot takes the unsigned codes c = w + 1 and the epilogue subtracts the row sums of x (x . w = x . c -
+    sum(x)): one instruction less per unpacked weight (6.5 -> 5.5 SASS instr/weight at 128x128x128, sm_90)."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * grid_n)
@@ -301,8 +313,9 @@ def _gemm_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW,
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)
         words = tl.load(w_rows + offs_w[None, :] * stride_ww, mask=(offs_n < N)[:, None] & (offs_w < KW)[None, :],
                         other=0)
-        wt = _unpack_tile(words, BLOCK_N, BLOCK_KW).to(tl.int8)  # (BN, BK)
-        acc += tl.dot(x, tl.trans(wt), out_dtype=tl.int32)
+        codes = _unpack_codes(words, BLOCK_N, BLOCK_KW).to(tl.int8)  # (BN, BK)
+        acc += tl.dot(x, tl.trans(codes), out_dtype=tl.int32)
+    acc -= tl.load(xsum_ptr + offs_m, mask=offs_m < M, other=0)[:, None]
     _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
 
 
@@ -412,22 +425,24 @@ def _gamma(pw: PackedWeight) -> torch.Tensor:
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (xq int8 (M, K), s fp32 (M,)): per-row absmax; non-finite rows get xq = 0, s = NaN."""
     _check("x", x2d, FLOAT_DTYPES)
-    return _act_quant(x2d)
+    return _act_quant(x2d)[:2]
 
 
 def _act_block(k: int) -> int:
     return min(triton.next_power_of_2(k), 4096)
 
 
-def _act_quant(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (xq, s, row sums of xq as int32)."""
     m, k = x2d.shape
     xq = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     s = torch.empty(m, dtype=torch.float32, device=x2d.device)
+    xsum = torch.empty(m, dtype=torch.int32, device=x2d.device)
     if m > 0:
         block = _act_block(k)
-        _act_quant_kernel[(m,)](x2d, xq, s, k, x2d.stride(0), x2d.stride(1), xq.stride(0),
+        _act_quant_kernel[(m,)](x2d, xq, s, xsum, k, x2d.stride(0), x2d.stride(1), xq.stride(0),
                                 BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
-    return xq, s
+    return xq, s, xsum
 
 
 def quantize_weight(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,7 +497,7 @@ def _split_k(n: int, kw: int, device: torch.device) -> int:
     return split
 
 
-def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: int | None = None):
+def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: int | None = None, xsum=None):
     """Shared driver: GEMV for M <= 16 (optionally split-K), tiled GEMM otherwise. x is int8, or float with
     quant_x (M = 1 only: the GEMV prologue quantizes it and stores s)."""
     m, k = x.shape
@@ -518,7 +533,9 @@ def _matmul(x, s, pw, bias, out_dtype, quant_x: bool, epilogue: bool, split_k: i
                                                         HAS_BIAS=bias is not None, BLOCK_N=1024, **_EXACT)
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_kernel[grid](x, s, pw.data, gamma, bias_t, out, m, n, k, kw, triton.next_power_of_2(m), *common,
+    if xsum is None:  # row sums for the unsigned-code correction (bitlinear gets them from the act-quant kernel)
+        xsum = x.sum(dim=1, dtype=torch.int32)
+    _gemm_kernel[grid](x, xsum, s, pw.data, gamma, bias_t, out, m, n, k, kw, triton.next_power_of_2(m), *common,
                        EPILOGUE=epilogue, HAS_BIAS=bias is not None, **_EXACT)
     return out
 
@@ -554,8 +571,8 @@ def bitlinear(x2d, pw, bias=None, out_dtype=torch.float32, split_k: int | None =
         _check("bias", bias, FLOAT_DTYPES)
     if x2d.shape[0] == 1:
         return _matmul(x2d, None, pw, bias, out_dtype, quant_x=True, epilogue=True, split_k=split_k)
-    xq, s = _act_quant(x2d)
-    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True, split_k=split_k)
+    xq, s, xsum = _act_quant(x2d)
+    return _matmul(xq, s, pw, bias, out_dtype, quant_x=False, epilogue=True, split_k=split_k, xsum=xsum)
 
 
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

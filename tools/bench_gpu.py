@@ -97,7 +97,7 @@ _I, _P = "i32", "*"
 _GEMV = dict(x_ptr="*i8", s_ptr="*fp32", w_ptr="*i32", gamma_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16",
              acc_ptr="*i32", M=_I, N=_I, K=_I, KW=_I, stride_xm=_I, stride_xk=1, stride_wn=_I, stride_ww=1,
              stride_om=_I)
-_GEMM = {**{k: v for k, v in _GEMV.items() if k != "acc_ptr"}, "M_BUCKET": _I}
+_GEMM = {**{k: v for k, v in _GEMV.items() if k != "acc_ptr"}, "xsum_ptr": "*i32", "M_BUCKET": _I}
 _GRAD = dict(g_ptr="*bf16", w_ptr="*i32", gamma_ptr="*fp32", out_ptr="*fp32", M=_I, N=_I, K=_I, KW=_I, M_BUCKET=_I,
              stride_gm=_I, stride_gn=1, stride_wn=_I, stride_ww=1, stride_om=_I)
 _DIV16 = {"N", "K", "KW", "stride_xm", "stride_wn", "stride_om", "stride_gm", "stride_on"}  # true at benchmark shapes
@@ -130,7 +130,8 @@ def _compile_cases(G, all_configs: bool):
               stride_gm=_I, stride_gn=1, stride_xm=_I, stride_xk=1, stride_on=_I)
     yield from tuned(G._grad_weight_kernel, "grad_weight bf16", gw, dict(IEEE=False),
                      lambda c: not G._prune_grad_input([c], {}, IEEE=True))
-    yield ("act_quant", G._act_quant_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", K=_I, stride_xm=_I,
+    yield ("act_quant", G._act_quant_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", xsum_ptr="*i32",
+           K=_I, stride_xm=_I,
            stride_xk=1, stride_qm=_I, BLOCK_K=4096), 8, 1)
     yield "abs_sum", G._abs_sum_kernel, dict(w_ptr="*bf16", part_ptr="*fp64", numel="i64", BLOCK=4096), 4, 1
     yield ("ternarize", G._ternarize_kernel, dict(w_ptr="*bf16", gamma_ptr="*fp32", wt_ptr="*i8", numel="i64",
