@@ -6,14 +6,18 @@ while after its last task; see docs/kernels.md), and rounds repeat so that backg
 contenders alike. The table shows the median ms over all timed calls, GOPS = 2*M*N*K / t, and the
 speed ratios of ours over each baseline (>1: ours is faster).
 
-    python tools/bench_kernels.py [--quick] [--threads 2] [--json out.json]
+    python tools/bench_kernels.py [--quick] [--threads 2] [--json out.json] [--compile-times]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 
@@ -87,6 +91,35 @@ def run(quick: bool, threads: int) -> list[dict]:
     return rows
 
 
+_FIRST_CALLS = """
+import time
+t0 = time.perf_counter()
+import torch
+from bitnet_fast import kernels
+from bitnet_fast.kernels import reference
+wt = torch.randint(-1, 2, (256, 512), dtype=torch.int8)
+pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (256, 512), "i2")  # no cpu_pack compile
+res = [f"import {time.perf_counter() - t0:.2f}s"]
+for name, f in [("bitlinear M=1 (packed)", lambda: kernels.bitlinear(torch.randn(1, 512), pw)),
+                ("bitlinear M=300 (int_mm)", lambda: kernels.bitlinear(torch.randn(300, 512), pw)),
+                ("matmul_int", lambda: kernels.matmul_int(torch.zeros(3, 512, dtype=torch.int8), pw)),
+                ("grad_input", lambda: kernels.grad_input(torch.randn(4, 256), pw))]:
+    t = time.perf_counter()
+    f()
+    res.append(f"{name} {time.perf_counter() - t:.2f}s")
+print("; ".join(res))
+"""
+
+
+def compile_times() -> None:
+    """First-call times in fresh processes: a cold Numba cache, then the same cache warm."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("cold cache", "warm cache"):
+            out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], env=env, capture_output=True, text=True)
+            print(f"{label}: {out.stdout.strip() or out.stderr[-2000:]}")
+
+
 HEADER = "| M | K | N | ours ms | GOPS | fp32 ms | bf16 ms | fbgemm ms | vs fp32 | vs bf16 | vs fbgemm |"
 
 
@@ -103,7 +136,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only K=N=4096, shorter timing budget")
     ap.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--compile-times", action="store_true", help="only measure first-call (JIT) times")
     args = ap.parse_args()
+    if args.compile_times:
+        compile_times()
+        return
     print(f"bitnet-fast kernels: numba ISA={cpu.ISA}, params={cpu.params()}, torch {torch.__version__}")
     print(HEADER + "\n" + "|---" * 11 + "|")
     rows = run(args.quick, args.threads)
