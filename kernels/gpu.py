@@ -249,16 +249,19 @@ def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, 
     per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW  # words per split, a multiple of BLOCK_KW
     w_lo = tl.program_id(1) * per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    xsum = tl.zeros((BLOCK_M, BLOCK_KW * 16), tl.int32)  # this split's row sums of x, reduced after the loop
     for w0 in range(w_lo, tl.minimum(w_lo + per_split, KW), BLOCK_KW):
         offs_w = w0 + tl.arange(0, BLOCK_KW)
         w_mask = (offs_n < N)[:, None] & (offs_w < KW)[None, :]
         words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :] * stride_ww,
                         mask=w_mask, other=0)
-        wt = _unpack_tile(words, BLOCK_N, BLOCK_KW)  # (BN, BK)
+        codes = _unpack_codes(words, BLOCK_N, BLOCK_KW).to(tl.int8)  # (BN, BK) unsigned codes c = w + 1
         offs_k = w0 * 16 + tl.arange(0, BLOCK_KW * 16)
         x_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0)
-        acc += tl.dot(x, tl.trans(wt.to(tl.int8)), out_dtype=tl.int32)
+        xsum += x.to(tl.int32)
+        acc += tl.dot(x, tl.trans(codes), out_dtype=tl.int32)
+    acc -= tl.sum(xsum, axis=1)[:, None]  # x . w = x . c - sum(x)
     if SPLIT_K == 1:
         _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
     else:
