@@ -13,6 +13,7 @@ forced with BITNET_FAST_CPU_ISA=vnni512|vnni|avx2|portable (use a fresh NUMBA_CA
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numba
@@ -366,11 +367,17 @@ def configure(**kw: Any) -> dict[str, Any]:
     return params()
 
 
+_applied: set[tuple[int, int]] = set()  # (Python thread id, count): numba's thread count is per thread
+
+
 def _threads() -> int:
     """Apply the thread count (tuned value, else torch's, capped by NUMBA_NUM_THREADS); returns it."""
     n = max(1, min(_params["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    key = (threading.get_ident(), n)
+    if key not in _applied:
         numba.set_num_threads(n)
+        _applied.difference_update({k for k in _applied if k[0] == key[0]})
+        _applied.add(key)
     return n
 
 
@@ -483,11 +490,11 @@ def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype)
     p = _setup()
     m, n = x2d.shape[0], pw.out_features
     if m <= p["gemv_max_m"]:
-        out = np.empty((m, n), np.float32)
+        out = torch.empty((m, n), dtype=torch.float32)
         b, has_bias = _bias(bias)
         _packed_mm(_f32(x2d), _gamma(pw), _EMPTY_I8, _EMPTY_I32_1D, _EMPTY_F32, _i2(pw), p["rows_per_pass"],
-                   p["_nchunks"], b, True, has_bias, _EMPTY_I32, out)
-        return torch.from_numpy(out).to(out_dtype)
+                   p["_nchunks"], b, True, has_bias, _EMPTY_I32, out.numpy())
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
     xq, s = quantize_activations(x2d)
     return matmul(xq, s, pw, bias, out_dtype)
 
