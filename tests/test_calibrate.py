@@ -10,21 +10,23 @@ import sys
 import pytest
 import torch
 from bitnet_fast.kernels import cpu, tuning
+from click.testing import CliRunner
 
 from bitnet_fast import calibrate as cal
+from bitnet_fast.cli import main
 from bitnet_fast.model import build_model, preset_config
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One quick calibration of the tiny preset with the tuning file in a temp dir (the process's kernel
-    parameters are restored afterwards so later tests see the defaults)."""
+    """One `bitnet-fast calibrate --quick --preset tiny --json` with the tuning file in a temp dir (the process's
+    kernel parameters are restored afterwards so later tests see the defaults)."""
     path = tmp_path_factory.mktemp("tuning") / "kernel_tuning.json"
     old_env, old_params = os.environ.get("BITNET_FAST_TUNING"), cpu.params()
     os.environ["BITNET_FAST_TUNING"] = str(path)
-    log: list[str] = []
     try:
-        result = cal.calibrate(quick=True, target_seconds=0.5, presets=("tiny",), echo=log.append)
+        res = CliRunner().invoke(main, ["calibrate", "--quick", "--preset", "tiny", "--target-seconds", "0.5",
+                                        "--json"])
         saved = tuning.load()
     finally:
         if old_env is None:
@@ -32,7 +34,8 @@ def run(tmp_path_factory):
         else:
             os.environ["BITNET_FAST_TUNING"] = old_env
         cpu.configure(**old_params)
-    return {"result": result, "path": path, "saved": saved, "log": log}
+    assert res.exit_code == 0, res.output
+    return {"result": json.loads(res.stdout), "path": path, "saved": saved, "log": res.stderr.splitlines()}
 
 
 def test_tuning_file_is_written_read_back_and_honoured_by_the_kernels(run) -> None:
@@ -94,7 +97,8 @@ def test_kv_cache_decode_matches_full_recompute() -> None:
     model = build_model(preset_config("tiny", linear="fp", vocab_size=97)).eval()
     prompt = torch.randint(0, 97, (1, 5))
     want = model.generate(prompt, 6, temperature=0)[:, 5:]  # (1, 6), recomputes the whole context per token
-    assert torch.equal(cal._decode(model, prompt, 6), want)
+    tokens, seconds = cal._decode(model, prompt, 6)
+    assert torch.equal(tokens, want) and seconds > 0
 
 
 def test_bad_arguments() -> None:
@@ -102,3 +106,7 @@ def test_bad_arguments() -> None:
         cal.calibrate(target_seconds=0)
     with pytest.raises(ValueError, match="not presets"):
         cal.calibrate(presets=("huge",))
+    for args, msg in ((["--target-seconds", "0"], "x>0"), (["--preset", "huge"], "huge"),
+                      (["--seq-len", "2"], "x>=8")):
+        res = CliRunner().invoke(main, ["calibrate", *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output

@@ -9,8 +9,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from bitnet_fast import report, tinyllama
+from bitnet_fast.cli import main
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "rect", "line", "circle", "polyline", "path"}
 
@@ -131,38 +133,33 @@ def test_tinyllama_section_rendered_and_quick_is_labelled(both: Path) -> None:
     assert text.count("<svg") == 6 + 4
 
 
-def test_tinyllama_measure_variant_bitnet_one_layer() -> None:
-    r = tinyllama.measure_variant("bitnet", layers=1, prefill=8, decode=2)
-    assert r["decode_tokens_per_sec"] > 0 and r["prefill_tokens_per_sec"] > 0
+def test_tinyllama_bitnet_one_layer_measured_in_a_subprocess_then_cached(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "kernel_tuning.json"))
+    log: list[str] = []
+    r = tinyllama.measure(quick=True, layers=1, variants=("bitnet",), echo=log.append)
+    assert r["quick"] and not r["cached"] and r["layers"] == 1 and any("decode" in m for m in log)
+    (v,) = r["variants"]
+    assert v["decode_tokens_per_sec"] > 0 and v["prefill_tokens_per_sec"] > 0 and v["layers"] == 1
     fp_embed_head = 2 * 32000 * 2048 * 4
     fp_layer = 4 * (2 * 2048 * 2048 + 2 * 256 * 2048 + 3 * 2048 * 5632)
-    assert fp_embed_head < r["param_bytes"] < fp_embed_head + fp_layer / 8  # ~2-bit projections
-    assert r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > r["param_bytes"]
-
-
-def test_tinyllama_cache_is_reused_only_when_the_key_matches(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "kernel_tuning.json"))
-    sizes = {**tinyllama.QUICK, "layers": 1}
-    key = tinyllama._cache_key(True, sizes) | {"variants": ["fp32"]}
-    tinyllama.cache_path().write_text(json.dumps({"key": key, "result": {"variants": ["cached!"]}}))
-    got = tinyllama.measure(quick=True, layers=1, variants=("fp32",), echo=lambda m: None)
-    assert got == {"variants": ["cached!"], "cached": True}
-    stale = {**key, "torch": "0.0"}
-    tinyllama.cache_path().write_text(json.dumps({"key": stale, "result": {"variants": ["stale"]}}))
-    monkeypatch.setattr(tinyllama.subprocess, "run", lambda *a, **k: pytest.fail("must not run in this test"))
-    with pytest.raises(pytest.fail.Exception):
-        tinyllama.measure(quick=True, layers=1, variants=("fp32",), echo=lambda m: None)
+    assert fp_embed_head < v["param_bytes"] < fp_embed_head + fp_layer / 8  # ~2-bit projections
+    assert v["peak_rss_bytes"] >= v["rss_after_load_bytes"] > v["param_bytes"]
+    assert tinyllama.cache_path() == tmp_path / "tinyllama_bench.json"
+    again = tinyllama.measure(quick=True, layers=1, variants=("bitnet",), echo=log.append)
+    assert again["cached"] and again["variants"] == r["variants"]
+    # A cache made under another torch version (or CPU, tuning, ...) is not reused.
+    cached = json.loads(tinyllama.cache_path().read_text())
+    cached["key"]["torch"] = "0.0"
+    tinyllama.cache_path().write_text(json.dumps(cached))
+    monkeypatch.setattr(tinyllama.subprocess, "run", lambda *a, **k: pytest.fail("remeasures"))
+    with pytest.raises(pytest.fail.Exception, match="remeasures"):
+        tinyllama.measure(quick=True, layers=1, variants=("bitnet",), echo=log.append)
 
 
 # ------------------------------------------------------------------------------------------------ CLI errors
 @pytest.fixture
 def cli():
-    click_testing = pytest.importorskip("click.testing")
-    from bitnet_fast.cli import main
-
-    if "report" not in main.commands:
-        pytest.skip("the report command is not registered in bitnet_fast.cli yet")
-    return lambda *args: click_testing.CliRunner().invoke(main, ["report", *map(str, args)])
+    return lambda *args: CliRunner().invoke(main, ["report", *map(str, args)])
 
 
 def _one_line_error(res) -> str:
@@ -196,3 +193,22 @@ def test_cli_report_corrupt_json(cli, tmp_path: Path) -> None:
     assert "not valid JSON" in _one_line_error(cli(d, "--no-tinyllama"))
     (d / "report.json").write_text('{"epochs": []}')
     assert "missing ['model']" in _one_line_error(cli(d, "--no-tinyllama"))
+
+
+def test_cli_report_includes_cached_tinyllama(cli, both: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "kernel_tuning.json"))
+    key = tinyllama._cache_key(True, tinyllama.QUICK) | {"variants": list(tinyllama.VARIANTS)}
+    variants = [{"key": k, "name": n, "decode_tokens_per_sec": 1.0 + i, "prefill_tokens_per_sec": 10.0 + i,
+                 "param_bytes": 1e9, "rss_after_load_bytes": 2e9, "peak_rss_bytes": 3e9, "decode_tokens": 4,
+                 "prefill_tokens": 32} for i, (k, n) in enumerate(tinyllama.VARIANTS.items())]
+    result = {"config": {**tinyllama.CONFIG, "num_hidden_layers": 2}, "quick": True, "layers": 2,
+              "total_layers": 22, "variants": variants, "machine": {"cpu": "c", "threads": 2}, "measured_at": "t",
+              "command": "python -m bitnet_fast.tinyllama --quick"}
+    tinyllama.cache_path().write_text(json.dumps({"key": key, "result": result}))
+    res = cli(both, "--quick", "--out", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    assert "reusing measurements cached" in res.stderr
+    text = (tmp_path / "r.html").read_text()
+    _check_html(text)
+    assert "QUICK MODE: only 2 of 22" in text and "(cached)" in text
+    assert json.loads((tmp_path / "r.json").read_text())["tinyllama"]["variants"] == variants
