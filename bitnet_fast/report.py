@@ -274,7 +274,7 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.grid{displa
 .yl{text-anchor:end;font-size:11px;fill:#444}.xl{text-anchor:middle;font-size:11px;fill:#444}
 .al{text-anchor:middle;font-size:12px;fill:#222}.lg,.v{font-size:11px;fill:#222}.g{stroke:#eee}
 .note{color:#666}.warn{background:#fff4e6;border:1px solid #ffa94d;padding:6px 10px}.empty{color:#999}
-code{background:#f4f4f4;padding:1px 4px}table.text td{text-align:left}"""
+code{background:#f4f4f4;padding:1px 4px}table.text td,table.text th{text-align:left}"""
 
 
 def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
@@ -346,6 +346,11 @@ def _tinyllama_html(tl: dict) -> str:
              f"weights (speed and memory do not depend on their values). Measured {html.escape(tl['measured_at'])} "
              f"on {html.escape(tl['machine'].get('cpu', '?'))}, {tl['machine'].get('threads', '?')} threads, by "
              f"<code>{html.escape(tl['command'])}</code>{' (cached)' if tl.get('cached') else ''}.</p>"]
+    load, cpus = tl["machine"].get("load_average_1m"), tl["machine"].get("threads") or 1
+    if load is not None and load > cpus:
+        parts.append(f'<p class="warn">The machine was busy while measuring (1-min load average {load:.1f} with '
+                     f"{cpus} threads): these numbers are pessimistic, and ratios between variants are only "
+                     "indicative.</p>")
     if tl["quick"]:
         parts.append(f'<p class="warn">QUICK MODE: only {tl["layers"]} of {tl["total_layers"]} decoder layers were '
                      "built; these numbers are not TinyLlama-1.1B throughput.</p>")
