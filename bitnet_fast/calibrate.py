@@ -319,7 +319,7 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
             echo(f"models: {preset}/{linear}: training, prefill and decode ...")
             batches = (1, 4) if preset in QUICK_PRESETS else (1, 2)
             result["models"].append(model_throughput(preset, linear, seq_len, batches, 4 if quick else 8, 2,
-                                                     0.25 if quick else 0.0, target_seconds))
+                                                     0.1 if quick else 0.0, target_seconds))
     result["seconds"] = time.perf_counter() - t0
     return result
 
