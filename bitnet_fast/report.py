@@ -139,6 +139,7 @@ def summarize(run: Run) -> dict:
         "mean_tokens_per_sec": sum(tps) / len(tps) if tps else None,
         "total_seconds": sum(secs) if secs else None,
         "peak_rss_bytes": _num(r.get("peak_rss_bytes")),
+        "status": f"interrupted at step {r.get('steps', '?')}" if r.get("interrupted") else "complete",
     }
 
 
@@ -205,13 +206,20 @@ def fmt(v: float | None, unit: str = "") -> str:
     return f"{s} {unit}".strip()
 
 
+def _empty(title: str, width: int = 560) -> str:
+    """A chart-sized placeholder so the grid keeps its shape when a run has no data for a chart."""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="60" class="chart" role="img">'
+            f'<text x="{width / 2}" y="24" class="t">{html.escape(title)}</text>'
+            f'<text x="{width / 2}" y="44" class="al">no data</text></svg>')
+
+
 def line_chart(title: str, series: list[dict], xlabel: str, ylabel: str, logy: bool = False, zero: bool = False,
                width: int = 560, height: int = 320) -> str:
     """SVG line chart; series = [{label, color, points: [(x, y)]}]. logy: log10 y axis; zero: y axis from 0.
     Integer x values (epochs, steps) get integer ticks."""
     pts = [(x, y) for s in series for x, y in s["points"] if not logy or y > 0]
     if not pts:
-        return f'<p class="empty">{html.escape(title)}: no data</p>'
+        return _empty(title, width)
     left, right, top, bottom = 64, 16, 50, 46
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xt = _ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
@@ -249,7 +257,7 @@ def bar_chart(title: str, rows: list[tuple[str, float | None, str]], unit: str =
     """Horizontal SVG bar chart; rows = [(label, value, color)], values printed at the bar ends."""
     rows = [r for r in rows if r[1] is not None]
     if not rows:
-        return f'<p class="empty">{html.escape(title)}: no data</p>'
+        return _empty(title, width)
     left, right, bar, gap, top = 170, 90, 20, 8, 30
     height = top + len(rows) * (bar + gap) + 8
     vmax = max(v for _, v, _ in rows) or 1.0
@@ -273,7 +281,7 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.grid{displa
 .chart{background:#fff;border:1px solid #e4e4e4}.t{font-weight:600;text-anchor:middle;font-size:13px}
 .yl{text-anchor:end;font-size:11px;fill:#444}.xl{text-anchor:middle;font-size:11px;fill:#444}
 .al{text-anchor:middle;font-size:12px;fill:#222}.lg,.v{font-size:11px;fill:#222}.g{stroke:#eee}
-.note{color:#666}.warn{background:#fff4e6;border:1px solid #ffa94d;padding:6px 10px}.empty{color:#999}
+.note{color:#666}.warn{background:#fff4e6;border:1px solid #ffa94d;padding:6px 10px}
 code{background:#f4f4f4;padding:1px 4px}table.text td,table.text th{text-align:left}"""
 
 
@@ -309,12 +317,12 @@ def _training_html(rep: dict) -> str:
     runs = rep["runs"]
     colors = _colors(runs)
     pairs = list(zip(runs, colors, strict=True))
-    rows = [[r["label"], r["preset"], fmt(r["parameters"]), r["epochs"], fmt(r["initial_valid_ppl"]),
+    rows = [[r["label"], r["status"], r["preset"], fmt(r["parameters"]), r["epochs"], fmt(r["initial_valid_ppl"]),
              fmt(r["final_valid_ppl"]), fmt(r["final_valid_word_ppl"]), fmt(r["mean_tokens_per_sec"]),
              fmt(r["total_seconds"], "s"), fmt(r["peak_rss_bytes"], "B")] for r in runs]
     parts = ["<h2>Training runs</h2>",
-             _table(["run", "preset", "params", "epochs", "initial valid ppl", "final valid ppl", "final word ppl",
-                     "tokens/s (mean)", "train time", "peak RSS"], rows)]
+             _table(["run", "status", "preset", "params", "epochs", "initial valid ppl", "final valid ppl",
+                     "final word ppl", "tokens/s (mean)", "train time", "peak RSS"], rows)]
     if rep["comparison"]:
         parts += ["<h3>BitNet / fp ratios (same preset)</h3>",
                   _table(["preset", "valid ppl", "word ppl", "tokens/s", "train time", "peak RSS"],
