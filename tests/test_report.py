@@ -109,6 +109,18 @@ def test_epoch_loss_used_without_metrics_log_and_twins_get_distinct_labels(tmp_p
     assert report.build_report(runs)["comparison"] == []
 
 
+def test_interrupted_run_without_epochs_is_reported_as_such(tmp_path: Path) -> None:
+    d = _run_dir(tmp_path / "cut", "bitnet", [500.0], 100.0, 2**30)
+    rep = json.loads((d / "report.json").read_text())
+    rep.update(epochs=[], interrupted=True, steps=7)
+    del rep["final_valid_ppl"]
+    (d / "report.json").write_text(json.dumps(rep))
+    text = report.render_html(report.build_report(report.load_runs([d])))
+    _check_html(text)
+    assert "interrupted at step 7" in text and "no data" in text
+    assert text.count("<polyline") == 2  # loss per step + the initial (epoch 0) perplexity
+
+
 def test_line_chart_log_axis_and_ticks() -> None:
     svg = report.line_chart("ppl", [{"label": "x", "color": "#000", "points": [(1, 10.0), (2, 1000.0)]}],
                             "epoch", "ppl", logy=True)
