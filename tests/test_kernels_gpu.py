@@ -355,6 +355,7 @@ def test_missing_triton_falls_back_to_reference(monkeypatch):
     monkeypatch.delitem(sys.modules, "bitnet_fast.kernels.gpu", raising=False)
     monkeypatch.setattr(K, "_loaded", {"reference": K._reference_backend})
     monkeypatch.setattr(K, "_warned", set())
+    monkeypatch.setattr(K, "_resolved", {}, raising=False)  # the dispatch cache, where present
     monkeypatch.delenv("BITNET_FAST_BACKEND", raising=False)
     with pytest.warns(RuntimeWarning, match="triton backend is unavailable"):
         assert K.backend_for("cuda") == "reference"
