@@ -74,6 +74,7 @@ _reference_backend = SimpleNamespace(
 
 _loaded: dict[str, ModuleType | SimpleNamespace] = {"reference": _reference_backend}
 _warned: set[str] = set()
+_resolved: dict[tuple[str, str], str] = {}  # (device type, BITNET_FAST_BACKEND) -> backend name
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -97,20 +98,28 @@ def _cpu_pack() -> ModuleType:
 
 def backend_for(device: torch.device | str) -> str:
     """The backend name that serves tensors on `device` (honouring BITNET_FAST_BACKEND)."""
-    device = torch.device(device)
-    forced = os.environ.get("BITNET_FAST_BACKEND", "").strip().lower()
+    device_type = torch.device(device).type
+    forced = os.environ.get("BITNET_FAST_BACKEND", "")
+    key = (device_type, forced)
+    if key not in _resolved:
+        _resolved[key] = _resolve(device_type, forced.strip().lower())
+    return _resolved[key]
+
+
+def _resolve(device_type: str, forced: str) -> str:
+    """backend_for without the cache: validate the override, import the backend or fall back with a warning."""
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"BITNET_FAST_BACKEND={forced!r} is not a backend; use one of {BACKENDS}")
         want = {"numba": "cpu", "triton": "cuda"}.get(forced)
-        if want and device.type != want:
+        if want and device_type != want:
             raise ValueError(
-                f"BITNET_FAST_BACKEND={forced} serves {want} tensors but got a {device.type} tensor; "
+                f"BITNET_FAST_BACKEND={forced} serves {want} tensors but got a {device_type} tensor; "
                 f"move the tensors with .to('{want}') or unset BITNET_FAST_BACKEND"
             )
         name = forced
     else:
-        name = {"cpu": "numba", "cuda": "triton"}.get(device.type, "reference")
+        name = {"cpu": "numba", "cuda": "triton"}.get(device_type, "reference")
     if name == "reference":
         return name
     try:
@@ -122,7 +131,10 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def _backend(device: torch.device):
-    return _load(backend_for(device))
+    """The backend module for `device`: one dict lookup on the hot path (resolution is cached)."""
+    key = (device.type, os.environ.get("BITNET_FAST_BACKEND", ""))
+    name = _resolved.get(key) or backend_for(device)
+    return _loaded[name]
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
