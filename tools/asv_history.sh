@@ -24,12 +24,14 @@ range="main~$((n < total ? n : total - 1))..main"
 export BITNET_FAST_DATA="${BITNET_FAST_DATA:-$(cd .. && pwd)/shared/data}"
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.asv/numba_cache}"
 
-asv machine --yes >/dev/null
+machine="${ASV_MACHINE:-$(hostname)}"  # asv's default machine name; results are kept per machine
+asv machine --yes --machine "$machine" >/dev/null
 # --skip-existing-commits: a nightly run only measures what is new; nice: the machine stays usable.
-nice -n 10 asv run "$range" --skip-existing-commits --show-stderr "$@" || echo "asv run: some benchmarks failed (see above)"
+nice -n 10 asv run "$range" --machine "$machine" --skip-existing-commits --show-stderr "$@" \
+    || echo "asv run: some benchmarks failed (see above)"
 asv publish
 echo "site: $(pwd)/.asv/html/index.html   (view with: asv preview)"
 # The two newest commits side by side, as a regression check a human can read.
 if [ "$total" -ge 2 ]; then
-    asv compare --split --factor 1.1 main~1 main || true
+    asv compare --machine "$machine" --split --only-changed --factor 1.1 main~1 main || true
 fi
