@@ -174,5 +174,6 @@ def report_(dirs, out, tinyllama, quick, remeasure) -> None:
     html_path, json_path = make_report(dirs, out, tinyllama, quick, remeasure, echo=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {html_path} and {json_path}")
 
+
 if __name__ == "__main__":  # `python -m bitnet_fast.cli` (e.g. under torchrun)
     main()

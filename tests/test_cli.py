@@ -1,0 +1,98 @@
+"""The `bitnet-fast` CLI: prepare/train/eval end to end on tiny inputs; user errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bitnet_fast.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BITNET_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _fails_cleanly(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+TINY_TRAIN = ("--preset", "tiny", "--max-steps", "2", "--batch-size", "4", "--seq-len", "16", "--max-lines", "40",
+              "--vocab-size", "128", "--no-progress")
+
+
+def test_help_lists_the_commands():
+    result = _run("--help")
+    assert result.exit_code == 0
+    for cmd in ("prepare", "train", "eval"):
+        assert cmd in result.output
+
+
+def test_bad_flags_and_presets(tmp_path):
+    _fails_cleanly(_run("train", "--preset", "huge"), 2, "Invalid value for '--preset'")
+    _fails_cleanly(_run("train", "--epochs", "0"), 2, "--epochs")
+    _fails_cleanly(_run("train", "--model", "int4"), 2, "--model")
+    _fails_cleanly(_run("eval"), 2, "Missing argument")
+
+
+def test_missing_data_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITNET_FAST_DATA", raising=False)
+    result = _run("train", *TINY_TRAIN, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run")
+    _fails_cleanly(result, 1, "Error: WikiText-2 not found", "--data-dir")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_checkpoints(tmp_path):
+    _fails_cleanly(_run("eval", tmp_path / "missing.pt"), 1, "cannot read checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    _fails_cleanly(_run("eval", tmp_path / "junk.pt"), 1, "not a readable bitnet-fast checkpoint")
+
+
+def test_prepare_writes_verified_shards(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("the cat sat on the mat .\n\nthe dog sat on the log .\n" * 30)
+    result = _run("prepare", src, "--out", tmp_path / "out", "--vocab-size", "60", "--shard-tokens", "100")
+    assert result.exit_code == 0, result.output
+    assert "a: " in result.output and (tmp_path / "out" / "a-00000.bin").is_file()
+    shard = tmp_path / "out" / "a-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    from bitnet_fast.data import load_prepared
+
+    with pytest.raises(Exception, match="truncated"):
+        load_prepared(tmp_path / "out")
+    _fails_cleanly(_run("prepare", tmp_path / "none.txt", "--out", tmp_path / "o"), 2, "does not exist")
+
+
+def test_train_both_then_eval(wikitext_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _run("train", *TINY_TRAIN, "--data-dir", wikitext_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "valid word ppl after" in result.output  # the side-by-side summary
+    for model in ("bitnet", "fp"):
+        report = json.loads((out / model / "report.json").read_text())
+        assert report["model"] == model and report["steps"] == 2 and report["final_valid_ppl"] > 1
+    assert set(json.loads((out / "summary.json").read_text())) == {"bitnet", "fp"}
+    ckpt = sorted((out / "fp" / "checkpoints").glob("*.pt"))[-1]
+    _fails_cleanly(_run("eval", ckpt, "--data-dir", wikitext_dir, "--split", "test"), 1, "test.txt")
+    # A data dir with a (small) test split: train/valid linked to the real files, test.txt of any content.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (data / name).symlink_to(wikitext_dir / name)
+    lines = (wikitext_dir / "valid.txt").read_text().splitlines(keepends=True)[:60]
+    (data / "test.txt").write_text("".join(lines))
+    result = _run("eval", ckpt, "--data-dir", data, "--split", "test", "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["model"] == "fp" and r["split"] == "test" and r["words"] == sum(len(ln.split()) + 1 for ln in lines)
+    assert r["word_ppl"] > r["ppl"] > 1

@@ -1,0 +1,179 @@
+"""Training loop: real (tiny) training on a WikiText-2 slice, exact resume after Ctrl-C, NaN stop, checkpoints,
+schedules, grad accumulation and the torch.distributed path at world size 1."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from bitnet_fast import train as train_mod
+from bitnet_fast.train import (
+    TrainConfig,
+    TrainingError,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    param_groups,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BITNET_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _cfg(wikitext_dir, out, **kw) -> TrainConfig:
+    base = dict(preset="tiny", linear="bitnet", out=str(out), epochs=3, batch_size=8, seq_len=32, lr=3e-3,
+                max_lines=60, vocab_size=256, data_dir=str(wikitext_dir), progress=False, ckpt_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return latest_checkpoint(out)["model"]
+
+
+@pytest.fixture(scope="module")
+def full_run(wikitext_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch tiny BitNet run (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("full")
+    os.environ["BITNET_FAST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    return out, train(_cfg(wikitext_dir, out))
+
+
+@pytest.mark.slow
+def test_tiny_bitnet_learns_and_reports(full_run):
+    out, report = full_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in ("model", "preset", "parameters", "initial_valid_ppl", "final_valid_ppl", "peak_rss_bytes", "config",
+                "tokenizer", "git_commit"):
+        assert key in report, key
+    assert report["model"] == "bitnet" and report["preset"] == "tiny" and report["peak_rss_bytes"] > 0
+    eps = report["epochs"]
+    assert [e["epoch"] for e in eps] == [1, 2, 3]
+    losses, ppls = [e["train_loss"] for e in eps], [e["valid_ppl"] for e in eps]
+    assert losses[0] > losses[1] > losses[2], losses  # loss falls every epoch
+    assert report["initial_valid_ppl"] > ppls[0] > ppls[1] > ppls[2], ppls
+    for e in eps:
+        assert e["valid_word_ppl"] > e["valid_ppl"] > 1 and e["tokens_per_sec"] > 0 and e["seconds"] > 0
+    assert report["initial_valid_ppl"] == pytest.approx(256, rel=0.5)  # untrained: ~uniform over the vocab
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 2  # keep_last
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 3 and "step" in events
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_is_bit_identical(full_run, wikitext_dir, tmp_path):
+    out_full, report_full = full_run
+    stop_at = report_full["steps_per_epoch"] + 7  # in the middle of epoch 2
+
+    def ctrl_c(step: int, loss: float) -> None:
+        if step == stop_at:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, delivered to this thread
+
+    part = train(_cfg(wikitext_dir, tmp_path), on_step=ctrl_c)
+    assert part["interrupted"] and part["steps"] == stop_at and len(part["epochs"]) == 1
+    assert load_checkpoint(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1])["step"] == stop_at
+    resumed = train(_cfg(wikitext_dir, tmp_path, resume=True))
+    assert not resumed["interrupted"] and resumed["steps"] == report_full["steps"]
+    a, b = _weights(out_full), _weights(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for ea, eb in zip(report_full["epochs"], resumed["epochs"], strict=True):
+        assert ea["train_loss"] == eb["train_loss"] and ea["valid_ppl"] == eb["valid_ppl"]
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(full_run, tmp_path):
+    import shutil
+
+    out, _ = full_run
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    newest, older = sorted((tmp_path / "checkpoints").glob("*.pt"))[::-1]
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    with pytest.raises(TrainingError, match="sha256"):
+        load_checkpoint(newest)
+    assert latest_checkpoint(tmp_path)["step"] == load_checkpoint(older)["step"]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(TrainingError, match="cannot read"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(wikitext_dir, tmp_path, monkeypatch):
+    real_ce, calls = torch.nn.functional.cross_entropy, {"n": 0}
+
+    def poisoned(*args, **kw):
+        loss = real_ce(*args, **kw)
+        if kw.get("reduction", "mean") == "mean":
+            calls["n"] += 1
+            if calls["n"] > 12:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 12 .*step-0000010\.pt"):
+        train(_cfg(wikitext_dir, tmp_path, linear="fp", epochs=1, ckpt_every=5))
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-0000010.pt")["step"] == 10
+
+
+def test_grad_accumulation_matches_a_bigger_batch(wikitext_dir, tmp_path):
+    one = train(_cfg(wikitext_dir, tmp_path / "a", linear="fp", epochs=1, max_steps=4))
+    two = train(_cfg(wikitext_dir, tmp_path / "b", linear="fp", epochs=1, max_steps=4, batch_size=4, grad_accum=2))
+    assert one["epochs"][0]["train_loss"] == pytest.approx(two["epochs"][0]["train_loss"], rel=1e-5)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_distributed_world_size_one_matches_plain(wikitext_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    plain = train(_cfg(wikitext_dir, tmp_path / "plain", epochs=1, max_steps=3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    try:
+        ddp = train(_cfg(wikitext_dir, tmp_path / "ddp", epochs=1, max_steps=3, distributed=True))
+        assert dist.is_initialized() and ddp["world_size"] == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert ddp["epochs"][0]["train_loss"] == plain["epochs"][0]["train_loss"]
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ddp")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schedules():
+    total, warmup = 100, 10
+    cos = [lr_factor(s, total, warmup, "cosine", 0.1) for s in range(total)]
+    assert cos[0] == pytest.approx(0.1) and cos[warmup - 1] == 1.0 and cos[warmup] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cos[warmup:], cos[warmup + 1 :], strict=False))
+    assert cos[-1] == pytest.approx(0.1, abs=0.01)
+    two = [lr_factor(s, total, warmup, "two_stage", 0.1) for s in range(total)]
+    mid = warmup + (total - warmup) // 2
+    assert two[mid - 1] > 0.5 > two[mid] == pytest.approx(0.3) and two[-1] == pytest.approx(0.1, abs=0.01)
+    assert train_mod.weight_decay_factor(mid, total, warmup, "two_stage") == 0.0
+    assert train_mod.weight_decay_factor(mid, total, warmup, "cosine") == 1.0
+    assert math.isclose(lr_factor(0, 1, 1, "cosine", 0.1), 1.0)
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    from bitnet_fast.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, hidden=32, max_seq_len=8))
+    decay, rest = param_groups(model, 0.1)
+    assert rest["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert any(p is model.tok_emb.weight for p in rest["params"])
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 7  # q k v o gate up down
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
