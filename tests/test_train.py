@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import socket
 
@@ -43,8 +42,9 @@ def _weights(out) -> dict[str, torch.Tensor]:
 def full_run(wikitext_dir, tmp_path_factory):
     """An uninterrupted 3-epoch tiny BitNet run (shared by the tests below)."""
     out = tmp_path_factory.mktemp("full")
-    os.environ["BITNET_FAST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
-    return out, train(_cfg(wikitext_dir, out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITNET_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        return out, train(_cfg(wikitext_dir, out))
 
 
 @pytest.mark.slow
