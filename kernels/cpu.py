@@ -13,7 +13,6 @@ forced with BITNET_FAST_CPU_ISA=vnni512|vnni|avx2|portable (use a fresh NUMBA_CA
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numba
@@ -367,24 +366,21 @@ def configure(**kw: Any) -> dict[str, Any]:
     return params()
 
 
-_applied: set[tuple[int, int]] = set()  # (Python thread id, count): numba's thread count is per thread
-
-
-def _threads() -> int:
-    """Apply the thread count (tuned value, else torch's, capped by NUMBA_NUM_THREADS); returns it."""
+def _threads(work: int) -> int:
+    """Apply the thread count (tuned value, else torch's, capped by NUMBA_NUM_THREADS; one thread for less
+    than tuning.SERIAL_WORK multiply-adds, where a parallel region costs more than it saves); returns it."""
     n = max(1, min(_params["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    key = (threading.get_ident(), n)
-    if key not in _applied:
+    n = 1 if work < tuning.SERIAL_WORK else n
+    if numba.get_num_threads() != n:  # per Python thread; cpu_pack sets it too, so compare, don't cache
         numba.set_num_threads(n)
-        _applied.difference_update({k for k in _applied if k[0] == key[0]})
-        _applied.add(key)
     return n
 
 
-def _setup() -> dict[str, Any]:
+def _setup(work: int) -> dict[str, Any]:
+    """Parameters for a call doing `work` multiply-adds (sets the thread count and chunking)."""
     if _params is None:
         params()
-    _params["_nchunks"] = 8 * _threads()  # a few chunks per thread: balance when a core is busy elsewhere
+    _params["_nchunks"] = 8 * _threads(work)  # a few chunks per thread: balance when a core is busy elsewhere
     return _params
 
 
@@ -423,7 +419,7 @@ def _padded(xq: torch.Tensor, kp: int) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (xq int8 (M, K), s fp32 (M,)), bit-exact with reference.act_quant."""
-    _setup()
+    _setup(x2d.numel())
     m, k = x2d.shape
     xq = torch.empty((m, k), dtype=torch.int8)
     s = torch.empty(m, dtype=torch.float32)
@@ -456,7 +452,7 @@ def _use_packed(m: int) -> bool:
 
 def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, K) int8 x i2 (N, K) -> (M, N) int32, exact."""
-    p = _setup()
+    p = _setup(xq.shape[0] * pw.out_features * pw.in_features)
     m, (n, k) = xq.shape[0], pw.shape
     out = torch.empty((m, n), dtype=torch.int32)
     if not _use_packed(m):
@@ -470,7 +466,7 @@ def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) int8, (M,) fp32 x i2 -> (M, N) out_dtype: exact int32 product, epilogue acc * (gamma / s) + bias."""
-    p = _setup()
+    p = _setup(xq.shape[0] * pw.out_features * pw.in_features)
     m, (n, k) = xq.shape[0], pw.shape
     out = torch.empty((m, n), dtype=torch.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -487,7 +483,7 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 
 def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
-    p = _setup()
+    p = _setup(x2d.shape[0] * pw.out_features * pw.in_features)
     m, n = x2d.shape[0], pw.out_features
     if m <= p["gemv_max_m"]:
         out = torch.empty((m, n), dtype=torch.float32)
@@ -513,7 +509,7 @@ def _dequant_tiles(pw: PackedWeight):
 
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over unpacked weight tiles."""
-    _setup()
+    _setup(grad_y2d.shape[0] * pw.out_features * pw.in_features)
     gy = grad_y2d.detach().float()
     gx = torch.zeros((gy.shape[0], pw.in_features), dtype=torch.float32)
     for n0, n1, w8 in _dequant_tiles(pw):

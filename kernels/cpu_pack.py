@@ -21,6 +21,7 @@ from numba.extending import intrinsic, overload
 
 from . import reference
 from .packing import FORMATS, PackedWeight
+from .tuning import SERIAL_WORK
 
 __all__ = ["pack", "quantize_and_pack", "quantize_weight", "transcode", "unpack"]
 
@@ -231,8 +232,10 @@ def _transcode_rows(data, k, i2_in):
 
 
 # ---------------------------------------------------------------------------------------------------- wrappers
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _set_threads(work: int) -> None:
+    """torch's thread count (capped by NUMBA_NUM_THREADS), or one thread below tuning.SERIAL_WORK elements."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(1 if work < SERIAL_WORK else n)
 
 
 def _rows(w: torch.Tensor, name: str, dtypes: tuple) -> tuple[np.ndarray, int, int, int]:
@@ -273,7 +276,7 @@ def _gamma(src: np.ndarray, n: int, k: int, rs: int) -> np.float32:
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) fp32/bf16/fp16 -> (Wt int8 ternary (N, K), gamma fp32 0-d), bit-exact with reference.weight_quant."""
     src, n, k, rs = _float_rows(w)
-    _set_threads()
+    _set_threads(n * k)
     gamma = _gamma(src, n, k, rs)
     wt = _quantize_rows(src, n, k, rs, gamma)
     return torch.from_numpy(wt), torch.tensor(gamma, dtype=torch.float32)
@@ -301,7 +304,7 @@ def pack(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str = "i2") -> Pack
     _check_format(fmt)
     scale = _scale(gamma)
     src, n, k, rs = _rows(wt, "wt", (torch.int8,))
-    _set_threads()
+    _set_threads(n * k)
     data, top = _pack_rows(src, n, k, rs, np.float32(0), fmt == "i2")
     if top.max() > 2:
         raise ValueError(f"wt {_NOT_TERNARY}; quantize it first (kernels.quantize_weight)")
@@ -312,7 +315,7 @@ def quantize_and_pack(w: torch.Tensor, fmt: str = "i2") -> PackedWeight:
     """Fused quantize_weight + pack: reads w twice (gamma, then codes) and never builds the int8 matrix."""
     _check_format(fmt)
     src, n, k, rs = _float_rows(w)
-    _set_threads()
+    _set_threads(n * k)
     gamma = _gamma(src, n, k, rs)
     data, _ = _pack_rows(src, n, k, rs, gamma, fmt == "i2")
     return PackedWeight(torch.from_numpy(data), torch.tensor(gamma, dtype=torch.float32), (n, k), fmt)
@@ -332,7 +335,7 @@ def unpack(pw: PackedWeight) -> torch.Tensor:
     if isinstance(pw, PackedWeight) and pw.format not in PACK_FORMATS and pw.format in FORMATS:
         return FORMATS[pw.format].unpack(pw.data.cpu(), pw.in_features)  # e.g. a GPU-packed i2g weight on CPU
     data = _cpu_data(pw)
-    _set_threads()
+    _set_threads(pw.shape[0] * pw.shape[1])
     return torch.from_numpy(_unpack_rows(data, pw.in_features, pw.format == "i2"))
 
 
@@ -343,7 +346,7 @@ def transcode(pw: PackedWeight, fmt: str) -> PackedWeight:
     _check_format(fmt)
     if fmt == pw.format:
         return pw
-    _set_threads()
+    _set_threads(pw.shape[0] * pw.shape[1])
     out, top = _transcode_rows(data, pw.in_features, pw.format == "i2")
     if top.max() > 2:
         raise ValueError(f"pw {_NOT_TERNARY}: its i2 data has code 3, so the buffer is corrupt")

@@ -34,6 +34,11 @@ CPU_DEFAULTS: dict[str, Any] = {
     "rows_per_pass": 4,
 }
 
+# Below this many multiply-adds (or elements, for packing) the kernels run on one thread: one thread does
+# ~1M int8 MACs in ~5 us here (GEMV 4096^2: 72 us), about what waking a second thread costs on an idle
+# machine; under contention a 2-thread region can stall for milliseconds (docs/calibrate.md).
+SERIAL_WORK = 1 << 20
+
 CPU_SEARCH_SPACE: dict[str, list[Any]] = {
     "threads": [0, 1, 2, 4, 8],
     "gemv_max_m": [1, 4, 8, 16, 32, 64, 128, 256, 512],

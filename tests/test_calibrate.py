@@ -48,7 +48,7 @@ def test_tuning_file_is_written_read_back_and_honoured_by_the_kernels(run) -> No
     code = (
         "import json, numba, torch\n"
         "from bitnet_fast import kernels\nfrom bitnet_fast.kernels import cpu\n"
-        "kernels.bitlinear(torch.randn(3, 64), kernels.pack(torch.randn(8, 64)))\n"
+        "kernels.bitlinear(torch.randn(4, 512), kernels.pack(torch.randn(1024, 512)))\n"  # > SERIAL_WORK MACs
         "print(json.dumps({'params': cpu.params(), 'numba_threads': numba.get_num_threads(),"
         " 'torch_threads': torch.get_num_threads(), 'max': numba.config.NUMBA_NUM_THREADS}))\n"
     )

@@ -205,6 +205,28 @@ def test_tuning_file_roundtrip_and_corrupt(tmp_path, monkeypatch):
         assert tuning.load() == {**tuning.CPU_DEFAULTS, "threads": 1}
 
 
+
+def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
+    """Below tuning.SERIAL_WORK multiply-adds a parallel region costs more than it saves: one thread."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    old = cpu.params()["threads"]
+    try:
+        cpu.configure(threads=2)
+        small, large = kernels.pack(torch.randn(8, 64)), kernels.pack(torch.randn(1024, 1024))
+        kernels.bitlinear(torch.randn(2, 64), small)
+        assert numba.get_num_threads() == 1
+        kernels.bitlinear(torch.randn(2, 1024), large)
+        assert numba.get_num_threads() == 2
+        kernels.pack(torch.randn(8, 64))  # the packer follows the same rule, and the kernels re-apply their count
+        kernels.bitlinear(torch.randn(2, 1024), large)
+        assert numba.get_num_threads() == 2
+    finally:
+        cpu.configure(threads=old)
+
+
 _ISA_CHECK = """
 import json, re, torch
 from bitnet_fast import kernels
