@@ -9,6 +9,7 @@ metadata carries the layout version, checked at load. Writes are atomic (temp fi
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,13 +38,24 @@ def _packed_state(model: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
         state.pop(prefix + "weight", None)
         pw = kernels.repack(m.packed_weight, fmt, device="cpu")
         state.update({prefix + "packed." + k: t for k, t in pw.state().items()})
-    out, seen = {}, set()
-    for k, t in state.items():  # safetensors refuses tensors that share memory (tied weights): copy repeats
+    return state
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied weights) once: (tensors to write, {alias key: stored key})."""
+    out: dict[str, torch.Tensor] = {}
+    stored: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k, t in state.items():
         t = t.cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else None
-        out[k] = t.clone() if key in seen else t
-        seen.add(key)
-    return out
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key in stored:
+            aliases[k] = stored[key]
+            continue
+        if key is not None:
+            stored[key] = k
+        out[k] = t
+    return out, aliases
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> Path:
@@ -55,8 +67,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
     if not any(isinstance(m, BitLinear) for m in model.modules()):
         raise ValueError("model has no BitLinear layers; run bitnet_fast.convert(model) first")
     path = Path(path)
-    tensors = _packed_state(model, fmt)
-    meta = {"kind": FILE_KIND, "layout_version": str(kernels.LAYOUT_VERSION), "format": fmt, "version": __version__}
+    tensors, aliases = _dedupe(_packed_state(model, fmt))
+    meta = {"kind": FILE_KIND, "layout_version": str(kernels.LAYOUT_VERSION), "format": fmt, "version": __version__,
+            "aliases": json.dumps(aliases)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -110,11 +123,13 @@ def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
             raise TypeError(f"the factory must return an nn.Module, got {type(model).__name__}")
     else:
         raise TypeError(f"model_or_factory must be an nn.Module or a callable, got {type(model_or_factory).__name__}")
-    read_metadata(path)
+    meta = read_metadata(path)
     try:
         state = load_file(path, device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the tensors (corrupt or truncated?): {e}") from None
+        for alias, stored in json.loads(meta.get("aliases", "{}")).items():  # tied weights are stored once
+            state[alias] = state[stored]
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot read the tensors (corrupt or truncated?): {e!r}") from None
     for key in state:
         if key.endswith("packed.header"):
             _ensure_bitlinear(model, key[: -len("packed.header")].rstrip("."))

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -74,6 +75,8 @@ def test_tied_weights_llama(tmp_path):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     path = save_packed(model, tmp_path / "llama.safetensors")
+    with safe_open(path, framework="pt") as f:  # the tied embedding is written once, the head is an alias
+        assert ("lm_head.weight" in f.keys()) != ("model.embed_tokens.weight" in f.keys())
     loaded = load_packed(lambda: transformers.LlamaForCausalLM(cfg).eval(), path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
