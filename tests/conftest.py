@@ -23,3 +23,14 @@ def wikitext_dir() -> Path:
         if (cand / "train.txt").is_file() and (cand / "valid.txt").is_file():
             return cand
     pytest.skip(f"WikiText-2 not found under {root}; set BITNET_FAST_DATA to the folder holding wikitext-2/")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core box: one torch intra-op thread avoids spin-wait contention (100x on busy hosts)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

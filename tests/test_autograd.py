@@ -9,14 +9,7 @@ from hypothesis import strategies as st
 from bitnet_fast import kernels
 from bitnet_fast.autograd import BitLinearFunction, bitlinear_inference, bitlinear_train, pack_weight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids spin-wait contention (100x on busy hosts)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fmt() -> str:

@@ -14,13 +14,7 @@ from bitnet_fast import kernels
 from bitnet_fast.export import load_packed, read_metadata, save_packed
 from bitnet_fast.nn import BitLinear, convert, pack_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp() -> nn.Sequential:

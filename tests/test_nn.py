@@ -12,14 +12,7 @@ import bitnet_fast
 from bitnet_fast import kernels
 from bitnet_fast.nn import BitLinear, convert, pack_model, unpack_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids spin-wait contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp() -> nn.Sequential:
