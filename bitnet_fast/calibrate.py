@@ -129,29 +129,36 @@ def time_kernels(backends: list[str], shapes: dict[str, list[tuple[int, int]]], 
     return rows
 
 
-def _stages(space: dict[str, list], prefill_m: int) -> list[tuple[str, list, dict, tuple[int, ...]]]:
-    """(parameter, values, fixed overrides, M values that exercise it), in sweep order."""
-    return [
+def _stages(space: dict[str, list], prefill_m: int, caps: dict) -> list[tuple[str, list, dict, tuple[int, ...]]]:
+    """(parameter, values, fixed overrides, M values that exercise it), in sweep order. Candidates come from the
+    capability plan: the int_mm engine is timed only where oneDNN has VNNI (elsewhere it is a plain loop)."""
+    packed = {"gemm_impl": "numba"}
+    stages = [
         ("threads", space["threads"], {}, (1, prefill_m)),
-        ("rows_per_pass", space["rows_per_pass"], {"gemv_max_m": max(space["gemv_max_m"])}, (2, 4, 8)),
-        ("gemm_impl", space["gemm_impl"], {"gemv_max_m": 0}, (prefill_m,)),
-        ("gemm_tile_n", space["gemm_tile_n"], {"gemv_max_m": 0, "gemm_impl": "int_mm"}, (prefill_m,)),
+        ("gemm_min_m", space["gemm_min_m"], packed, (2, 4, 8, 16)),
+        ("panel_bytes", space["panel_bytes"], packed, (1, prefill_m)),
     ]
+    if caps["int_mm_vnni"]:
+        stages += [("gemm_impl", space["gemm_impl"], {"gemv_max_m": 0}, (prefill_m,)),
+                   ("gemm_tile_n", space["gemm_tile_n"], {"gemv_max_m": 0, "gemm_impl": "int_mm"}, (prefill_m,))]
+    return stages
 
 
 def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget_s: float, echo: Echo) -> dict:
-    """Coordinate-descent sweep of tuning.CPU_SEARCH_SPACE on the Numba kernels; returns the best and all trials.
+    """Coordinate-descent sweep of tuning.CPU_SEARCH_SPACE on the Numba kernels, starting from the capability
+    plan; returns the best and all trials.
 
-    Each stage times the M values its parameter affects, summed over `shapes`. The GEMV/GEMM cut-over is the
-    largest M (from a prefix of the candidates) where the packed GEMV path beats the GEMM path.
+    Each stage times the M values its parameter affects, summed over `shapes`. With the int_mm engine, the
+    packed/int_mm cut-over is the largest M (from a prefix of the candidates) where the packed engine wins.
     """
     from .kernels import cpu, tuning
 
+    caps = tuning.capabilities()
     space = dict(tuning.CPU_SEARCH_SPACE)
     space["threads"] = [t for t in space["threads"] if t <= (os.cpu_count() or 1)]
     gen = torch.Generator().manual_seed(1)
     weights = [kernels.pack(torch.randn(n, k, generator=gen)) for n, k in shapes]
-    inputs = {m: [torch.randn(m, k, generator=gen) for _, k in shapes] for m in {1, 2, 4, 8, prefill_m,
+    inputs = {m: [torch.randn(m, k, generator=gen) for _, k in shapes] for m in {1, 2, 4, 8, 16, prefill_m,
                                                                                *space["gemv_max_m"]}}
     start = cpu.params()
     best = dict(start)
@@ -164,7 +171,7 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
 
     with forced_backend("numba"):
         cost(start, (1, prefill_m))  # warm-up: thread pool, JIT, caches
-        for name, values, fixed, ms in _stages(space, prefill_m):
+        for name, values, fixed, ms in _stages(space, prefill_m, caps):
             if name == "gemm_tile_n" and best["gemm_impl"] != "int_mm":
                 continue
             echo(f"tune: {name} over {values} (M={list(ms)}) ...")
@@ -173,15 +180,17 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
                 scores[v] = cost({**best, **fixed, name: v}, ms)
                 trials.append({"param": name, "value": v, "m": list(ms), "seconds": scores[v]})
             best[name] = min(scores, key=scores.get)
-        echo(f"tune: gemv_max_m over {space['gemv_max_m']} (GEMV vs GEMM per M) ...")
-        cut = 0
-        for m in sorted(space["gemv_max_m"]):
-            gemv, gemm = cost({**best, "gemv_max_m": m}, (m,)), cost({**best, "gemv_max_m": 0}, (m,))
-            trials.append({"param": "gemv_max_m", "value": m, "m": [m], "gemv_seconds": gemv, "gemm_seconds": gemm})
-            if gemv > gemm:
-                break
-            cut = m
-        best["gemv_max_m"] = cut
+        if best["gemm_impl"] == "int_mm":
+            echo(f"tune: gemv_max_m over {space['gemv_max_m']} (packed vs int_mm per M) ...")
+            cut = 0
+            for m in sorted(space["gemv_max_m"]):
+                packed, int_mm = cost({**best, "gemv_max_m": m}, (m,)), cost({**best, "gemv_max_m": 0}, (m,))
+                trials.append({"param": "gemv_max_m", "value": m, "m": [m], "packed_seconds": packed,
+                               "int_mm_seconds": int_mm})
+                if packed > int_mm:
+                    break
+                cut = m
+            best["gemv_max_m"] = cut
         # Final check, interleaved so drift hits both alike: never keep a sweep result slower than the start.
         ms = tuple(sorted({1, 8, prefill_m}))
         baseline, tuned = zip(*[(cost(start, ms), cost(best, ms)) for _ in range(3)], strict=True)
@@ -189,7 +198,7 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
     kept_start = tuned > baseline
     best = dict(start) if kept_start else best
     cpu.configure(**best)
-    return {"params": best, "start": start, "defaults": dict(tuning.CPU_DEFAULTS), "trials": trials,
+    return {"params": best, "start": start, "plan": tuning.plan(caps), "capabilities": caps, "trials": trials,
             "shapes": [list(s) for s in shapes], "prefill_m": prefill_m, "check_m": list(ms),
             "start_seconds": baseline, "tuned_seconds": tuned, "speedup": baseline / min(tuned, baseline),
             "kept_start": kept_start}
@@ -361,9 +370,9 @@ def format_table(r: dict) -> str:
             _table(["backend", "preset", "N x K", "M", "us", "GOPS", "vs reference"], rows), ""]
     if "tuning" in r:
         t = r["tuning"]
-        rows = [[k, v, t["defaults"].get(k), t["start"].get(k)] for k, v in t["params"].items()]
+        rows = [[k, v, t["plan"].get(k), t["start"].get(k)] for k, v in t["params"].items()]
         out += [f"tuned CPU kernel parameters ({t['speedup']:.2f}x vs the starting parameters on the tuning shapes; "
-                f"saved to {t.get('path', 'not saved')}):", _table(["param", "tuned", "default", "was"], rows), ""]
+                f"saved to {t.get('path', 'not saved')}):", _table(["param", "tuned", "plan", "was"], rows), ""]
     rows = [[x["preset"], x["linear"], fmt(x["parameters"]), f"{x['decode_tokens_per_sec']:.1f}",
              f"{x['prefill_tokens_per_sec']:.0f}", f"{x['train_tokens_per_sec']:.0f}",
              f"{x['recommended']['batch_size']} x {x['recommended']['seq_len']}",

@@ -1,219 +1,40 @@
 """The "numba" backend: int8 activations x ternary i2 weights on CPU, exact in int32, multi-threaded.
 
-Two paths, picked by `gemv_max_m` (kernels/tuning.py):
-  * packed (M small: decode): a Numba kernel reads the i2 bytes directly. Codes c = w + 1 are unsigned, so
-    x.w = x.c - sum(x); the inner loop is an LLVM-IR intrinsic doing u8 x s8 dot products
-    (AVX-512-VNNI 512-bit or AVX-VNNI 256-bit `vpdpbusd`, else AVX2 `vpmaddubsw`, else generic IR).
-  * GEMM (M large: prefill/training): i2 tiles are unpacked to int8 and multiplied by oneDNN's
-    `torch._int_mm` (VNNI int8 GEMM); the epilogue acc * gamma / s (+ bias) runs in Numba.
-Everything compiles lazily on first call (`cache=True`); the ISA is read once from the host CPU and can be
-forced with BITNET_FAST_CPU_ISA=vnni512|vnni|avx2|portable (use a fresh NUMBA_CACHE_DIR when you change it).
+Two engines, chosen per call by `kernels.tuning` (a plan derived from this CPU's capabilities, refined by
+`bitnet-fast calibrate`):
+  * packed: Numba drivers around the dot-product tiles of `cpu_dot.py`, reading the i2 bytes directly. Work is
+    split into tasks of (weight panel that fits L2) x (block of activation rows); inside a task, a tile of
+    activation rows stays in L1 while it sweeps the panel. Decode (M small) uses 1 x 4 tiles, larger M the
+    ISA's GEMM tile. Codes c = w + 1 are unsigned, so x.w = x.c - sum(x): sum(x) is subtracted per row.
+  * int_mm: i2 tiles unpacked to int8 and multiplied by `torch._int_mm` (oneDNN). Fast only where oneDNN has
+    VNNI (ATen picks its plain loop elsewhere: 30x slower than fp32 on AVX2), so the plan uses it only there.
+The epilogue acc * (gamma / s) (+ bias) is fused into the packed engine. Everything compiles lazily on first
+call (`cache=True`).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import numba
 import numpy as np
 import torch
-from llvmlite import binding as llvm_binding
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from . import reference, tuning
+from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, make_dot
 from .cpu_pack import pack, quantize_weight, unpack
 from .packing import PackedWeight
 
-__all__ = ["bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack", "params",
-           "quantize_activations", "quantize_weight", "unpack"]
+__all__ = ["ISA", "ISAS", "bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack",
+           "params", "quantize_activations", "quantize_weight", "unpack"]
 
 name = "numba"
 default_format = "i2"
-ISAS = ("vnni512", "vnni", "avx2", "portable")
+BLOCK = reference.I2_BLOCK
+MR, NR = tuning.GEMM_TILES[ISA]  # the GEMM register tile: activation rows x weight rows
+_dot_gemm, _dot_gemm_col, _dot_row, _dot_one = (make_dot(r, c) for r, c in ((MR, NR), (MR, 1), (1, 4), (1, 1)))
 
 
-def _detect_isa() -> str:
-    forced = os.environ.get("BITNET_FAST_CPU_ISA", "").strip().lower()
-    if forced:
-        if forced not in ISAS:
-            raise ValueError(f"BITNET_FAST_CPU_ISA={forced!r} is not one of {ISAS}")
-        return forced
-    f = llvm_binding.get_host_cpu_features()
-    if f.get("avx512vnni") and f.get("avx512bw"):
-        return "vnni512"
-    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
-        return "vnni"
-    return "avx2" if f.get("avx2") else "portable"
-
-
-ISA = _detect_isa()
-WIDE = 64 if ISA == "vnni512" else 32  # packed bytes per vector load: 512-bit vpdpbusd, else 256-bit
-ACCS = 16 if ISA == "vnni512" else 8  # vector accumulators per dot call (32 zmm vs 16 ymm registers)
-BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
-
-# ---------------------------------------------------------------------------------------- the dot intrinsic
-_I8x32 = ir.VectorType(ir.IntType(8), 32)
-_I16x16 = ir.VectorType(ir.IntType(16), 16)
-_I32x8 = ir.VectorType(ir.IntType(32), 8)
-_I64 = ir.IntType(64)
-
-
-def _fn(builder, fname: str, ret, args):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), fname)
-
-
-def _generic_dot(builder, acc, codes, xv):
-    """Target-independent IR for acc + dot4(u8 codes, s8 x): LLVM lowers it to whatever SIMD the CPU has."""
-    i32x32 = ir.VectorType(ir.IntType(32), 32)
-    p = builder.mul(builder.zext(codes, i32x32), builder.sext(xv, i32x32))
-    for h in range(4):
-        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32x8, list(range(8 * h, 8 * h + 8)))))
-    return acc
-
-
-def _row_addr(context, builder, typ, val):
-    """(address of element 0, row stride in bytes) of an array argument; (value, None) for an integer."""
-    if not isinstance(typ, types.Array):
-        return val, None
-    ary = cgutils.create_struct_proxy(typ)(context, builder, value=val)
-    return builder.ptrtoint(ary.data, _I64), cgutils.unpack_tuple(builder, ary.strides)[0]
-
-
-def _emit_loop(builder, start, stop, step: int, inits: list, body) -> list:
-    """IR for `for b in range(start, stop, step)` carrying `inits` through `body(b, values) -> values`."""
-    pre = builder.block
-    loop, after = builder.append_basic_block("i2loop"), builder.append_basic_block("i2after")
-    builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
-    builder.position_at_end(loop)
-    b = builder.phi(_I64)
-    carried = [builder.phi(v.type) for v in inits]
-    new = body(b, carried)
-    bn = builder.add(b, ir.Constant(_I64, step))
-    end = builder.block
-    b.add_incoming(start, pre)
-    b.add_incoming(bn, end)
-    for phi, v0, v1 in zip(carried, inits, new, strict=True):
-        phi.add_incoming(v0, pre)
-        phi.add_incoming(v1, end)
-    builder.cbranch(builder.icmp_signed("<", bn, stop), loop, after)
-    builder.position_at_end(after)
-    final = [builder.phi(v.type) for v in inits]
-    for phi, v0, v1 in zip(final, inits, new, strict=True):
-        phi.add_incoming(v0, pre)
-        phi.add_incoming(v1, end)
-    return final
-
-
-def _dot_step(builder, w_addrs, x_addrs, b, nbytes: int, unroll: int, accs: list) -> list:
-    """One loop step: `unroll` vectors of `nbytes` packed bytes from block b of every weight row, times every
-    activation row. Codes are decoded once (shift + mask) per weight row and reused for all activation rows;
-    activations are loaded once and reused for all weight rows. With 64-byte vectors the activations are
-    stored pair-interleaved (see _dot_layout) so that a plain load matches the code lanes.
-    """
-    i8v = ir.VectorType(ir.IntType(8), nbytes)
-    i32v = ir.VectorType(ir.IntType(32), nbytes // 4)
-    rows, g = len(x_addrs), len(w_addrs)
-    per_row = len(accs) // (rows * g)
-    new = list(accs)
-    mask = ir.Constant(i8v, [3] * nbytes)
-    for u in range(unroll):
-        blk = builder.add(b, ir.Constant(_I64, u * nbytes // 32))
-        codes = []
-        for w_addr in w_addrs:  # codes[s][q][j] = c[row s, 128 blk + 32 q + j] (per 32-byte half)
-            wv = builder.load(builder.inttoptr(builder.add(w_addr, builder.mul(blk, ir.Constant(_I64, 32))),
-                                               i8v.as_pointer()), align=1)
-            if per_row % 4 == 0 and ISA != "avx2":  # masks only: code q scaled by 4**q, unscaled at the end
-                codes.append([builder.and_(wv, ir.Constant(i8v, [3 << 2 * q] * nbytes)) for q in range(4)])
-            else:
-                codes.append([builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask)
-                              for q in range(4)])
-        for t, sw in ((t, sw) for t in range(rows) for sw in range(g)):
-            r = t * g + sw
-            if sw == 0:
-                xblk = builder.add(x_addrs[t], builder.mul(blk, ir.Constant(_I64, BLOCK)))
-                xs = [builder.load(builder.inttoptr(builder.add(xblk, ir.Constant(_I64, nbytes * q)),
-                                                    i8v.as_pointer()), align=1) for q in range(4)]
-            codes_r = codes[sw]
-            if ISA == "avx2":  # |sum of 4 maddubs| <= 4 * 2 * 2 * 128: no int16 saturation
-                maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
-                maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-                s16 = builder.call(maddubs, [codes_r[0], xs[0]])
-                for q in range(1, 4):
-                    s16 = builder.add(s16, builder.call(maddubs, [codes_r[q], xs[q]]))
-                j = r * per_row + u % per_row
-                new[j] = builder.add(new[j], builder.call(maddwd, [s16, ir.Constant(_I16x16, [1] * 16)]))
-                continue
-            for q in range(4):
-                j = r * per_row + (u * 4 + q) % per_row
-                if ISA == "portable":
-                    new[j] = _generic_dot(builder, new[j], codes_r[q], xs[q])
-                else:
-                    dpbusd = _fn(builder, f"llvm.x86.avx512.vpdpbusd.{nbytes * 8}", i32v, [i32v] * 3)
-                    new[j] = builder.call(dpbusd, [new[j], builder.bitcast(codes_r[q], i32v),
-                                                   builder.bitcast(xs[q], i32v)])
-    return new
-
-
-def _make_dot(rows: int, g: int):
-    """dot(wp, i, xq, r0, nblk, out): out[t * g + s] = sum_k c[i + s, k] * xq[r0 + t, k] over nblk i2 blocks,
-    for t < rows activation rows and s < g weight rows.
-
-    Loops: 'wide' steps of WIDE bytes x unroll, then single WIDE vectors, then single 32-byte blocks; each
-    keeps ~8 independent vector accumulators (latency hiding) that are reduced to one int32 per row at the end.
-    """
-    unroll = 2 if rows * g < 4 else 1
-    per_row = max(1, ACCS // (rows * g)) if ISA != "avx2" else unroll
-    scaled = per_row % 4 == 0 and ISA != "avx2"  # see _dot_step: exact, |acc| < 64 * 2 * 128 * K / 4
-
-    @intrinsic
-    def dot(typingctx, wp, i, xq, r0, nblk, out):
-        sig = types.void(wp, types.intp, xq, types.intp, types.intp, out)
-
-        def codegen(context, builder, signature, args):
-            addr = [_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True)]
-            wp, i, xq, r0, nblk, out = addr
-            w0, x_stride = builder.add(wp[0], builder.mul(i[0], wp[1])), xq[1]
-            w_addrs = [builder.add(w0, builder.mul(wp[1], ir.Constant(_I64, s))) for s in range(g)]
-            x0 = builder.add(xq[0], builder.mul(r0[0], x_stride))
-            x_addrs = [builder.add(x0, builder.mul(x_stride, ir.Constant(_I64, r))) for r in range(rows)]
-            nblk = nblk[0]
-            total = [ir.Constant(ir.IntType(32), 0)] * (rows * g)
-            start = ir.Constant(_I64, 0)
-            for nbytes, u in dict.fromkeys([(WIDE, unroll), (WIDE, 1), (32, 1)]):
-                step = u * nbytes // 32
-                stop = builder.sub(nblk, builder.srem(nblk, ir.Constant(_I64, step)))
-                i32v = ir.VectorType(ir.IntType(32), nbytes // 4)
-                zero = [ir.Constant(i32v, None)] * (rows * g * per_row)
-                accs = _emit_loop(builder, start, stop, step, zero,
-                                  lambda b, a, n=nbytes, u=u: _dot_step(builder, w_addrs, x_addrs, b, n, u, a))
-                reduce = _fn(builder, f"llvm.vector.reduce.add.v{nbytes // 4}i32", ir.IntType(32), [i32v])
-                for r in range(rows * g):
-                    for q in range(4 if scaled else 1):  # accumulator j holds quarter q = j % 4, times 4**q
-                        v = accs[r * per_row + q]
-                        for j in range(q + (4 if scaled else 1), per_row, 4 if scaled else 1):
-                            v = builder.add(v, accs[r * per_row + j])
-                        part = builder.call(reduce, [v])
-                        part = builder.ashr(part, ir.Constant(ir.IntType(32), 2 * q)) if q else part
-                        total[r] = builder.add(total[r], part)
-                start = stop
-            for r in range(rows * g):
-                ptr = builder.inttoptr(builder.add(out[0], ir.Constant(_I64, 4 * r)), ir.IntType(32).as_pointer())
-                builder.store(total[r], ptr)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dot
-
-
-_dot_1x4, _dot_1x1, _dot_4x2, _dot_4x1 = (_make_dot(r, g) for r, g in ((1, 4), (1, 1), (4, 2), (4, 1)))
-
-
-# ----------------------------------------------------------------------------------------- Numba kernels
+# --------------------------------------------------------------------------------------- activation quant
 @njit(cache=True, inline="always")
 def _quant_row(x, r, xq, s, xsum) -> None:
     """reference.act_quant for one row, bit-exact: s = (1 / amax) * 127 as torch's 127.0 / t computes it.
@@ -251,9 +72,9 @@ def _quantize(x, xq, s, xsum) -> None:
 
 @njit(cache=True)
 def _dot_layout(xp):
-    """(M, Kp) int8 -> the order the dot intrinsic loads: with 64-byte vectors, each pair of 128-blocks is
+    """(M, Kp) int8 -> the order the dot tiles load: with 64-byte vectors, each pair of 128-blocks is
     interleaved by quarter (q, block, j) so that one load meets the codes of two blocks; else unchanged."""
-    if WIDE == 32:
+    if not DOT_LAYOUT_PAIRS:
         return xp
     out = xp.copy()
     for r in range(xp.shape[0]):
@@ -265,62 +86,110 @@ def _dot_layout(xp):
     return out
 
 
-@njit(cache=True, inline="always")
-def _store(r, i, v, scale, bias, fused, has_bias, outi, outf) -> None:
-    if fused:
-        y = np.float32(v) * scale[r]
-        outf[r, i] = y + bias[i] if has_bias else y
-    else:
-        outi[r, i] = v
+# --------------------------------------------------------------------------------------------- the engine
+@njit(cache=True)
+def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
+    """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) (int32 out when scale is None), else * scale (+ bias) in fp32."""
+    w = acc.shape[1]
+    for t in range(nr):
+        xs = xsum[r + t]
+        if scale is None:
+            for i in range(w):
+                out[r + t, p0 + i] = acc[t, i] - xs
+        else:
+            sc = scale[r + t]
+            if bias is None:
+                for i in range(w):
+                    out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc
+            else:
+                for i in range(w):
+                    out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc + bias[p0 + i]
+
+
+@njit(cache=True, parallel=True)
+def _mm(xq, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
+    """out (M, N) = xq (M, Kp) int8 [dot layout] x i2 wp (N, Kp/4), exact in int32, then the epilogue.
+
+    About `tasks` parallel tasks: weight panels of at most `panel_bytes` (L2-resident) times blocks of
+    activation rows (when there are fewer panels than tasks). A tile of activation rows (MR with the GEMM tile
+    when `gemm_rows`, else 1 with the 1 x 4 decode tile) sweeps its panel into an int32 strip, and the
+    epilogue runs over the strip (vectorized).
+    """
+    m, n, kb = xq.shape[0], wp.shape[0], wp.shape[1]
+    if m == 0:
+        return
+    nblk = kb // 32
+    panel = min(n, max(4 * NR, panel_bytes // kb))
+    npanels = (n + panel - 1) // panel
+    mtiles = (m + MR - 1) // MR
+    mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
+    rows_per_block = (mtiles + mblocks - 1) // mblocks * MR
+    for task in prange(npanels * mblocks):
+        p0 = task % npanels * n // npanels  # balanced panels
+        p1 = (task % npanels + 1) * n // npanels
+        r, m1 = task // npanels * rows_per_block, min(m, (task // npanels + 1) * rows_per_block)
+        acc = np.empty((MR, p1 - p0), np.int32)
+        while r < m1:
+            nr = MR if gemm_rows and m1 - r >= MR else 1
+            i = p0
+            while i < p1:
+                if nr == MR:
+                    nc = NR if p1 - i >= NR else 1
+                    if nc == NR:
+                        _dot_gemm(wp, i, xq, r, nblk, acc, i - p0)
+                    else:
+                        _dot_gemm_col(wp, i, xq, r, nblk, acc, i - p0)
+                else:
+                    nc = 4 if p1 - i >= 4 else 1
+                    if nc == 4:
+                        _dot_row(wp, i, xq, r, nblk, acc, i - p0)
+                    else:
+                        _dot_one(wp, i, xq, r, nblk, acc, i - p0)
+                i += nc
+            _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out)
+            r += nr
 
 
 @njit(cache=True)
-def _quantize_small(x, kp, gamma):
-    """Decode-path prologue: quantize the few rows of x serially into the dot's layout; returns
-    (xq (M, Kp) int8, row sums (M,) int32, epilogue scale gamma / s (M,) fp32)."""
+def _prepare_q(xq, kp):
+    """(M, K) int8 -> (zero-padded (M, Kp) in the dot layout, row sums (M,) int32)."""
+    m, k = xq.shape
+    xp = np.zeros((m, kp), np.int8)
+    xsum = np.zeros(m, np.int32)
+    for r in range(m):
+        for j in range(k):
+            xp[r, j] = xq[r, j]
+            xsum[r] += np.int32(xq[r, j])
+    return _dot_layout(xp), xsum
+
+
+@njit(cache=True)
+def _prepare_f(x, gamma, kp, serial):
+    """(M, K) fp32 -> quantized (M, Kp) int8 in the dot layout, row sums, epilogue scale gamma / s."""
     m = x.shape[0]
     xq = np.zeros((m, kp), np.int8)
     s = np.empty(m, np.float32)
     xsum = np.empty(m, np.int32)
-    for r in range(m):
-        _quant_row(x, r, xq, s, xsum)
+    if serial:
+        for r in range(m):
+            _quant_row(x, r, xq, s, xsum)
+    else:
+        _quantize(x, xq, s, xsum)
     return _dot_layout(xq), xsum, gamma / s
 
 
-@njit(cache=True, parallel=True)
-def _packed_mm(x, gamma, xq, xsum, scale, wp, rows, nchunks, bias, fused, has_bias, outi, outf) -> None:
-    """(M, Kp) int8 x i2 (N, Kp/4) -> int32 outi, or (fused) fp32 outf = acc * scale[r] (+ bias).
+@njit(cache=True)
+def _bitlinear_packed(x, gamma, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
+    """Fused forward on the packed engine: quantize x (M, K) fp32 and multiply (one dispatch from Python)."""
+    xq, xsum, scale = _prepare_f(x, gamma, wp.shape[1] * 4, x.shape[0] * x.shape[1] < 65536)
+    _mm(xq, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows)
 
-    If x (M, K) fp32 has columns, it is quantized here first (one dispatch for the decode path) and
-    xq, xsum, scale are replaced by its quantization and gamma / s.
-    """
-    if x.shape[1] > 0:
-        xq, xsum, scale = _quantize_small(x, wp.shape[1] * 4, gamma)
-    m, n, nblk = xq.shape[0], wp.shape[0], wp.shape[1] // 32
-    nchunks = min(n, nchunks)
-    g = 4 if min(rows, m) < 4 else 2  # weight rows per pass: 1 x 4 or 4 x 2 dot products per call
-    for c in prange(nchunks):
-        acc = np.zeros(8, np.int32)  # acc[t * gi + s]: activation row r + t, weight row i + s
-        i, hi = c * n // nchunks, (c + 1) * n // nchunks
-        while i < hi:
-            gi = g if i + g <= hi else 1
-            r = 0
-            while r < m:
-                nr = 4 if rows >= 4 and m - r >= 4 else 1
-                if nr == 4 and gi == 2:
-                    _dot_4x2(wp, i, xq, r, nblk, acc)
-                elif nr == 4:
-                    _dot_4x1(wp, i, xq, r, nblk, acc)
-                elif gi == 4:
-                    _dot_1x4(wp, i, xq, r, nblk, acc)
-                else:  # gi in (1, 2): the leftover rows of a 4 x 2 pass
-                    for sw in range(gi):
-                        _dot_1x1(wp, i + sw, xq, r, nblk, acc[sw:])
-                for t in range(nr):
-                    for sw in range(gi):
-                        _store(r + t, i + sw, acc[t * gi + sw] - xsum[r + t], scale, bias, fused, has_bias, outi, outf)
-                r += nr
-            i += gi
+
+@njit(cache=True)
+def _matmul_packed(xq, scale, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
+    """Quantized activations (M, K) int8 with epilogue scale (or None: int32 out) times i2 on the packed engine."""
+    xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
+    _mm(xp, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows)
 
 
 @njit(cache=True, parallel=True)
@@ -336,85 +205,89 @@ def _unpack_i2(wp, n0, n1, k, out) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _epilogue(acc, n0, scale, bias, has_bias, out) -> None:
+def _epilogue(acc, n0, scale, bias, out) -> None:
     """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t]), in fp32."""
     for r in prange(out.shape[0]):
         for i in range(acc.shape[1]):
-            y = np.float32(acc[r, i]) * scale[r]
-            out[r, n0 + i] = y + bias[n0 + i] if has_bias else y
+            if bias is None:
+                out[r, n0 + i] = np.float32(acc[r, i]) * scale[r]
+            else:
+                out[r, n0 + i] = np.float32(acc[r, i]) * scale[r] + bias[n0 + i]
 
 
 # ------------------------------------------------------------------------------------------------- params
-_params: dict[str, Any] | None = None
-_EMPTY_F32 = np.empty(0, np.float32)
-_EMPTY_I32, _EMPTY_F32_2D = np.empty((0, 0), np.int32), np.empty((0, 0), np.float32)
-_EMPTY_I8, _EMPTY_I32_1D = np.empty((0, 0), np.int8), np.empty(0, np.int32)
+_params: dict | None = None
 
 
-def params() -> dict[str, Any]:
-    """The current kernel parameters (tuning file merged over defaults, then `configure` overrides)."""
+def params() -> dict:
+    """The current kernel parameters: the capability plan, the tuning file over it, then `configure` overrides."""
     global _params
     if _params is None:
-        _params = tuning.load()
-    return {k: v for k, v in _params.items() if not k.startswith("_")}
+        _params = tuning.load(ISA)
+    return dict(_params)
 
 
-def configure(**kw: Any) -> dict[str, Any]:
+def configure(**kw) -> dict:
     """Change kernel parameters at runtime (names/values as in tuning.CPU_DEFAULTS); returns them all."""
     params()
     _params.update(tuning.validate(kw))
     return params()
 
 
-def _threads(work: int) -> int:
-    """Apply the thread count (tuned value, else torch's, capped by NUMBA_NUM_THREADS; one thread for less
-    than tuning.SERIAL_WORK multiply-adds, where a parallel region costs more than it saves); returns it."""
-    n = max(1, min(_params["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _setup(work: int) -> tuple[dict, int]:
+    """(parameters, parallel tasks) for a call doing `work` multiply-adds. Threads: the tuned value, else
+    torch's, capped by NUMBA_NUM_THREADS; one thread below tuning.SERIAL_WORK, where a parallel region costs
+    more than it saves. Tasks: a few per thread, for balance when a core is busy elsewhere."""
+    p = _params if _params is not None else (params() and _params)
+    n = max(1, min(p["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     n = 1 if work < tuning.SERIAL_WORK else n
     if numba.get_num_threads() != n:  # per Python thread; cpu_pack sets it too, so compare, don't cache
         numba.set_num_threads(n)
-    return n
-
-
-def _setup(work: int) -> dict[str, Any]:
-    """Parameters for a call doing `work` multiply-adds (sets the thread count and chunking)."""
-    if _params is None:
-        params()
-    _params["_nchunks"] = 8 * _threads(work)  # a few chunks per thread: balance when a core is busy elsewhere
-    return _params
+    return p, 8 * n
 
 
 # ------------------------------------------------------------------------------------------- torch glue
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().numpy()
-
-
 def _f32(x: torch.Tensor) -> np.ndarray:
     if x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
         return x.numpy()
-    return _np(x.detach().float())
+    return x.detach().float().contiguous().numpy()
 
 
 def _i2(pw: PackedWeight) -> np.ndarray:
     if pw.format != "i2":
         raise ValueError(f"the numba kernels compute on format 'i2', got {pw.format!r}; use kernels.repack(pw, 'i2')")
-    return pw.data.numpy() if pw.data.is_contiguous() else _np(pw.data)
+    return pw.data.numpy() if pw.data.is_contiguous() else pw.data.contiguous().numpy()
 
 
-def _gamma(pw: PackedWeight) -> np.float32:
-    return np.float32(pw.gamma.item())
+def _bias(bias: torch.Tensor | None) -> np.ndarray | None:
+    return None if bias is None else _f32(bias)
 
 
-def _bias(bias: torch.Tensor | None) -> tuple[np.ndarray, bool]:
-    return (_EMPTY_F32, False) if bias is None else (_f32(bias), True)
+def _packed_engine(m: int, p: dict) -> bool:
+    return p["gemm_impl"] == "numba" or m <= p["gemv_max_m"]
 
 
-def _padded(xq: torch.Tensor, kp: int) -> tuple[np.ndarray, np.ndarray]:
-    """(M, K) int8 -> zero-padded (M, Kp) int8 in the dot's layout, and row sums (M,) int32."""
-    m, k = xq.shape
-    xp = np.zeros((m, kp), np.int8)
-    xp[:, :k] = xq.numpy()
-    return _dot_layout(xp), xp.sum(axis=1, dtype=np.int32)
+def _dequant_tiles(pw: PackedWeight, tile_n: int):
+    """Yield (n0, n1, int8 tile (n1 - n0, K)) over the weight rows, reusing one scratch buffer."""
+    wp, (n, k) = _i2(pw), pw.shape
+    tile = min(n, tile_n)
+    w8 = torch.empty((tile, k), dtype=torch.int8)
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        _unpack_i2(wp, n0, n1, k, w8.numpy())
+        yield n0, n1, w8[: n1 - n0]
+
+
+def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, bias, out: torch.Tensor,
+                 tile_n: int) -> None:
+    """int_mm engine: oneDNN int8 GEMM per unpacked weight tile, Numba epilogue (none if scale is None)."""
+    for n0, n1, w8 in _dequant_tiles(pw, tile_n):
+        wt = w8.t() if pw.in_features > 1 else w8.t().clone(memory_format=torch.contiguous_format)  # (K, t)
+        acc = torch._int_mm(xq, wt)
+        if scale is None:
+            out[:, n0:n1] = acc
+        else:
+            _epilogue(acc.numpy(), n0, scale, _bias(bias), out.numpy())
 
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,92 +300,54 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return xq, s
 
 
-def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, bias, out: torch.Tensor) -> None:
-    """GEMM path: unpack i2 tiles of weight rows to int8 and let oneDNN multiply; Numba epilogue (none if
-    scale is None: out is then the int32 product)."""
-    wp, (n, k), m = _i2(pw), pw.shape, xq.shape[0]
-    tile = min(n, _params["gemm_tile_n"])
-    w8 = torch.empty((tile, k), dtype=torch.int8)
-    acc = torch.empty((m, tile), dtype=torch.int32)
-    b, has_bias = _bias(bias)
-    for n0 in range(0, n, tile):
-        t = min(n, n0 + tile) - n0
-        _unpack_i2(wp, n0, n0 + t, k, w8.numpy())
-        wt = w8[:t].t() if k > 1 else w8[:t].t().clone(memory_format=torch.contiguous_format)  # (K, t)
-        acc_t = torch._int_mm(xq, wt, out=acc if t == tile else torch.empty((m, t), dtype=torch.int32))
-        if scale is None:
-            out[:, n0 : n0 + t] = acc_t
-        else:
-            _epilogue(acc_t.numpy(), n0, scale, b, has_bias, out.numpy())
-
-
-def _use_packed(m: int) -> bool:
-    return m <= _params["gemv_max_m"] or _params["gemm_impl"] == "numba"
-
-
 def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, K) int8 x i2 (N, K) -> (M, N) int32, exact."""
-    p = _setup(xq.shape[0] * pw.out_features * pw.in_features)
     m, (n, k) = xq.shape[0], pw.shape
+    p, tasks = _setup(m * n * k)
     out = torch.empty((m, n), dtype=torch.int32)
-    if not _use_packed(m):
-        _gemm_int_mm(xq.contiguous(), pw, None, None, out)
-        return out
-    xp, xsum = _padded(xq, reference.padded_k(k))
-    _packed_mm(_EMPTY_F32_2D, np.float32(0), xp, xsum, _EMPTY_F32, _i2(pw), p["rows_per_pass"], p["_nchunks"],
-               _EMPTY_F32, False, False, out.numpy(), _EMPTY_F32_2D)
+    if _packed_engine(m, p):
+        _matmul_packed(xq.contiguous().numpy(), None, _i2(pw), None, out.numpy(), tasks, p["panel_bytes"],
+                       m >= p["gemm_min_m"])
+    else:
+        _gemm_int_mm(xq.contiguous(), pw, None, None, out, p["gemm_tile_n"])
     return out
 
 
 def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) int8, (M,) fp32 x i2 -> (M, N) out_dtype: exact int32 product, epilogue acc * (gamma / s) + bias."""
-    p = _setup(xq.shape[0] * pw.out_features * pw.in_features)
     m, (n, k) = xq.shape[0], pw.shape
+    p, tasks = _setup(m * n * k)
     out = torch.empty((m, n), dtype=torch.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = _gamma(pw) / _np(s.detach())
-    if _use_packed(m):
-        xp, xsum = _padded(xq, reference.padded_k(k))
-        b, has_bias = _bias(bias)
-        _packed_mm(_EMPTY_F32_2D, np.float32(0), xp, xsum, scale, _i2(pw), p["rows_per_pass"], p["_nchunks"], b,
-                   True, has_bias, _EMPTY_I32, out.numpy())
+        scale = np.float32(pw.gamma.item()) / s.detach().contiguous().numpy()
+    if _packed_engine(m, p):
+        _matmul_packed(xq.contiguous().numpy(), scale, _i2(pw), _bias(bias), out.numpy(), tasks, p["panel_bytes"],
+                       m >= p["gemm_min_m"])
     else:
-        _gemm_int_mm(xq.contiguous(), pw, scale, bias, out)
-    return out.to(out_dtype)
+        _gemm_int_mm(xq.contiguous(), pw, scale, bias, out, p["gemm_tile_n"])
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
-    p = _setup(x2d.shape[0] * pw.out_features * pw.in_features)
-    m, n = x2d.shape[0], pw.out_features
-    if m <= p["gemv_max_m"]:
-        out = torch.empty((m, n), dtype=torch.float32)
-        b, has_bias = _bias(bias)
-        _packed_mm(_f32(x2d), _gamma(pw), _EMPTY_I8, _EMPTY_I32_1D, _EMPTY_F32, _i2(pw), p["rows_per_pass"],
-                   p["_nchunks"], b, True, has_bias, _EMPTY_I32, out.numpy())
-        return out if out_dtype == torch.float32 else out.to(out_dtype)
-    xq, s = quantize_activations(x2d)
-    return matmul(xq, s, pw, bias, out_dtype)
+    m, (n, k) = x2d.shape[0], pw.shape
+    p, tasks = _setup(m * n * k)
+    if not _packed_engine(m, p):
+        xq, s = quantize_activations(x2d)
+        return matmul(xq, s, pw, bias, out_dtype)
+    out = torch.empty((m, n), dtype=torch.float32)
+    _bitlinear_packed(_f32(x2d), np.float32(pw.gamma.item()), _i2(pw), _bias(bias), out.numpy(), tasks,
+                      p["panel_bytes"], m >= p["gemm_min_m"])
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ backward
-def _dequant_tiles(pw: PackedWeight):
-    """Yield (n0, n1, int8 tile (n1 - n0, K)) over the weight rows, reusing one scratch buffer."""
-    wp, (n, k) = _i2(pw), pw.shape
-    tile = min(n, _params["gemm_tile_n"])
-    w8 = torch.empty((tile, k), dtype=torch.int8)
-    for n0 in range(0, n, tile):
-        n1 = min(n, n0 + tile)
-        _unpack_i2(wp, n0, n1, k, w8.numpy())
-        yield n0, n1, w8[: n1 - n0]
-
-
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over unpacked weight tiles."""
-    _setup(grad_y2d.shape[0] * pw.out_features * pw.in_features)
+    p, _ = _setup(grad_y2d.shape[0] * pw.out_features * pw.in_features)
     gy = grad_y2d.detach().float()
     gx = torch.zeros((gy.shape[0], pw.in_features), dtype=torch.float32)
-    for n0, n1, w8 in _dequant_tiles(pw):
+    for n0, n1, w8 in _dequant_tiles(pw, p["gemm_tile_n"]):
         gx.addmm_(gy[:, n0:n1], w8.float())
     return gx.mul_(pw.gamma.float())
 

@@ -1,15 +1,17 @@
-"""Where tuned CPU kernel parameters live: defaults, the search space a calibrator sweeps, and a JSON file.
+"""CPU kernel parameters: a plan derived from what this CPU and this torch build can do fast, refined by measurement.
 
-The file is `$BITNET_FAST_TUNING`, else `<user cache dir>/bitnet-fast/kernel_tuning.json`. `load()` merges it
-over `CPU_DEFAULTS` (unknown keys and a corrupt file are ignored with a warning); `save()` writes atomically.
-`kernels.cpu` reads `load()` on first use; `kernels.cpu.configure(**params)` changes parameters at runtime.
+`plan(caps)` is a pure function of the capabilities (`capabilities()` reads them from the host), so every ISA
+class's dispatch is testable without its hardware. The tuning file written by `bitnet-fast calibrate`
+($BITNET_FAST_TUNING, else `<user cache dir>/bitnet-fast/kernel_tuning.json`) records the capabilities it was
+measured with and is applied only on a machine with the same ones. `kernels.cpu.configure(**params)` changes
+parameters at runtime (what a calibrator sweeps).
 
 Usage by a calibrator:
 
     from bitnet_fast.kernels import cpu, tuning
-    for value in tuning.CPU_SEARCH_SPACE["gemv_max_m"]:
-        cpu.configure(gemv_max_m=value)  # ... time kernels ...
-    tuning.save({**tuning.load(), "gemv_max_m": best})
+    for value in tuning.CPU_SEARCH_SPACE["gemm_min_m"]:
+        cpu.configure(gemm_min_m=value)  # ... time kernels ...
+    tuning.save({**cpu.params(), "gemm_min_m": best})
 """
 
 from __future__ import annotations
@@ -21,31 +23,59 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# GEMM register tile (activation rows, weight rows) of the packed engine per ISA class (kernels/cpu_dot.py).
+GEMM_TILES: dict[str, tuple[int, int]] = {"vnni512": (4, 2), "vnni": (4, 2), "avx2": (4, 2), "portable": (4, 2)}
+
 # threads: 0 means min(torch.get_num_threads(), NUMBA_NUM_THREADS) at call time.
-# gemv_max_m: batches with M <= this use the Numba packed kernel; larger M use the GEMM path.
-# gemm_impl: "int_mm" = unpack i2 tiles to int8 and call torch._int_mm (oneDNN); "numba" = packed kernel.
-# gemm_tile_n: weight rows unpacked per torch._int_mm call on the GEMM path (bounds the int8 scratch).
-# rows_per_pass: activation rows that share one decoded weight block in the Numba kernel (1 or 4).
+# gemm_impl: engine for M > gemv_max_m: "numba" = the packed engine (every M), "int_mm" = unpack i2 tiles to
+#   int8 and call torch._int_mm (oneDNN; fast only with AVX-512 VNNI, see plan()).
+# gemv_max_m: with gemm_impl="int_mm", batches with M <= this stay on the packed engine.
+# gemm_tile_n: weight rows unpacked per torch._int_mm call (bounds the int8 scratch; also the backward's tile).
+# gemm_min_m: on the packed engine, M from which activation rows are tiled by the ISA's GEMM tile (below: 1 x 4).
+# panel_bytes: packed weight bytes per task panel (kept in L2 while a tile of activation rows sweeps it).
 CPU_DEFAULTS: dict[str, Any] = {
     "threads": 0,
+    "gemm_impl": "numba",
     "gemv_max_m": 128,
-    "gemm_impl": "int_mm",
     "gemm_tile_n": 1024,
-    "rows_per_pass": 4,
+    "gemm_min_m": 4,
+    "panel_bytes": 1 << 18,
 }
-
-# Below this many multiply-adds (or elements, for packing) the kernels run on one thread: one thread does
-# ~1M int8 MACs in ~5 us here (GEMV 4096^2: 72 us), about what waking a second thread costs on an idle
-# machine; under contention a 2-thread region can stall for milliseconds (docs/calibrate.md).
-SERIAL_WORK = 1 << 20
 
 CPU_SEARCH_SPACE: dict[str, list[Any]] = {
     "threads": [0, 1, 2, 4, 8],
-    "gemv_max_m": [1, 4, 8, 16, 32, 64, 128, 256, 512],
     "gemm_impl": ["int_mm", "numba"],
+    "gemv_max_m": [1, 4, 8, 16, 32, 64, 128, 256, 512],
     "gemm_tile_n": [256, 512, 1024, 2048, 4096],
-    "rows_per_pass": [1, 4],
+    "gemm_min_m": [2, 4, 8, 16],
+    "panel_bytes": [1 << 16, 1 << 17, 1 << 18, 1 << 19],
 }
+
+# Below this many multiply-adds (or elements, for packing) the kernels run on one thread: one thread does
+# ~1M int8 MACs in ~5 us, about what waking a second thread costs on an idle machine; under contention a
+# 2-thread region can stall for milliseconds (docs/calibrate.md).
+SERIAL_WORK = 1 << 20
+
+
+def capabilities(isa: str | None = None) -> dict[str, Any]:
+    """What this host can do fast: the dot-product ISA class of `kernels.cpu_dot` (honouring
+    BITNET_FAST_CPU_ISA) and whether torch._int_mm reaches oneDNN's VNNI GEMM. A forced ISA class below
+    vnni512 also switches the int_mm engine off, so a forced run reproduces that class's dispatch."""
+    import torch
+
+    if isa is None:
+        from .cpu_dot import ISA as isa
+    vnni = bool(torch.cpu._is_vnni_supported()) and torch.backends.mkldnn.is_available()
+    return {"isa": isa, "int_mm_vnni": vnni and isa == "vnni512"}
+
+
+def plan(caps: dict[str, Any]) -> dict[str, Any]:
+    """Default parameters for `caps` (a pure function): int_mm for large M only where oneDNN has VNNI (elsewhere
+    ATen runs a plain loop, ~30x slower than fp32), the packed engine everywhere else."""
+    params = dict(CPU_DEFAULTS)
+    if caps["int_mm_vnni"]:
+        params.update(gemm_impl="int_mm", gemv_max_m=128)
+    return params
 
 
 def path() -> Path:
@@ -66,29 +96,34 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         want = type(CPU_DEFAULTS[key])
         if not isinstance(value, want) or isinstance(value, bool):
             raise ValueError(f"{key}={value!r} must be a {want.__name__}")
-        if key == "gemm_impl" and value not in ("int_mm", "numba"):
-            raise ValueError(f"gemm_impl={value!r} must be 'int_mm' or 'numba'")
-        if key == "rows_per_pass" and value not in (1, 4):
-            raise ValueError(f"rows_per_pass={value!r} must be 1 or 4")
-        if key != "gemm_impl" and value < (0 if key in ("threads", "gemv_max_m") else 1):
+        if key == "gemm_impl":
+            if value not in ("int_mm", "numba"):
+                raise ValueError(f"gemm_impl={value!r} must be 'int_mm' or 'numba'")
+        elif value < (0 if key in ("threads", "gemv_max_m") else 1):
             raise ValueError(f"{key}={value!r} is out of range")
     return params
 
 
-def load() -> dict[str, Any]:
-    """CPU_DEFAULTS overlaid with the tuning file's valid entries (missing file: the defaults)."""
-    params = dict(CPU_DEFAULTS)
+def load(isa: str | None = None) -> dict[str, Any]:
+    """plan(capabilities()) overlaid with the tuning file's valid entries, when the file was measured on a
+    machine with the same capabilities (missing file: the plan)."""
+    caps = capabilities(isa)
+    params = plan(caps)
     p = path()
     if not p.is_file():
         return params
     try:
         saved = json.loads(p.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("top level is not a JSON object")
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+            raise ValueError("not a bitnet-fast tuning file (no 'params' object)")
     except (OSError, ValueError) as e:
         warnings.warn(f"bitnet_fast: ignoring unreadable kernel tuning file {p} ({e}); using defaults", stacklevel=2)
         return params
-    for key, value in saved.items():
+    if saved.get("capabilities") != caps:
+        warnings.warn(f"bitnet_fast: ignoring kernel tuning file {p}: measured on {saved.get('capabilities')}, this "
+                      f"machine is {caps}; re-run `bitnet-fast calibrate`", stacklevel=2)
+        return params
+    for key, value in saved["params"].items():
         try:
             params.update(validate({key: value}))
         except ValueError as e:
@@ -97,14 +132,14 @@ def load() -> dict[str, Any]:
 
 
 def save(params: dict[str, Any]) -> Path:
-    """Validate and write `params` atomically (temp file + rename); returns the path written."""
+    """Validate and write `params` with this machine's capabilities, atomically; returns the path written."""
     validate(params)
     p = path()
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".kernel_tuning.", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(params, f, indent=2, sort_keys=True)
+            json.dump({"capabilities": capabilities(), "params": params}, f, indent=2, sort_keys=True)
         os.replace(tmp, p)
     except BaseException:
         os.unlink(tmp)

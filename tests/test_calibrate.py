@@ -74,7 +74,7 @@ def test_json_schema(run) -> None:
         assert all(k["seconds"] > 0 and k["gops"] > 0 for k in rows), rows
     t = r["tuning"]
     assert set(t["params"]) == set(tuning.CPU_DEFAULTS) and t["speedup"] >= 1.0
-    assert {x["param"] for x in t["trials"]} >= {"threads", "rows_per_pass", "gemm_impl", "gemv_max_m"}
+    assert {x["param"] for x in t["trials"]} >= {"threads", "gemm_min_m", "panel_bytes"}
     models = {(x["preset"], x["linear"]): x for x in r["models"]}
     assert set(models) == {("tiny", "bitnet"), ("tiny", "fp")}
     for x in models.values():

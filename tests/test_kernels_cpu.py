@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -23,8 +24,9 @@ from hypothesis import strategies as st
 from bitnet_fast import kernels
 
 PATHS = {  # name -> cpu.configure(...) that forces it
-    "packed-r1": dict(gemv_max_m=1 << 20, rows_per_pass=1),
-    "packed-r4": dict(gemv_max_m=1 << 20, rows_per_pass=4),
+    "packed-decode": dict(gemm_impl="numba", gemm_min_m=1 << 20),  # 1 x 4 tiles for every row
+    "packed-gemm": dict(gemm_impl="numba", gemm_min_m=1),  # the ISA's GEMM tile wherever MR rows remain
+    "packed-panels": dict(gemm_impl="numba", gemm_min_m=2, panel_bytes=64),  # many panels and row blocks
     "int_mm": dict(gemv_max_m=0, gemm_impl="int_mm", gemm_tile_n=16),
 }
 
@@ -69,8 +71,10 @@ def _floats(rng, m: int, k: int) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-# K up to 1100 reaches every loop of the packed dot (4-block wide steps, 2-block pairs, single blocks).
-shapes = st.tuples(st.integers(1, 20), st.one_of(st.integers(1, 300), st.integers(300, 1100)), st.integers(1, 40))
+# K up to 1100 reaches every loop of the vnni dots (4-block wide steps, 2-block pairs, single blocks); K above
+# 2048 crosses the avx2 dot's int16 widening every cpu_dot.CHUNK = 16 blocks.
+shapes = st.tuples(st.integers(1, 20), st.one_of(st.integers(1, 300), st.integers(300, 1100), st.integers(1900, 4400)),
+                   st.integers(1, 40))
 
 
 def test_numba_serves_cpu():
@@ -193,17 +197,63 @@ def test_bad_inputs_name_the_argument(monkeypatch):
 
 def test_tuning_file_roundtrip_and_corrupt(tmp_path, monkeypatch):
     monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "t.json"))
-    assert tuning.load() == tuning.CPU_DEFAULTS
-    assert tuning.save({**tuning.CPU_DEFAULTS, "gemv_max_m": 4}) == tmp_path / "t.json"
-    assert tuning.load()["gemv_max_m"] == 4
+    plan = tuning.plan(tuning.capabilities())
+    assert tuning.load() == plan
+    assert tuning.save({**plan, "gemm_min_m": 8}) == tmp_path / "t.json"
+    assert tuning.load()["gemm_min_m"] == 8
     assert set(tuning.CPU_SEARCH_SPACE) == set(tuning.CPU_DEFAULTS)
     (tmp_path / "t.json").write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable"):
-        assert tuning.load() == tuning.CPU_DEFAULTS
-    (tmp_path / "t.json").write_text(json.dumps({"gemv_max_m": "big", "threads": 1}))
-    with pytest.warns(UserWarning, match="gemv_max_m"):
-        assert tuning.load() == {**tuning.CPU_DEFAULTS, "threads": 1}
+        assert tuning.load() == plan
+    saved = {"capabilities": tuning.capabilities(), "params": {"gemm_min_m": "big", "threads": 1}}
+    (tmp_path / "t.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="gemm_min_m"):
+        assert tuning.load() == {**plan, "threads": 1}
 
+
+def test_tuning_file_from_another_cpu_class_is_ignored(tmp_path, monkeypatch):
+    """A file calibrated where int_mm is fast (VNNI) must not send this machine's GEMMs to it, and vice versa."""
+    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "t.json"))
+    caps = tuning.capabilities()
+    other = {**caps, "isa": "vnni512" if caps["isa"] != "vnni512" else "avx2", "int_mm_vnni": not caps["int_mm_vnni"]}
+    (tmp_path / "t.json").write_text(json.dumps({"capabilities": other, "params": {"gemm_impl": "int_mm"}}))
+    with pytest.warns(UserWarning, match="re-run `bitnet-fast calibrate`"):
+        assert tuning.load() == tuning.plan(caps)
+
+
+@pytest.mark.parametrize(("isa", "torch_vnni", "engine"), [
+    ("vnni512", True, "int_mm"),  # oneDNN's VNNI int8 GEMM for large M
+    ("vnni512", False, "numba"),  # a torch build without mkldnn / VNNI detection
+    ("vnni", True, "numba"),  # AVX-VNNI only (or a forced class below vnni512): ATen's _int_mm is a plain loop
+    ("avx2", True, "numba"),  # forced avx2 on a VNNI host reproduces an AVX2 host's dispatch
+    ("avx2", False, "numba"),
+    ("portable", False, "numba"),
+])
+def test_dispatch_plan_per_isa_class(isa, torch_vnni, engine, monkeypatch):
+    """The plan is a pure function of the capabilities: each ISA class gets its engine without its hardware."""
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: torch_vnni)
+    caps = tuning.capabilities(isa)
+    assert caps == {"isa": isa, "int_mm_vnni": torch_vnni and isa == "vnni512"}
+    plan = tuning.plan(caps)
+    assert plan["gemm_impl"] == engine and tuning.validate(dict(plan)) == plan
+    assert tuning.GEMM_TILES[isa][0] >= 1 and tuning.GEMM_TILES[isa][1] >= 1
+
+
+@pytest.mark.parametrize("k", [2048, 2049, 2 * 2048 + 128, 3 * 2048 + 1])
+def test_int16_accumulation_extremes(k):
+    """Every lane of the avx2 int16 accumulators at its bound (-512 per vpmaddubsw: code 2 x -128, twice) for
+    whole 16-block chunks, across chunk boundaries; also the positive bound and alternating signs."""
+    m, n = 5, 6
+    wt = torch.ones((n, k), dtype=torch.int8)
+    wt[3] = -1
+    wt[4, ::2] = 0
+    for fill in (-128, 127):
+        xq = torch.full((m, k), fill, dtype=torch.int8)
+        xq[4, 1::2] = 127 if fill < 0 else -128
+        pw = kernels.pack_ternary(wt, 1.0)
+        for path in ("packed-decode", "packed-gemm"):
+            cpu.configure(**PATHS[path])
+            assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt)), (k, fill, path)
 
 
 def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
@@ -227,34 +277,62 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
         cpu.configure(threads=old)
 
 
-_ISA_CHECK = """
-import json, re, torch
+_ISA_RUN = """
+import json, re, sys, numba, numpy as np, torch
 from bitnet_fast import kernels
 from bitnet_fast.kernels import cpu, reference
 assert cpu.ISA == {isa!r}
 g = torch.Generator().manual_seed(0)
-for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13)]:
+run = {run}
+for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     wt = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-    pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(1.0), (n, k), "i2")  # no cpu_pack compile
-    assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt))
-asm = cpu._packed_mm.inspect_asm(cpu._packed_mm.signatures[0])
-print(json.dumps(sorted(set(re.findall(r"\\b(vpdpbusd|vpmaddubsw)\\b", asm)))))
+    x = torch.randn(m, k, generator=g)
+    pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (n, k), "i2")  # no cpu_pack compile
+    if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
+        xp, out = np.zeros((m, pw.data.shape[1] * 4), np.int8), np.zeros((m, n), np.float32)
+        args = (xp, np.zeros(m, np.int32), np.ones(m, np.float32), pw.data.numpy(), None, out, 4, 1 << 18, True)
+        cpu._mm.compile(tuple(numba.typeof(a) for a in args))
+        continue
+    for gemm_min_m in (1, 1 << 20):
+        cpu.configure(gemm_impl="numba", gemm_min_m=gemm_min_m)
+        assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt))
+        y = kernels.bitlinear(x, pw)
+        assert torch.equal(y, reference.matmul(*reference.act_quant(x), wt, torch.tensor(0.5)))
+asm = "".join(cpu._mm.inspect_asm(s) for s in cpu._mm.signatures)
+print(json.dumps(sorted(set(re.findall(r"\\b(vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpmovsxbd)\\b", asm)))))
 """
+
+# The instructions each ISA path must contain: its multiply, and none of the slower class's (vnni paths must not
+# fall back to vpmaddubsw; portable is generic IR that LLVM lowers with widening multiplies).
+_ISA_ASM = {"vnni512": ({"vpdpbusd"}, {"vpmaddubsw"}), "vnni": ({"vpdpbusd"}, {"vpmaddubsw"}),
+            "avx2": ({"vpmaddubsw", "vpmaddwd"}, {"vpdpbusd"}), "portable": ({"vpmaddwd"}, {"vpdpbusd", "vpmaddubsw"})}
+# A CPU LLVM can target for each class, to compile (and read the assembly of) paths this host cannot run.
+_ISA_TARGET = {"vnni512": ("znver4", "+avx2,+fma,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"),
+               "vnni": ("alderlake", "+avx2,+fma,+avxvnni"), "avx2": ("znver3", "+avx2,+fma"),
+               "portable": ("x86-64", "+sse2")}
+
+
+def _host_runs(isa: str) -> bool:
+    f = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
+    return {"vnni512": bool(f.get("avx512vnni") and f.get("avx512bw")),
+            "vnni": bool(f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl"))),
+            "avx2": bool(f.get("avx2")), "portable": True}[isa]
 
 
 @pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "portable"])
-def test_each_isa_exact_and_uses_its_instruction(isa, tmp_path):
-    feats = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
-    if isa == "vnni512" and not (feats.get("avx512vnni") and feats.get("avx512bw")):
-        pytest.skip("no AVX-512 VNNI on this CPU")
-    if isa == "vnni" and not (feats.get("avxvnni") or (feats.get("avx512vnni") and feats.get("avx512vl"))):
-        pytest.skip("no VNNI on this CPU")
-    if isa == "avx2" and not feats.get("avx2"):
-        pytest.skip("no AVX2 on this CPU")
-    env = {**os.environ, "BITNET_FAST_CPU_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path)}  # compile: asm exists
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_ISA_CHECK.format(isa=isa))], env=env,
-                         capture_output=True, text=True, timeout=300)
+def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa, tmp_path):
+    """Every ISA path is compiled on any x86 host (for a CPU of its class when the host is not one) and its
+    assembly checked; where the host can execute it, it also runs bit-exact against the reference."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the ISA classes are x86 classes")
+    run = _host_runs(isa)
+    env = {**os.environ, "BITNET_FAST_CPU_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path)}  # fresh: asm exists
+    if not run:
+        env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"] = _ISA_TARGET[isa]
+    code = textwrap.dedent(_ISA_RUN.format(isa=isa, run=run))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    found = json.loads(out.stdout.strip().splitlines()[-1])  # portable: whatever LLVM picks for generic IR
-    assert {"vnni512": "vpdpbusd", "vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}[isa] in [*found, None]
+    found = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    must, must_not = _ISA_ASM[isa]
+    assert must <= found and not (must_not & found), (isa, found)

@@ -1,0 +1,269 @@
+"""The inner loop of the CPU kernels: an int8 x ternary dot-product tile, emitted as LLVM IR per instruction set.
+
+`make_dot(rows, cols)` returns a Numba intrinsic `dot(wp, i, xq, r, nblk, out, oc)` that writes, for t < rows
+activation rows and s < cols weight rows, into a 2-D int32 array
+
+    out[t, oc + s] = sum_k xq[r + t, k] * c[i + s, k]      over nblk i2 blocks of 128 weights,
+
+where c = w + 1 in {0, 1, 2} are the unsigned i2 codes (the caller subtracts sum(x) once per row). Each
+weight block is decoded once (shift + mask) per tile and reused for every activation row of the tile; each
+activation vector is loaded once and reused for every weight row. Per instruction set:
+
+    vnni512   512-bit `vpdpbusd` (u8 x s8 -> int32 accumulate); 64-byte loads span two blocks, so activations
+              are stored pair-interleaved (`DOT_LAYOUT_PAIRS`); codes are decoded by masks only
+    vnni      256-bit `vpdpbusd` (AVX-VNNI or AVX-512VL VNNI)
+    avx2      `vpmaddubsw` (u8 x s8 -> pairwise int16) accumulated in int16 for CHUNK blocks, then widened
+              with `vpmaddwd`: one add per multiply, and the widening costs 1/64 of the multiplies
+    portable  target-independent IR (zext/sext/mul/add) that LLVM lowers to whatever SIMD the target has
+
+The instruction set is read once from the host (`llvmlite`), or forced with BITNET_FAST_CPU_ISA; the code
+can also be compiled for another CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) and its assembly inspected.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import reference
+
+ISAS = ("vnni512", "vnni", "avx2", "portable")
+BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
+# avx2: int16 lanes collect 4 vpmaddubsw results (each in [-512, 508]) per block; 16 blocks stay within
+# [-32768, 32512], so the int16 accumulators are widened every CHUNK blocks. Exact for valid codes (0..2).
+CHUNK = 16
+
+
+def detect_isa(features: dict[str, bool] | None = None, forced: str | None = None) -> str:
+    """The dot-product instruction set for a CPU with LLVM feature flags `features` (default: this host),
+    unless `forced` (default: $BITNET_FAST_CPU_ISA) names one."""
+    forced = (os.environ.get("BITNET_FAST_CPU_ISA", "") if forced is None else forced).strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"BITNET_FAST_CPU_ISA={forced!r} is not one of {ISAS}")
+        return forced
+    f = llvm_binding.get_host_cpu_features() if features is None else features
+    if f.get("avx512vnni") and f.get("avx512bw"):
+        return "vnni512"
+    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "portable"
+
+
+ISA = detect_isa()
+WIDE = 64 if ISA == "vnni512" else 32  # packed bytes per vector load
+ACCS = 16 if ISA == "vnni512" else 8  # int32 vector accumulators per tile (32 zmm vs 16 ymm registers)
+DOT_LAYOUT_PAIRS = WIDE == 64  # activations pair-interleaved per two blocks (see cpu._dot_layout)
+
+_I8x32 = ir.VectorType(ir.IntType(8), 32)
+_I16x16 = ir.VectorType(ir.IntType(16), 16)
+_I32x8 = ir.VectorType(ir.IntType(32), 8)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _fn(builder, fname: str, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), fname)
+
+
+def _c64(v: int) -> ir.Constant:
+    return ir.Constant(_I64, v)
+
+
+def _load(builder, addr, vtype):
+    return builder.load(builder.inttoptr(addr, vtype.as_pointer()), align=1)
+
+
+def _emit_loop(builder, start, stop, step: int, inits: list, body) -> list:
+    """IR for `for b in range(start, stop, step)` carrying `inits` through `body(b, values) -> values`."""
+    pre = builder.block
+    loop, after = builder.append_basic_block("dot_loop"), builder.append_basic_block("dot_after")
+    builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
+    builder.position_at_end(loop)
+    b = builder.phi(_I64)
+    carried = [builder.phi(v.type) for v in inits]
+    new = body(b, carried)
+    bn = builder.add(b, _c64(step))
+    end = builder.block
+    b.add_incoming(start, pre)
+    b.add_incoming(bn, end)
+    for phi, v0, v1 in zip(carried, inits, new, strict=True):
+        phi.add_incoming(v0, pre)
+        phi.add_incoming(v1, end)
+    builder.cbranch(builder.icmp_signed("<", bn, stop), loop, after)
+    builder.position_at_end(after)
+    final = [builder.phi(v.type) for v in inits]
+    for phi, v0, v1 in zip(final, inits, new, strict=True):
+        phi.add_incoming(v0, pre)
+        phi.add_incoming(v1, end)
+    return final
+
+
+def _decode(builder, wv, nbytes: int, masks_only: bool) -> list:
+    """The four code vectors of a packed vector: quarter q = (byte >> 2q) & 3, or with masks only byte & (3 << 2q)
+    (= 4**q * code, unscaled after the reduction)."""
+    i8v = ir.VectorType(ir.IntType(8), nbytes)
+    if masks_only:
+        return [builder.and_(wv, ir.Constant(i8v, [3 << 2 * q] * nbytes)) for q in range(4)]
+    mask = ir.Constant(i8v, [3] * nbytes)
+    return [builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask) for q in range(4)]
+
+
+def _generic_dot(builder, acc, codes, xv):
+    """Target-independent IR for acc + dot4(u8 codes, s8 x) into 8 int32 lanes."""
+    i32x32 = ir.VectorType(ir.IntType(32), 32)
+    p = builder.mul(builder.zext(codes, i32x32), builder.sext(xv, i32x32))
+    for h in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32x8, list(range(8 * h, 8 * h + 8)))))
+    return acc
+
+
+class _Tile:
+    """Addresses and accumulator bookkeeping of one rows x cols tile (IR emission helpers)."""
+
+    def __init__(self, builder, w_addrs: list, x_addrs: list, isa: str) -> None:
+        self.b, self.w_addrs, self.x_addrs, self.isa = builder, w_addrs, x_addrs, isa
+        self.pairs = len(w_addrs) * len(x_addrs)
+
+    def block_vectors(self, blk, nbytes: int, masks_only: bool) -> tuple[list, list]:
+        """(codes[s][q] per weight row, xs[t][q] per activation row) of the nbytes-wide vectors at block blk."""
+        b = self.b
+        i8v = ir.VectorType(ir.IntType(8), nbytes)
+        codes = [_decode(b, _load(b, b.add(w, b.mul(blk, _c64(32))), i8v), nbytes, masks_only) for w in self.w_addrs]
+        xs = []
+        for x in self.x_addrs:
+            base = b.add(x, b.mul(blk, _c64(BLOCK)))
+            xs.append([_load(b, b.add(base, _c64(nbytes * q)), i8v) for q in range(4)])
+        return codes, xs
+
+
+def _hsum4(builder, vecs: list):
+    """Lane sums of up to four int32x8 vectors as one int32x4 (lane j = sum(vecs[j])): two levels of
+    vphaddd-style pairwise adds within 128-bit halves, then one add of the halves."""
+    b = builder
+    level = list(vecs) + [ir.Constant(_I32x8, None)] * (4 - len(vecs))
+    for _ in range(2):
+        level = [b.add(b.shuffle_vector(a, c, ir.Constant(_I32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
+                       b.shuffle_vector(a, c, ir.Constant(_I32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
+                 for a, c in zip(level[::2], level[1::2], strict=True)]
+    v, i32x4 = level[0], ir.VectorType(_I32, 4)
+    return b.add(b.shuffle_vector(v, v, ir.Constant(i32x4, [0, 1, 2, 3])),
+                 b.shuffle_vector(v, v, ir.Constant(i32x4, [4, 5, 6, 7])))
+
+
+def _avx2_body(tile: _Tile, nblk, out_ptrs: list) -> None:
+    """avx2: int16 accumulators, widened (vpmaddwd) and reduced (transposed adds) every CHUNK blocks."""
+    b = tile.b
+    maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+    maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+    ones = ir.Constant(_I16x16, [1] * 16)
+    cols = len(tile.w_addrs)
+    i32x4 = ir.VectorType(_I32, 4)
+    nvec = (tile.pairs + 3) // 4
+
+    def block(blk, accs):
+        codes, xs = tile.block_vectors(blk, 32, masks_only=False)
+        new = list(accs)
+        for q in range(4):
+            for t, xt in enumerate(xs):
+                for s in range(cols):
+                    j = t * cols + s
+                    new[j] = b.add(new[j], b.call(maddubs, [codes[s][q], xt[q]]))
+        return new
+
+    def chunk(c, totals):
+        stop = b.select(b.icmp_signed("<", b.add(c, _c64(CHUNK)), nblk), b.add(c, _c64(CHUNK)), nblk)
+        accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * tile.pairs, block)
+        sums = [_hsum4(b, [b.call(maddwd, [a, ones]) for a in accs[4 * v : 4 * v + 4]]) for v in range(nvec)]
+        return [b.add(tot, s) for tot, s in zip(totals, sums, strict=True)]
+
+    totals = _emit_loop(b, _c64(0), nblk, CHUNK, [ir.Constant(i32x4, None)] * nvec, chunk)
+    for j, ptr in enumerate(out_ptrs):
+        b.store(b.extract_element(totals[j // 4], ir.Constant(_I32, j % 4)), ptr)
+
+
+def _vnni_body(tile: _Tile, nblk, out_ptrs: list, isa: str) -> None:
+    """vnni / vnni512 / portable: int32 vector accumulators, `per_pair` of them per (row, weight row) pair for
+    latency hiding; 'wide' steps of WIDE bytes x unroll, then single WIDE vectors, then 32-byte blocks."""
+    b = tile.b
+    unroll = 2 if tile.pairs < 4 else 1
+    per_pair = max(1, ACCS // tile.pairs)
+    masks_only = per_pair % 4 == 0  # exact: |acc| < 64 * 2 * 128 * K / 4
+    totals = [ir.Constant(_I32, 0)] * tile.pairs
+    start = _c64(0)
+    for nbytes, u in dict.fromkeys([(WIDE, unroll), (WIDE, 1), (32, 1)]):
+        step = u * nbytes // 32
+        stop = b.sub(nblk, b.srem(nblk, _c64(step)))
+        i32v = ir.VectorType(_I32, nbytes // 4)
+        dpbusd = _fn(b, f"llvm.x86.avx512.vpdpbusd.{nbytes * 8}", i32v, [i32v] * 3)
+
+        def body(blk0, accs, nbytes=nbytes, u=u, i32v=i32v, dpbusd=dpbusd):
+            new = list(accs)
+            for k in range(u):
+                codes, xs = tile.block_vectors(b.add(blk0, _c64(k * nbytes // 32)), nbytes, masks_only)
+                for t, xt in enumerate(xs):
+                    for s, cs in enumerate(codes):
+                        for q in range(4):
+                            j = (t * len(codes) + s) * per_pair + (k * 4 + q) % per_pair
+                            if isa == "portable":
+                                new[j] = _generic_dot(b, new[j], cs[q], xt[q])
+                            else:
+                                new[j] = b.call(dpbusd, [new[j], b.bitcast(cs[q], i32v), b.bitcast(xt[q], i32v)])
+            return new
+
+        accs = _emit_loop(b, start, stop, step, [ir.Constant(i32v, None)] * (tile.pairs * per_pair), body)
+        reduce = _fn(b, f"llvm.vector.reduce.add.v{nbytes // 4}i32", _I32, [i32v])
+        groups = 4 if masks_only else 1  # accumulator j holds quarter j % 4, scaled by 4**q
+        for p in range(tile.pairs):
+            for q in range(groups):
+                v = accs[p * per_pair + q]
+                for j in range(q + groups, per_pair, groups):
+                    v = b.add(v, accs[p * per_pair + j])
+                part = b.call(reduce, [v])
+                totals[p] = b.add(totals[p], b.ashr(part, ir.Constant(_I32, 2 * q)) if q else part)
+        start = stop
+    for ptr, total in zip(out_ptrs, totals, strict=True):
+        b.store(total, ptr)
+
+
+def _row_addr(context, builder, typ, val):
+    """(address of element 0, row stride in bytes) of an array argument; (value, None) for an integer."""
+    if not isinstance(typ, types.Array):
+        return val, None
+    ary = cgutils.create_struct_proxy(typ)(context, builder, value=val)
+    return builder.ptrtoint(ary.data, _I64), cgutils.unpack_tuple(builder, ary.strides)[0]
+
+
+def make_dot(rows: int, cols: int, isa: str = ISA):
+    """The `rows` x `cols` dot-product tile intrinsic for `isa` (see the module docstring)."""
+
+    @intrinsic
+    def dot(typingctx, wp, i, xq, r, nblk, out, oc):
+        sig = types.void(wp, types.intp, xq, types.intp, types.intp, out, types.intp)
+
+        def codegen(context, builder, signature, args):
+            (w_base, w_stride), (i_val, _), (x_base, x_stride), (r_val, _), (nblk_val, _), (o_base, o_stride), \
+                (oc_val, _) = (_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True))
+            w0 = builder.add(w_base, builder.mul(i_val, w_stride))
+            x0 = builder.add(x_base, builder.mul(r_val, x_stride))
+            o0 = builder.add(o_base, builder.mul(oc_val, _c64(4)))
+            w_addrs = [builder.add(w0, builder.mul(w_stride, _c64(s))) for s in range(cols)]
+            x_addrs = [builder.add(x0, builder.mul(x_stride, _c64(t))) for t in range(rows)]
+            out_ptrs = [builder.inttoptr(builder.add(o0, builder.add(builder.mul(o_stride, _c64(j // cols)),
+                                                                     _c64(4 * (j % cols)))), _I32.as_pointer())
+                        for j in range(rows * cols)]
+            tile = _Tile(builder, w_addrs, x_addrs, isa)
+            if isa == "avx2":
+                _avx2_body(tile, nblk_val, out_ptrs)
+            else:
+                _vnni_body(tile, nblk_val, out_ptrs, isa)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
