@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from . import reference, tuning
 from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, make_dot
-from .cpu_pack import pack, quantize_weight, unpack
+from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
 
 __all__ = ["ISA", "ISAS", "bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack",
@@ -150,46 +150,63 @@ def _mm(xq, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
             r += nr
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _prepare_q(xq, kp):
     """(M, K) int8 -> (zero-padded (M, Kp) in the dot layout, row sums (M,) int32)."""
     m, k = xq.shape
     xp = np.zeros((m, kp), np.int8)
     xsum = np.zeros(m, np.int32)
-    for r in range(m):
+    for r in prange(m):
+        total = np.int32(0)
         for j in range(k):
             xp[r, j] = xq[r, j]
-            xsum[r] += np.int32(xq[r, j])
+            total += np.int32(xq[r, j])
+        xsum[r] = total
     return _dot_layout(xp), xsum
 
 
 @njit(cache=True)
-def _prepare_f(x, gamma, kp, serial):
-    """(M, K) fp32 -> quantized (M, Kp) int8 in the dot layout, row sums, epilogue scale gamma / s."""
+def _prepare_f(x, gamma, kp):
+    """(M, K) fp32 -> quantized (M, Kp) int8 in the dot layout, row sums, epilogue scale gamma / s (fp32)."""
     m = x.shape[0]
     xq = np.zeros((m, kp), np.int8)
     s = np.empty(m, np.float32)
     xsum = np.empty(m, np.int32)
-    if serial:
+    if m * kp < 65536:  # decode: one thread, no parallel region
         for r in range(m):
             _quant_row(x, r, xq, s, xsum)
     else:
         _quantize(x, xq, s, xsum)
-    return _dot_layout(xq), xsum, gamma / s
+    return _dot_layout(xq), xsum, np.float32(gamma) / s
 
 
+# Entry points from Python: one dispatch per call.
 @njit(cache=True)
-def _bitlinear_packed(x, gamma, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
-    """Fused forward on the packed engine: quantize x (M, K) fp32 and multiply (one dispatch from Python)."""
-    xq, xsum, scale = _prepare_f(x, gamma, wp.shape[1] * 4, x.shape[0] * x.shape[1] < 65536)
+def _bitlinear_packed(x, gamma, wp, bias, tasks, panel_bytes, gemm_rows):
+    """Fused forward on the packed engine: x (M, K) fp32 -> (M, N) fp32."""
+    out = np.empty((x.shape[0], wp.shape[0]), np.float32)
+    xq, xsum, scale = _prepare_f(x, gamma, wp.shape[1] * 4)
     _mm(xq, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows)
+    return out
 
 
 @njit(cache=True)
-def _matmul_packed(xq, scale, wp, bias, out, tasks, panel_bytes, gemm_rows) -> None:
-    """Quantized activations (M, K) int8 with epilogue scale (or None: int32 out) times i2 on the packed engine."""
+def _matmul_packed(xq, s, gamma, wp, bias, tasks, panel_bytes, gemm_rows):
+    """Quantized activations (M, K) int8 times i2 on the packed engine -> (M, N) fp32, epilogue
+    acc * (gamma / s) (+ bias)."""
     xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
-    _mm(xp, xsum, scale, wp, bias, out, tasks, panel_bytes, gemm_rows)
+    out = np.empty((xq.shape[0], wp.shape[0]), np.float32)
+    _mm(xp, xsum, np.float32(gamma) / s, wp, bias, out, tasks, panel_bytes, gemm_rows)
+    return out
+
+
+@njit(cache=True)
+def _matmul_int_packed(xq, wp, tasks, panel_bytes, gemm_rows):
+    """(M, K) int8 times i2 on the packed engine -> the exact (M, N) int32 product."""
+    xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
+    out = np.empty((xq.shape[0], wp.shape[0]), np.int32)
+    _mm(xp, xsum, None, wp, None, out, tasks, panel_bytes, gemm_rows)
+    return out
 
 
 @njit(cache=True, parallel=True)
@@ -234,16 +251,12 @@ def configure(**kw) -> dict:
     return params()
 
 
-def _setup(work: int) -> tuple[dict, int]:
-    """(parameters, parallel tasks) for a call doing `work` multiply-adds. Threads: the tuned value, else
-    torch's, capped by NUMBA_NUM_THREADS; one thread below tuning.SERIAL_WORK, where a parallel region costs
-    more than it saves. Tasks: a few per thread, for balance when a core is busy elsewhere."""
-    p = _params if _params is not None else (params() and _params)
-    n = max(1, min(p["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    n = 1 if work < tuning.SERIAL_WORK else n
-    if numba.get_num_threads() != n:  # per Python thread; cpu_pack sets it too, so compare, don't cache
-        numba.set_num_threads(n)
-    return p, 8 * n
+def _threads(p: dict, work: int) -> int:
+    """Threads for a call doing `work` multiply-adds: the tuned value, else torch's, capped by NUMBA_NUM_THREADS;
+    one thread below tuning.SERIAL_WORK, where a parallel region costs more than it saves."""
+    if work < tuning.SERIAL_WORK:
+        return 1
+    return max(1, min(p["threads"] or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 # ------------------------------------------------------------------------------------------- torch glue
@@ -263,8 +276,8 @@ def _bias(bias: torch.Tensor | None) -> np.ndarray | None:
     return None if bias is None else _f32(bias)
 
 
-def _packed_engine(m: int, p: dict) -> bool:
-    return p["gemm_impl"] == "numba" or m <= p["gemv_max_m"]
+def _int_mm_engine(m: int, p: dict) -> bool:
+    return p["gemm_impl"] == "int_mm" and m > p["gemv_max_m"]
 
 
 def _dequant_tiles(pw: PackedWeight, tile_n: int):
@@ -292,7 +305,7 @@ def _gemm_int_mm(xq: torch.Tensor, pw: PackedWeight, scale: np.ndarray | None, b
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (xq int8 (M, K), s fp32 (M,)), bit-exact with reference.act_quant."""
-    _setup(x2d.numel())
+    set_threads(_threads(_params or params(), x2d.numel()))
     m, k = x2d.shape
     xq = torch.empty((m, k), dtype=torch.int8)
     s = torch.empty(m, dtype=torch.float32)
@@ -300,51 +313,56 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return xq, s
 
 
+def _matmul(xq: torch.Tensor, s: torch.Tensor | None, pw: PackedWeight, bias) -> torch.Tensor:
+    """int32 product (s None) or fp32 epilogue, on the engine the plan picks for this M."""
+    m, (n, k) = xq.shape[0], pw.shape
+    p = _params or params()
+    threads = _threads(p, m * n * k)
+    set_threads(threads)
+    s_np = None if s is None else s.detach().contiguous().numpy()
+    if not _int_mm_engine(m, p):
+        tiling = (8 * threads, p["panel_bytes"], m >= p["gemm_min_m"])
+        if s is None:
+            return torch.from_numpy(_matmul_int_packed(xq.contiguous().numpy(), _i2(pw), *tiling))
+        return torch.from_numpy(_matmul_packed(xq.contiguous().numpy(), s_np, pw.gamma.item(), _i2(pw), _bias(bias),
+                                               *tiling))
+    out = torch.empty((m, n), dtype=torch.int32 if s is None else torch.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = None if s is None else np.float32(pw.gamma.item()) / s_np
+    _gemm_int_mm(xq.contiguous(), pw, scale, bias, out, p["gemm_tile_n"])
+    return out
+
+
 def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, K) int8 x i2 (N, K) -> (M, N) int32, exact."""
-    m, (n, k) = xq.shape[0], pw.shape
-    p, tasks = _setup(m * n * k)
-    out = torch.empty((m, n), dtype=torch.int32)
-    if _packed_engine(m, p):
-        _matmul_packed(xq.contiguous().numpy(), None, _i2(pw), None, out.numpy(), tasks, p["panel_bytes"],
-                       m >= p["gemm_min_m"])
-    else:
-        _gemm_int_mm(xq.contiguous(), pw, None, None, out, p["gemm_tile_n"])
-    return out
+    return _matmul(xq, None, pw, None)
 
 
 def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) int8, (M,) fp32 x i2 -> (M, N) out_dtype: exact int32 product, epilogue acc * (gamma / s) + bias."""
-    m, (n, k) = xq.shape[0], pw.shape
-    p, tasks = _setup(m * n * k)
-    out = torch.empty((m, n), dtype=torch.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.float32(pw.gamma.item()) / s.detach().contiguous().numpy()
-    if _packed_engine(m, p):
-        _matmul_packed(xq.contiguous().numpy(), scale, _i2(pw), _bias(bias), out.numpy(), tasks, p["panel_bytes"],
-                       m >= p["gemm_min_m"])
-    else:
-        _gemm_int_mm(xq.contiguous(), pw, scale, bias, out, p["gemm_tile_n"])
+    out = _matmul(xq, s, pw, bias)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (M, K) float -> (M, N) out_dtype."""
     m, (n, k) = x2d.shape[0], pw.shape
-    p, tasks = _setup(m * n * k)
-    if not _packed_engine(m, p):
+    p = _params or params()
+    if _int_mm_engine(m, p):
         xq, s = quantize_activations(x2d)
         return matmul(xq, s, pw, bias, out_dtype)
-    out = torch.empty((m, n), dtype=torch.float32)
-    _bitlinear_packed(_f32(x2d), np.float32(pw.gamma.item()), _i2(pw), _bias(bias), out.numpy(), tasks,
-                      p["panel_bytes"], m >= p["gemm_min_m"])
+    threads = _threads(p, m * n * k)
+    set_threads(threads)
+    out = torch.from_numpy(_bitlinear_packed(_f32(x2d), pw.gamma.item(), _i2(pw), _bias(bias), 8 * threads,
+                                             p["panel_bytes"], m >= p["gemm_min_m"]))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ backward
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over unpacked weight tiles."""
-    p, _ = _setup(grad_y2d.shape[0] * pw.out_features * pw.in_features)
+    p = _params or params()
+    set_threads(_threads(p, pw.out_features * pw.in_features))
     gy = grad_y2d.detach().float()
     gx = torch.zeros((gy.shape[0], pw.in_features), dtype=torch.float32)
     for n0, n1, w8 in _dequant_tiles(pw, p["gemm_tile_n"]):

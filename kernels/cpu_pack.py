@@ -12,6 +12,8 @@ The quantizer compares instead of rounding: clip(rint(q), -1, 1) with q = fl32(w
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -232,10 +234,22 @@ def _transcode_rows(data, k, i2_in):
 
 
 # ---------------------------------------------------------------------------------------------------- wrappers
+_applied = threading.local()  # numba's thread count is per Python thread; remember what this module set
+
+
+def set_threads(n: int) -> None:
+    """numba.set_num_threads(n) for this Python thread, skipped when it is already n (saves ~1 us per kernel
+    call). Every kernel of the numba backend sets its count through here (a direct numba.set_num_threads
+    elsewhere goes unnoticed until the wanted count changes)."""
+    if getattr(_applied, "n", None) != n:
+        numba.set_num_threads(n)
+        _applied.n = n
+
+
 def _set_threads(work: int) -> None:
     """torch's thread count (capped by NUMBA_NUM_THREADS), or one thread below tuning.SERIAL_WORK elements."""
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(1 if work < SERIAL_WORK else n)
+    set_threads(1 if work < SERIAL_WORK else n)
 
 
 def _rows(w: torch.Tensor, name: str, dtypes: tuple) -> tuple[np.ndarray, int, int, int]:
