@@ -222,6 +222,30 @@ def _unpack_i2(wp, n0, n1, k, out) -> None:
 
 
 @njit(cache=True, parallel=True)
+def _dequant_weight(wp, n0, n1, k, gamma):
+    """i2 rows n0..n1 -> (n1 - n0, k) fp32 Wt * gamma, as reference.grad_input forms it (one fp32 rounding)."""
+    out = np.empty((n1 - n0, k), np.float32)
+    g = np.float32(gamma)
+    for i in prange(n1 - n0):
+        for blk in range((k + BLOCK - 1) // BLOCK):
+            for q in range(4):
+                base = blk * BLOCK + 32 * q
+                for j in range(min(32, k - base)):
+                    out[i, base + j] = np.float32(np.int32((wp[n0 + i, blk * 32 + j] >> (2 * q)) & 3) - 1) * g
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _dequant_x(xq, s):
+    """(M, K) int8, (M,) -> (M, K) fp32 xq / s, as reference.grad_weight forms it."""
+    out = np.empty(xq.shape, np.float32)
+    for r in prange(xq.shape[0]):
+        for j in range(xq.shape[1]):
+            out[r, j] = np.float32(xq[r, j]) / s[r]
+    return out
+
+
+@njit(cache=True, parallel=True)
 def _epilogue(acc, n0, scale, bias, out) -> None:
     """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t]), in fp32."""
     for r in prange(out.shape[0]):
@@ -360,16 +384,22 @@ def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype)
 
 # ------------------------------------------------------------------------------------------ backward
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over unpacked weight tiles."""
+    """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over dequantized weight tiles of
+    gemm_tile_n rows (one GEMM, bit-identical to the reference, when the weight fits one tile)."""
     p = _params or params()
-    set_threads(_threads(p, pw.out_features * pw.in_features))
-    gy = grad_y2d.detach().float()
-    gx = torch.zeros((gy.shape[0], pw.in_features), dtype=torch.float32)
-    for n0, n1, w8 in _dequant_tiles(pw, p["gemm_tile_n"]):
-        gx.addmm_(gy[:, n0:n1], w8.float())
-    return gx.mul_(pw.gamma.float())
+    (n, k), gamma = pw.shape, pw.gamma.item()
+    set_threads(_threads(p, n * k))
+    gy, wp = grad_y2d.detach().float(), _i2(pw)
+    tile = min(n, p["gemm_tile_n"])
+    gx = gy[:, :tile] @ torch.from_numpy(_dequant_weight(wp, 0, tile, k, gamma))
+    for n0 in range(tile, n, tile):
+        n1 = min(n, n0 + tile)
+        gx.addmm_(gy[:, n0:n1], torch.from_numpy(_dequant_weight(wp, n0, n1, k, gamma)))
+    return gx
 
 
 def grad_weight(grad_y2d: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(M, N), (M, K) int8, (M,) -> (N, K) fp32 = grad_y^T @ (xq / s): one fp32 GEMM, as optimal as torch gets."""
-    return reference.grad_weight(grad_y2d.detach(), xq, s.detach())
+    """(M, N), (M, K) int8, (M,) -> (N, K) fp32 = grad_y^T @ (xq / s): one fused dequantizing pass, one fp32 GEMM."""
+    set_threads(_threads(_params or params(), xq.numel()))
+    x_dq = torch.from_numpy(_dequant_x(xq.contiguous().numpy(), s.detach().float().contiguous().numpy()))
+    return grad_y2d.detach().float().T @ x_dq
