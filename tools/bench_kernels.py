@@ -1,12 +1,18 @@
-"""Side-by-side CPU benchmark: bitnet-fast packed i2 (numba) vs torch fp32 / bf16 F.linear and fbgemm int8.
+"""Side-by-side CPU benchmark: bitnet-fast packed i2 (numba) vs torch fp32 / bf16 F.linear, fbgemm int8 and ggml.
 
 All contenders run in one process, in rounds: each round times a burst of consecutive calls of every
-contender, after 10 ms of untimed calls (torch's and Numba's OpenMP pools are separate and each spins for a
+contender, after 10 ms of untimed calls (torch's, Numba's and ggml's OpenMP pools are separate and each spins for a
 while after its last task; see docs/kernels.md), and rounds repeat so that background load hits all
 contenders alike. The table shows the median ms over all timed calls, GOPS = 2*M*N*K / t, and the
-speed ratios of ours over each baseline (>1: ours is faster).
+speed ratios of ours over each baseline (>1: ours is faster). `--cold` flushes the caches (64 MiB written and read,
+untimed) before every timed call of every contender: weights come from DRAM, as in a model too big for the L3.
 
-    python tools/bench_kernels.py [--quick] [--threads 2] [--json out.json] [--compile-times]
+When the llama.cpp peer is built (python tools/llamacpp_build.py), ggml's TQ2_0 and TQ1_0 mul_mat (activation
+quantized to q8_K inside, as in llama.cpp; tools/ggml_peer.py) run in the same rounds: columns `vs ggml tq2_0`,
+`vs ggml tq1_0`. Without that build the table is the same as before, minus those columns.
+
+    python tools/bench_kernels.py [--quick] [--threads 2] [--ms 1,8,32,128,512] [--shapes 4096x4096,2048x5632]
+        [--cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times]
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
+import ggml_peer
 import torch
 import torch.nn.functional as F
 from bitnet_fast.kernels import cpu
@@ -28,7 +35,9 @@ from bitnet_fast.kernels import cpu
 from bitnet_fast import kernels
 
 SHAPES = [(2048, 2048), (4096, 4096), (2048, 5632), (5632, 2048)]  # (K, N)
-MS = [1, 8, 512]
+MS = [1, 8, 32, 128, 512]
+BASELINES = ["fp32", "bf16", "fbgemm"]
+GGML = ["ggml_tq2_0", "ggml_tq1_0"]
 
 
 def _fbgemm(w: torch.Tensor) -> torch.nn.Module:
@@ -42,52 +51,46 @@ def _fbgemm(w: torch.Tensor) -> torch.nn.Module:
     return lin
 
 
-def _contenders(m: int, k: int, n: int) -> dict:
+def _contenders(m: int, k: int, n: int, threads: int, ggml_isa: str | None) -> dict:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g)
     x = torch.randn(m, k, generator=g)
     pw = kernels.pack(w)
     wb, xb, q = w.bfloat16(), x.bfloat16(), _fbgemm(w)
-    return {
+    fns = {
         "ours": lambda: kernels.bitlinear(x, pw),
         "fp32": lambda: F.linear(x, w),
         "bf16": lambda: F.linear(xb, wb),
         "fbgemm": lambda: q(x),
     }
+    if ggml_isa:  # its own seeded x and random ternary W of the same shape: the kernels are data-independent
+        for name in GGML:
+            fns[name] = ggml_peer.GgmlMulMat(m, k, n, name.removeprefix("ggml_"), threads, ggml_isa)
+    return fns
 
 
-def _time(fns: dict, budget_s: float, burst: int) -> dict[str, float]:
-    """Median seconds per call for each fn: rounds of `burst` calls per fn, for about `budget_s` in all."""
-    for f in fns.values():  # warm up (JIT, oneDNN primitive caches)
-        f(), f()
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    while not times["ours"] or (time.perf_counter() - start < budget_s and len(times["ours"]) < 2000):
-        for name, f in fns.items():
-            t_end = time.perf_counter() + 0.01  # untimed: let the previous contender's OpenMP pool stop spinning
-            while time.perf_counter() < t_end:
-                f()
-            for _ in range(burst):
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def run(quick: bool, threads: int) -> list[dict]:
+def run(
+    ms: list[int], shapes: list[tuple[int, int]], quick: bool, threads: int, cold: bool, ggml_isa: str | None
+) -> list[dict]:
+    """Time every contender at every (M, K, N), print a table row each and return the rows."""
     torch.set_num_threads(threads)
     cpu.configure(threads=threads)
-    shapes = [(4096, 4096)] if quick else SHAPES
     rows = []
-    for m in MS:
+    for m in ms:
         for k, n in shapes:
             budget = (1.5 if quick else 3.0) * (1 + (m > 8))
-            med = _time(_contenders(m, k, n), budget_s=budget, burst=20 if m < 512 else 2)
+            burst = 5 if cold else (20 if m < 512 else 2)
+            fns = _contenders(m, k, n, threads, ggml_isa)
+            times = ggml_peer.time_rounds(fns, budget_s=budget, burst=burst, cold=cold)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
             row = {"M": m, "K": k, "N": n, **{f"{c}_ms": t * 1e3 for c, t in med.items()}}
             row["ours_gops"] = 2 * m * n * k / med["ours"] / 1e9
             row.update({f"x_vs_{c}": med[c] / med["ours"] for c in med if c != "ours"})
             rows.append(row)
-            print(_fmt(row), flush=True)
+            print(_fmt(row, ggml_isa is not None), flush=True)
+            for f in fns.values():
+                if isinstance(f, ggml_peer.GgmlMulMat):
+                    f.close()
     return rows
 
 
@@ -120,33 +123,86 @@ def compile_times() -> None:
             print(f"{label}: {out.stdout.strip() or out.stderr[-2000:]}")
 
 
-HEADER = "| M | K | N | ours ms | GOPS | fp32 ms | bf16 ms | fbgemm ms | vs fp32 | vs bf16 | vs fbgemm |"
+def _header(with_ggml: bool) -> str:
+    cols = ["M", "K", "N", "ours ms", "GOPS", *(f"{c} ms" for c in BASELINES)]
+    cols += [f"{c.replace('_', ' ', 1)} ms" for c in GGML] if with_ggml else []
+    cols += [f"vs {c}" for c in BASELINES] + ([f"vs {c.replace('_', ' ', 1)}" for c in GGML] if with_ggml else [])
+    return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
 
 
-def _fmt(r: dict) -> str:
-    return (
-        f"| {r['M']} | {r['K']} | {r['N']} | {r['ours_ms']:.3f} | {r['ours_gops']:.0f} | {r['fp32_ms']:.3f} | "
-        f"{r['bf16_ms']:.3f} | {r['fbgemm_ms']:.3f} | {r['x_vs_fp32']:.1f}x | {r['x_vs_bf16']:.1f}x | "
-        f"{r['x_vs_fbgemm']:.2f}x |"
-    )
+def _fmt(r: dict, with_ggml: bool) -> str:
+    others = BASELINES + (GGML if with_ggml else [])
+    cells = [str(r["M"]), str(r["K"]), str(r["N"]), f"{r['ours_ms']:.3f}", f"{r['ours_gops']:.0f}"]
+    cells += [f"{r[c + '_ms']:.3f}" for c in others]
+    cells += [f"{r['x_vs_' + c]:.2f}x" for c in others]
+    return "| " + " | ".join(cells) + " |"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _parse_shapes(s: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(k), int(n)) for k, n in (p.lower().split("x") for p in s.split(","))]
+    except ValueError as e:
+        raise SystemExit(f"--shapes wants KxN[,KxN...], e.g. 4096x4096,2048x5632; got {s!r}") from e
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="only K=N=4096, shorter timing budget")
-    ap.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="only K=N=4096 (unless --shapes), shorter timing budget")
+    ap.add_argument("--threads", type=int, default=2, help="torch, numba and ggml threads (default 2)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (default 1,8,32,128,512)")
+    ap.add_argument("--shapes", help="KxN,KxN,... (default 2048x2048,4096x4096,2048x5632,5632x2048)")
+    ap.add_argument("--cold", action="store_true", help="flush the caches (64 MiB) before every timed call")
+    ap.add_argument("--isa", default="native", choices=("native", "avx2"), help="ggml build flavour (default native)")
+    ap.add_argument("--no-ggml", action="store_true", help="leave ggml out even if it is built")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--compile-times", action="store_true", help="only measure first-call (JIT) times")
     args = ap.parse_args()
     if args.compile_times:
         compile_times()
         return
-    print(f"bitnet-fast kernels: numba ISA={cpu.ISA}, params={cpu.params()}, torch {torch.__version__}")
-    print(HEADER + "\n" + "|---" * 11 + "|")
-    rows = run(args.quick, args.threads)
+    ms = [int(v) for v in args.ms.split(",")]
+    shapes = _parse_shapes(args.shapes) if args.shapes else ([(4096, 4096)] if args.quick else SHAPES)
+    ggml_isa = None if args.no_ggml or not ggml_peer.available(args.isa) else args.isa
+    params = cpu.params() if hasattr(cpu, "params") else {}
+    info = {
+        "cpu": cpu_model(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "numba_isa": cpu.ISA,
+        "params": params,
+        "threads": args.threads,
+        "cold": args.cold,
+        "torch": torch.__version__,
+    }
+    print(f"CPU: {info['cpu']}, {args.threads} threads, {'cold (caches flushed)' if args.cold else 'warm'}")
+    print(f"ISA: torch {info['torch_capability']}, bitnet-fast numba {cpu.ISA} {params}, torch {torch.__version__}")
+    if ggml_isa:
+        gi = ggml_peer.build_info(ggml_isa)
+        feats = [f for f, v in gi["ggml_cpu_features"].items() if v == 1]
+        info["ggml"] = {k: gi[k] for k in ("llama_cpp_python", "llama_cpp_describe", "ggml_version", "isa")}
+        info["ggml"]["features"] = feats
+        print(
+            f"ggml {gi['ggml_version']} (llama.cpp {gi['llama_cpp_describe']} from llama-cpp-python "
+            f"{gi['llama_cpp_python']}), flavour {ggml_isa}: {', '.join(feats)}"
+        )
+    elif not args.no_ggml:
+        print(f"(ggml peer not built, no ggml columns: python tools/llamacpp_build.py --isa {args.isa})")
+    print(_header(ggml_isa is not None))
+    rows = run(ms, shapes, args.quick, args.threads, args.cold, ggml_isa)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"isa": cpu.ISA, "params": cpu.params(), "threads": args.threads, "rows": rows}, f, indent=2)
+            json.dump({**info, "isa": cpu.ISA, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
