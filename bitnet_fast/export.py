@@ -9,19 +9,21 @@ metadata carries the layout version, checked at load. Writes are atomic (temp fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from bitnet_fast import __version__, kernels
-from bitnet_fast.nn import BitLinear
+from bitnet_fast.kernels import PackedWeight
+from bitnet_fast.nn import BitLinear, _to_compute, meta_parameters
 
 __all__ = ["load_packed", "read_metadata", "save_packed"]
 
@@ -89,16 +91,41 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
     return path
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(f, path: Path) -> tuple[dict, int]:
+    """(header, offset of the data section) of an open safetensors file; ValueError names what is malformed."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if not 0 < n <= size - 8:
+        raise ValueError(f"{path}: corrupt or truncated: not a safetensors file (header size {n}, file {size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+            if not 0 <= begin <= end <= size - 8 - n or end - begin != numel * _DTYPES[info["dtype"]].itemsize:
+                raise ValueError(f"tensor {name!r} has offsets {begin}..{end} that do not fit its shape or the file")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated safetensors header: {e}") from None
+    return header, 8 + n
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a packed file; ValueError when it is missing, corrupt, truncated or of another version."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such packed model file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+    with open(path, "rb") as f:
+        meta = _header(f, path)[0].get("__metadata__") or {}
     if meta.get("kind") != FILE_KIND:
         raise ValueError(f"{path}: not a bitnet-fast packed model (metadata kind={meta.get('kind')!r})")
     if meta.get("layout_version") != str(kernels.LAYOUT_VERSION):
@@ -109,31 +136,81 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
+def _read(f, path: Path, start: int, name: str, info: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of an open safetensors file, read with a plain read into fresh memory (or into `out`, a scratch
+    buffer of at least its size): unlike a memory map, the file's pages never count toward this process's RSS."""
+    dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+    nbytes = math.prod(shape) * dtype.itemsize
+    t = torch.empty(shape, dtype=dtype) if out is None else out[:nbytes].view(dtype).view(shape)
+    f.seek(start + int(info["data_offsets"][0]))
+    if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise ValueError(f"{path}: truncated while reading tensor {name!r}")
+    return t
+
+
+def _load_state(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The file's state dict with every packed layer in the CPU compute format. Packed data in another format
+    (tq1) is read into one scratch buffer and decoded layer by layer, so the load holds no second encoding of
+    the model and leaves no heap holes behind; tied weights are restored from their aliases."""
+    with open(path, "rb") as f:
+        header, start = _header(f, path)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        packed = [k for k in entries if k.endswith("packed.data")]
+        state = {k: _read(f, path, start, k, v) for k, v in entries.items() if k not in packed}
+        sizes = [int(entries[k]["data_offsets"][1]) - int(entries[k]["data_offsets"][0]) for k in packed]
+        scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
+        for key in packed:
+            prefix = key[: -len("data")]
+            parts = {"data": _read(f, path, start, key, entries[key], scratch)}
+            parts |= {k: state.get(prefix + k, torch.empty(0)) for k in ("gamma", "header")}
+            pw = _to_compute(PackedWeight.from_state(parts, prefix[:-1]), torch.device("cpu"))
+            if pw.data.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
+                pw = dataclasses.replace(pw, data=pw.data.clone())  # stored in the compute format already
+            state.update({prefix + k: t for k, t in pw.state().items()})
+    try:
+        aliases = json.loads(meta.get("aliases", "{}"))
+        for alias, stored in aliases.items():  # tied weights are stored once
+            state[alias] = state[stored]
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupt tied-weight aliases in the metadata: {e!r}") from None
+    return state
+
+
 def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike) -> nn.Module:
     """Load a file from `save_packed` into a model (or the model a zero-argument factory builds), in place.
 
     Every layer stored packed becomes a packed BitLinear (a plain nn.Linear there is converted first), decoded
-    to the compute format of the device the layer lives on. Returns the model.
+    to the compute format of the device the layer lives on. A factory's model is built with its parameters on
+    the meta device and takes the file's tensors as they load, so no fp32 copy of the model is ever allocated.
+    Returns the model.
     """
-    if isinstance(model_or_factory, nn.Module):
+    built = not isinstance(model_or_factory, nn.Module)
+    if not built:
         model = model_or_factory
     elif callable(model_or_factory):
-        model = model_or_factory()
+        with meta_parameters():
+            model = model_or_factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the factory must return an nn.Module, got {type(model).__name__}")
     else:
         raise TypeError(f"model_or_factory must be an nn.Module or a callable, got {type(model_or_factory).__name__}")
+    path = Path(path)
     meta = read_metadata(path)
-    try:
-        state = load_file(path, device="cpu")
-        for alias, stored in json.loads(meta.get("aliases", "{}")).items():  # tied weights are stored once
-            state[alias] = state[stored]
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path}: cannot read the tensors (corrupt or truncated?): {e!r}") from None
+    state = _load_state(path, meta)
+    aliases = json.loads(meta.get("aliases", "{}"))
     for key in state:
         if key.endswith("packed.header"):
             _ensure_bitlinear(model, key[: -len("packed.header")].rstrip("."))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=built)
+    if built:  # assign=True gives each name its own Parameter: tie the aliases back to the stored one
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for alias, stored in aliases.items():
+            if alias in params and stored in params:
+                owner, _, attr = alias.rpartition(".")
+                setattr(model.get_submodule(owner), attr, params[stored])
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: the model has tensors the file does not fill: {left[:5]}")
     return model
 
 

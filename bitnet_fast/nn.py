@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable
+import mmap
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from bitnet_fast import kernels
 from bitnet_fast.autograd import bitlinear_inference, bitlinear_train, pack_weight
 from bitnet_fast.kernels import PackedWeight
 
-__all__ = ["BitLinear", "convert", "pack_model", "unpack_model"]
+__all__ = ["BitLinear", "convert", "materialize", "meta_parameters", "pack_model", "unpack_model"]
 
 _STATE_KEYS = ("data", "gamma", "header")  # PackedWeight.state(), stored as {prefix}packed.{key}
 
@@ -77,14 +79,20 @@ class BitLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, subln: bool = False) -> BitLinear:
-        """A BitLinear sharing `linear`'s weight and bias Parameters (same device, dtype, requires_grad)."""
+    def from_linear(cls, linear: nn.Linear, subln: bool = False, pack: bool = False) -> BitLinear:
+        """A BitLinear sharing `linear`'s weight and bias Parameters (same device, dtype, requires_grad).
+
+        With `pack=True` it is packed right away; a Linear on the meta device (a model built without memory) is
+        then initialised on the CPU the way nn.Linear initialises, packed, and its fp32 weight dropped, so
+        converting a whole meta model holds one layer in fp32 at a time."""
         w = linear.weight
+        if pack and w.is_meta:
+            return _packed_init(linear, subln)
         new = cls(linear.in_features, linear.out_features, bias=False, device="meta", dtype=w.dtype)
         new.weight, new.bias, new._latent_dtype = w, linear.bias, w.dtype
         if subln:
             new.norm = nn.RMSNorm(linear.in_features, eps=1e-6, device=w.device, dtype=w.dtype)
-        return new
+        return new.pack() if pack else new
 
     # -------------------------------------------------------------------------------------------- modes
     @property
@@ -185,13 +193,34 @@ class BitLinear(nn.Module):
                 )
             if self._packed is None:
                 self._latent_dtype = self.weight.dtype
-            self._packed = _to_compute(pw, self._device())
+            device = self._device()
+            self._packed = _to_compute(pw, pw.device if device.type == "meta" else device)  # meta: load in place
             self.weight, self._cache = None, None
             super().train(False)
         elif prefix + "weight" in state_dict and self._packed is not None:  # a latent checkpoint: become latent
             self.unpack()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         unexpected[:] = [k for k in unexpected if k not in names.values()]
+
+
+def _packed_init(linear: nn.Linear, subln: bool) -> BitLinear:
+    """A packed BitLinear for a meta-device Linear: its weight initialised on the CPU as nn.Linear does, in an
+    anonymous memory map that is unmapped once packed (a heap allocation of this size would stay in the
+    process after free, and a model's worth of them would add up)."""
+    n, k = linear.out_features, linear.in_features
+    dtype = linear.weight.dtype
+    layer = BitLinear(k, n, bias=linear.bias is not None, device="meta", dtype=dtype, subln=subln)
+    layer.to_empty(device="cpu")
+    buf = mmap.mmap(-1, n * k * torch.finfo(dtype).bits // 8)
+    try:
+        layer.weight = nn.Parameter(torch.frombuffer(buf, dtype=dtype).view(n, k))
+        layer.reset_parameters()
+        if layer.norm is not None:
+            layer.norm.reset_parameters()
+        layer.pack()
+    finally:
+        buf.close()  # pack() dropped every reference to the weight
+    return layer
 
 
 # -------------------------------------------------------------------------------------------- whole models
@@ -218,7 +247,9 @@ def convert(
 
     The BitLinear shares the Linear's weight/bias Parameters (device, dtype and optimizer state carry over).
     `skip` holds fnmatch patterns matched against qualified names and their last component ("lm_head",
-    "model.layers.0.*"). `pack=True` packs the result for inference; `subln=True` adds an RMSNorm to each layer.
+    "model.layers.0.*"). `pack=True` packs each layer as it is converted (inference); on a model built on the
+    meta device (`with torch.device("meta"): ...`) each layer is then initialised on the CPU and packed one at a
+    time, never holding the fp32 model. `subln=True` adds an RMSNorm to each layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -226,12 +257,12 @@ def convert(
         raise TypeError(f"skip must be a collection of name patterns, not a single string; use skip=({skip!r},)")
     skip = tuple(skip)
     if _convertible(model):
-        model = BitLinear.from_linear(model, subln=subln)
+        return BitLinear.from_linear(model, subln=subln, pack=pack)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if _convertible(child, parent) and not _skipped(full, skip):
-                setattr(parent, name, BitLinear.from_linear(child, subln=subln))
+                setattr(parent, name, BitLinear.from_linear(child, subln=subln, pack=pack))
     return pack_model(model) if pack else model
 
 
@@ -250,4 +281,33 @@ def unpack_model(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, BitLinear):
             m.unpack()
+    return model
+
+
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory) and their buffers as usual (RoPE
+    tables and the like are computed, not stored): for models whose weights are loaded from a file or packed
+    layer by layer (`convert(model, pack=True)`, `export.load_packed`)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialize(model: nn.Module, init: Callable[[nn.Module], None]) -> nn.Module:
+    """Allocate on the CPU, module by module, every parameter still on the meta device and initialise it with
+    `init(module)` (e.g. a Hugging Face model's `_init_weights`); packed layers are left as they are."""
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            init(module)
     return model

@@ -43,12 +43,14 @@ def build(variant: str, layers: int) -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers})
-    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
-    if variant == "bitnet":
-        from .nn import convert
+    if variant != "bitnet":
+        return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if variant == "bf16" else torch.float32).eval()
+    from .nn import convert, materialize, meta_parameters
 
-        convert(model, pack=True)  # every nn.Linear but lm_head; embeddings + lm_head stay fp, as in BitNet
-    return model.eval()
+    with meta_parameters():  # no fp32 model: projections are initialised and packed one at a time
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.float32)
+    convert(model, pack=True)  # every nn.Linear but lm_head; embeddings + lm_head stay fp, as in BitNet
+    return materialize(model, model._init_weights).eval()  # embeddings, norms, head: as HF initialises them
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
