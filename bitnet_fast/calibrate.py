@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
-from .model import LM, PRESETS, apply_rope, build_model, count_parameters, preset_config
+from .model import LM, PRESETS, build_model, count_parameters, preset_config
 from .tinyllama import CONFIG as TINYLLAMA
 
 SCHEMA = "bitnet-fast/calibrate/1"
@@ -207,31 +206,20 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
 # ----------------------------------------------------------------------------------------- model throughput
 @torch.inference_mode()
 def _decode(model: LM, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    """Greedy decode `steps` tokens after `prompt` (1, T) with a per-layer KV cache: one prompt pass, then M=1
+    """Greedy decode `steps` tokens after `prompt` (1, T) on the model's KV cache: one prompt pass, then M=1
     steps. Returns the new tokens (1, steps) and the seconds spent in the M=1 steps."""
-    caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.blocks)
-    tok, pos, out = prompt, 0, []
-    t0 = time.perf_counter()
-    for i in range(steps):
-        if i == 1:
-            t0 = time.perf_counter()
-        T = tok.shape[1]
-        cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
-        x = model.tok_emb(tok)  # (1, T, C)
-        for i, blk in enumerate(model.blocks):
-            a, h = blk.attn, blk.attn_norm(x)
-            q, k, v = (w(h).view(1, T, a.n_head, a.head_dim).transpose(1, 2) for w in (a.wq, a.wk, a.wv))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (1, H, T, D)
-            if caches[i] is not None:
-                k, v = torch.cat((caches[i][0], k), dim=2), torch.cat((caches[i][1], v), dim=2)
-            caches[i] = (k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-            x = x + a.wo(y.transpose(1, 2).reshape(1, T, -1))
-            x = x + blk.mlp(blk.mlp_norm(x))
-        logits = model.head(model.norm(x[:, -1:]))  # (1, 1, V)
-        tok, pos = logits.argmax(-1), pos + T
-        out.append(tok)
-    return torch.cat(out, dim=1), (time.perf_counter() - t0) if steps > 1 else 0.0
+    model.setup_cache(1)
+    try:
+        tok = model(prompt, pos=0, last_logits=True)[0].argmax(-1)  # (1, 1)
+        out, pos = [tok], prompt.shape[1]
+        t0 = time.perf_counter()
+        for _ in range(steps - 1):
+            tok = model(tok, pos=pos, last_logits=True)[0].argmax(-1)
+            out.append(tok)
+            pos += 1
+        return torch.cat(out, dim=1), time.perf_counter() - t0 if steps > 1 else 0.0
+    finally:
+        model.clear_cache()
 
 
 def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int, int], decode_steps: int,

@@ -4,7 +4,11 @@ The two models built from one `ModelConfig` differ only in `config.linear`: ever
 transformer blocks (q, k, v, o, gate, up, down) is a `bitnet_fast.nn.BitLinear` for "bitnet" and an
 `nn.Linear` for "fp". Embedding, RMSNorms and the output head stay full precision in both, as in the BitNet
 b1.58 recipe. The output head is tied to the token embedding by default (fewer parameters at small scale).
-No biases anywhere; RoPE positions; SwiGLU (default) or ReLU^2 MLP.
+No biases anywhere; RoPE positions; SwiGLU (default) or ReLU^2 MLP; grouped-query attention when n_kv_head < n_head.
+
+Inference keeps a static per-layer key/value cache (`setup_cache`, as in gpt-fast): `forward(idx, pos=p)` runs the
+tokens at positions p.. p + T - 1 against the cache (one call for the prompt, one per generated token) and
+`last_logits=True` computes the head for the last position only.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 4
     n_embd: int = 256
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
     hidden: int = 688  # MLP inner width (SwiGLU: ~8/3 * n_embd rounded to a multiple of 16)
     max_seq_len: int = 256  # RoPE table length; sequences may not be longer
     mlp: str = "swiglu"  # "swiglu" | "relu2"
@@ -48,6 +53,13 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        kv = self.n_kv_head
+        if kv is not None and not (1 <= kv <= self.n_head and self.n_head % kv == 0):
+            raise ValueError(f"ModelConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,21 +112,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class KVCache(nn.Module):
+    """Static key/value cache of one attention layer: (B, H_kv, max_len, D) buffers written at positions."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at positions pos.. and return the cache up to the last one written."""
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         lin = _linear_cls(cfg.linear)
-        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.n_embd // cfg.n_head
         self.wq = lin(cfg.n_embd, cfg.n_embd, bias=False)
-        self.wk = lin(cfg.n_embd, cfg.n_embd, bias=False)
-        self.wv = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wk = lin(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = lin(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.wo = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (w(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if pos is not None:
+            if self.cache is None:
+                raise RuntimeError("forward(..., pos=...) needs the KV cache: call model.setup_cache(batch) first")
+            k, v = self.cache.update(pos, k, v)  # (B, H_kv, pos + T, D)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if not pos:  # no cache, or the prompt from position 0: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # new tokens at pos.. see every cached position up to their own
+            allowed = torch.arange(pos + T, device=x.device) <= torch.arange(pos, pos + T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed if T > 1 else None)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -141,8 +184,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -171,39 +214,79 @@ class LM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int | None = None,
+        last_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        T = idx.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}; use shorter inputs")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        """idx (B, T) -> logits (B, T, V) (or (B, 1, V) for the last position with `last_logits`) and the mean
+        loss against targets. With `pos`, the tokens sit at positions pos.. and attend to the KV cache."""
+        T, start = idx.shape[1], pos or 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.config.max_seq_len}; "
+                             "use shorter inputs")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin)
-        logits = self.head(self.norm(x))  # (B, T, V)
+            x = block(x, cos, sin, pos)
+        logits = self.head(self.norm(x[:, -1:] if last_logits else x))  # (B, T or 1, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Give every attention layer a static KV cache for `batch` sequences of up to max_len (max_seq_len)."""
+        cfg, p = self.config, self.tok_emb.weight
+        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        for block in self.blocks:
+            a = block.attn
+            block.attn.cache = KVCache(batch, a.n_kv_head, max_len, a.head_dim, p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
     @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample `max_new_tokens` continuations of idx (B, T); temperature 0 means greedy."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.max_seq_len :])
-            logits = logits[:, -1, :]  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, nxt), dim=1)
-        return idx
+        """Sample `max_new_tokens` continuations of idx (B, T) with the KV cache; temperature 0 means greedy.
+
+        One forward for the prompt, then one per token. When the context fills up (max_seq_len), the window
+        slides: the newest max_seq_len // 2 tokens are run again from position 0 and generation goes on.
+        """
+        limit = self.config.max_seq_len
+        tokens = idx
+        self.setup_cache(idx.shape[0])
+        try:
+            window = tokens[:, -limit:]
+            logits = self(window, pos=0, last_logits=True)[0][:, -1]  # (B, V)
+            pos = window.shape[1]
+            for i in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+                tokens = torch.cat((tokens, nxt), dim=1)
+                if i == max_new_tokens - 1:
+                    break
+                if pos == limit:  # slide the window
+                    window = tokens[:, -(limit // 2) :]
+                    logits, pos = self(window, pos=0, last_logits=True)[0][:, -1], window.shape[1]
+                else:
+                    logits, pos = self(nxt, pos=pos, last_logits=True)[0][:, -1], pos + 1
+        finally:
+            self.clear_cache()
+        return tokens
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B, 1) from logits (B, V): argmax at temperature 0, else softmax sampling (top-k if given)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -92,13 +92,14 @@ def test_table_and_progress(run) -> None:
     assert any("tune:" in line for line in run["log"]) and any("models:" in line for line in run["log"])
 
 
-def test_kv_cache_decode_matches_full_recompute() -> None:
+def test_decode_timing_uses_the_model_cache() -> None:
     torch.manual_seed(0)
     model = build_model(preset_config("tiny", linear="fp", vocab_size=97)).eval()
     prompt = torch.randint(0, 97, (1, 5))
-    want = model.generate(prompt, 6, temperature=0)[:, 5:]  # (1, 6), recomputes the whole context per token
+    want = model.generate(prompt, 6, temperature=0)[:, 5:]  # (1, 6)
     tokens, seconds = cal._decode(model, prompt, 6)
     assert torch.equal(tokens, want) and seconds > 0
+    assert all(b.attn.cache is None for b in model.blocks)  # the cache is released afterwards
 
 
 def test_bad_arguments() -> None:

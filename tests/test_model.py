@@ -87,3 +87,44 @@ def test_generate_and_length_limit():
     assert model.generate(idx, 4, temperature=0.8, top_k=5).shape == (2, 7)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _greedy_recompute(model, idx, n):
+    """Greedy continuation that runs the whole sequence for every new token (no cache): the oracle."""
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx)[0][:, -1:].argmax(-1)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize(("linear", "kv"), [("fp", None), ("bitnet", None), ("fp", 1), ("bitnet", 1)])
+def test_cached_greedy_decode_equals_full_recompute(linear, kv):
+    """Token for token, for fp and packed BitNet, with and without grouped-query attention."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "max_seq_len": 32}, linear=linear, n_kv_head=kv)).eval()
+    if linear == "bitnet":
+        from bitnet_fast.nn import pack_model
+
+        pack_model(model)
+    idx = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        want = _greedy_recompute(model, idx, 12)
+    assert torch.equal(model.generate(idx, 12, temperature=0), want)
+
+
+def test_cache_prefill_in_chunks_matches_one_pass():
+    """Tokens fed at a position after earlier ones (T > 1 at pos > 0) see exactly the cached prefix."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, linear="fp", n_kv_head=1)).eval()
+    idx = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        full = model(idx)[0]
+        model.setup_cache(1)
+        parts = [model(idx[:, :4], pos=0)[0], model(idx[:, 4:9], pos=4)[0], model(idx[:, 9:], pos=9)[0]]
+        last = model(idx[:, :4], pos=0, last_logits=True)[0]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full[:, 3:4], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(idx, pos=0)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        ModelConfig(**TINY, n_kv_head=3)
