@@ -25,7 +25,7 @@ from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
 
 __all__ = ["ISA", "ISAS", "bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack",
-           "params", "quantize_activations", "quantize_weight", "unpack"]
+           "params", "quantize_activations", "quantize_weight", "threads", "unpack"]
 
 name = "numba"
 default_format = "i2"
@@ -273,6 +273,13 @@ def configure(**kw) -> dict:
     params()
     _params.update(tuning.validate(kw))
     return params()
+
+
+def threads(work: int) -> int:
+    """Apply and return the thread count the kernels use for a call of `work` multiply-adds (see _threads)."""
+    n = _threads(_params or params(), work)
+    set_threads(n)
+    return n
 
 
 def _threads(p: dict, work: int) -> int:

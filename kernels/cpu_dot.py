@@ -126,15 +126,24 @@ def _generic_dot(builder, acc, codes, xv):
 class _Tile:
     """Addresses and accumulator bookkeeping of one rows x cols tile (IR emission helpers)."""
 
-    def __init__(self, builder, w_addrs: list, x_addrs: list, isa: str) -> None:
+    def __init__(self, builder, w_addrs: list, x_addrs: list, isa: str, prefetch_ahead) -> None:
         self.b, self.w_addrs, self.x_addrs, self.isa = builder, w_addrs, x_addrs, isa
         self.pairs = len(w_addrs) * len(x_addrs)
+        self.ahead = prefetch_ahead  # bytes from a weight row to the same block of the next tile's row
 
     def block_vectors(self, blk, nbytes: int, masks_only: bool) -> tuple[list, list]:
-        """(codes[s][q] per weight row, xs[t][q] per activation row) of the nbytes-wide vectors at block blk."""
+        """(codes[s][q] per weight row, xs[t][q] per activation row) of the nbytes-wide vectors at block blk. Each
+        weight load also prefetches the next tile's bytes: a GEMV streams its weights from DRAM, and the 32-byte
+        steps along several rows at once are too short a stream for the hardware prefetchers to run ahead."""
         b = self.b
         i8v = ir.VectorType(ir.IntType(8), nbytes)
-        codes = [_decode(b, _load(b, b.add(w, b.mul(blk, _c64(32))), i8v), nbytes, masks_only) for w in self.w_addrs]
+        prefetch = _fn(b, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        codes = []
+        for w in self.w_addrs:
+            addr = b.add(w, b.mul(blk, _c64(32)))
+            ptr = b.inttoptr(b.add(addr, self.ahead), ir.IntType(8).as_pointer())
+            b.call(prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            codes.append(_decode(b, _load(b, addr, i8v), nbytes, masks_only))
         xs = []
         for x in self.x_addrs:
             base = b.add(x, b.mul(blk, _c64(BLOCK)))
@@ -257,7 +266,7 @@ def make_dot(rows: int, cols: int, isa: str = ISA):
             out_ptrs = [builder.inttoptr(builder.add(o0, builder.add(builder.mul(o_stride, _c64(j // cols)),
                                                                      _c64(4 * (j % cols)))), _I32.as_pointer())
                         for j in range(rows * cols)]
-            tile = _Tile(builder, w_addrs, x_addrs, isa)
+            tile = _Tile(builder, w_addrs, x_addrs, isa, builder.mul(w_stride, _c64(cols)))
             if isa == "avx2":
                 _avx2_body(tile, nblk_val, out_ptrs)
             else:

@@ -170,3 +170,21 @@ def unpack_i2g(packed: torch.Tensor, k: int) -> torch.Tensor:
     shifts = 2 * torch.arange(I2G_CODES, dtype=torch.int32, device=packed.device)
     c = (packed.to(torch.int32)[:, :, None] >> shifts) & 3  # (N, Kw, 16)
     return (c.reshape(n, kw * I2G_CODES)[:, :k] - 1).to(torch.int8)
+
+
+# --------------------------------------------------------------------- int8 output head (inference runtime)
+def int8_quant_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (int8 (N, K) in [-127, 127], fp32 scale (N,)): per-row absmax, w ~= w_q * scale."""
+    scale = w.float().abs().amax(dim=1).clamp(min=EPS) / 127.0
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(K,) float x int8 (N, K) with row scales -> (N,) fp32: x quantized to [-127, 127] by its absmax, exact int32
+    dot products, epilogue acc * (w_scale / s). A non-finite x gives NaN logits."""
+    x = x.float()
+    if not torch.isfinite(x).all():
+        return torch.full((w_q.shape[0],), float("nan"))
+    s = 127.0 / x.abs().amax().clamp(min=EPS)
+    xq = torch.round(x * s).to(torch.int32)
+    return (w_q.to(torch.int32) @ xq).float() * (w_scale / s)

@@ -1,0 +1,224 @@
+"""Fast CPU inference for whole packed BitNet models: bitnet-fast's own LM and converted Hugging Face Llamas.
+
+`PackedDecoder.from_model(model)` takes a packed model (its BitLinear layers reference the same i2 tensors, no
+copy) and runs prefill and decode as one Numba call per step over a static KV cache (`kernels.cpu_model`):
+no per-op Python or torch dispatch between the 7 projections of each layer. The output head (and optionally
+the embedding) is stored in int8 with a scale per row: a 32000 x 2048 head reads 65 MB per token instead of
+262 MB in fp32.
+
+    dec = PackedDecoder.from_model(model, head="int8")
+    for token in dec.generate(prompt_ids, max_new_tokens=64, temperature=0):
+        ...
+
+One sequence at a time (batch 1). Generation stops at the context length it was built for (`max_len`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import typed
+from torch import nn
+
+from bitnet_fast.kernels import reference
+from bitnet_fast.nn import BitLinear
+
+__all__ = ["HEADS", "DecoderConfig", "PackedDecoder"]
+
+HEADS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    hidden: int  # MLP inner width
+    vocab_size: int
+    eps: float  # RMSNorm epsilon of the block and final norms
+    swiglu: bool  # SwiGLU MLP (else ReLU^2)
+    max_len: int  # static KV cache length = longest context
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's tensors, as the builder extracts them from a model."""
+
+    projections: dict[str, BitLinear]  # q, k, v, o, gate (SwiGLU only), up, down
+    norm_attn: torch.Tensor
+    norm_mlp: torch.Tensor
+
+
+def _i2(layer: BitLinear, name: str) -> tuple[np.ndarray, float]:
+    if layer.bias is not None:
+        raise ValueError(f"{name} has a bias; the decoder runtime supports bias-free projections (Llama family)")
+    pw = layer.packed_weight
+    if pw.device.type != "cpu" or pw.format != "i2":
+        raise ValueError(f"{name} is packed as {pw.format} on {pw.device}; the decoder runtime runs i2 on the CPU")
+    return pw.data.numpy(), pw.gamma.item()
+
+
+def _sub_norm(layers: list[_Layer], key: str) -> tuple[np.ndarray, float]:
+    """SubLN weights (L, width) of the `key` projections' inputs, or (L, 0) when the model has none."""
+    norms = [layer.projections[key].norm for layer in layers]
+    if all(n is None for n in norms):
+        return np.zeros((len(layers), 0), np.float32), 1e-6
+    if any(n is None for n in norms):
+        raise ValueError(f"some but not all {key} projections have a SubLN norm")
+    return np.stack([n.weight.detach().float().numpy() for n in norms]), float(norms[0].eps)
+
+
+class PackedDecoder:
+    """A packed Llama-family decoder for fast CPU inference (one sequence; see the module docstring)."""
+
+    def __init__(self, config: DecoderConfig, layers: list[_Layer], embedding: torch.Tensor, norm_final: torch.Tensor,
+                 head_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head: str = "int8",
+                 embedding_int8: bool = False) -> None:
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}; use one of {HEADS}")
+        for i, layer in enumerate(layers):
+            for key, proj in layer.projections.items():
+                if not isinstance(proj, BitLinear):
+                    raise TypeError(f"layer {i} {key} is a {type(proj).__name__}, not a BitLinear: "
+                                    "convert(model, pack=True) first")
+                if proj.norm is not None and key not in ("o", "down"):
+                    raise ValueError(f"a SubLN norm on the {key} projection is not supported (only before o and down)")
+        self.config, self.head_kind = config, head
+        keys = ("q", "k", "v", "o", "gate", "up", "down") if config.swiglu else ("q", "k", "v", "o", "up", "up", "down")
+        packed = {k: [_i2(layer.projections[k], f"layer {i} {k}") for i, layer in enumerate(layers)] for k in set(keys)}
+        self._w = [typed.List([w for w, _ in packed[k]]) for k in keys]
+        self._gammas = np.array([[packed[k][i][1] for k in keys] for i in range(config.n_layer)], np.float32)
+        self._norms = [np.stack([getattr(layer, n).detach().float().numpy() for layer in layers])
+                       for n in ("norm_attn", "norm_mlp")]
+        (self._sub_o, eps_o), (self._sub_d, eps_d) = _sub_norm(layers, "o"), _sub_norm(layers, "down")
+        self._sub_eps = eps_o if self._sub_o.shape[1] else eps_d
+        self._norm_final = norm_final.detach().float().contiguous().numpy()
+        self._cos, self._sin = cos.float().contiguous().numpy(), sin.float().contiguous().numpy()
+        tied = head_weight is embedding
+        if head == "int8":
+            self._head_q, self._head_scale = (t.numpy() for t in reference.int8_quant_rows(head_weight.detach()))
+        else:
+            self._head = head_weight.detach().float()
+        if embedding_int8:
+            q, scale = (self._head_q, self._head_scale) if tied and head == "int8" else \
+                (t.numpy() for t in reference.int8_quant_rows(embedding.detach()))
+            self._embed = (q, scale)
+        else:
+            self._embed = embedding.detach().float().contiguous().numpy()
+        shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)
+        self._k, self._v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.pos = 0
+
+    # ------------------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_model(cls, model: nn.Module, head: str = "int8", embedding_int8: bool = False,
+                   max_len: int | None = None) -> PackedDecoder:
+        """From a packed bitnet_fast LM or a converted, packed Hugging Face Llama-family CausalLM."""
+        if hasattr(model, "blocks") and hasattr(model, "tok_emb"):
+            return cls._from_lm(model, head, embedding_int8, max_len)
+        if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head"):
+            return cls._from_hf(model, head, embedding_int8, max_len)
+        raise TypeError(f"{type(model).__name__} is neither a bitnet_fast LM nor a Hugging Face Llama-family model")
+
+    @classmethod
+    def _from_lm(cls, lm: nn.Module, head: str, embedding_int8: bool, max_len: int | None) -> PackedDecoder:
+        c = lm.config
+        layers = [_Layer({"q": b.attn.wq, "k": b.attn.wk, "v": b.attn.wv, "o": b.attn.wo, "up": b.mlp.up,
+                          "down": b.mlp.down, **({"gate": b.mlp.gate} if b.mlp.gate is not None else {})},
+                         b.attn_norm.weight, b.mlp_norm.weight) for b in lm.blocks]
+        max_len = min(max_len or c.max_seq_len, c.max_seq_len)
+        cfg = DecoderConfig(c.n_layer, c.n_head, c.kv_heads, c.n_embd // c.n_head, c.hidden, c.vocab_size,
+                            c.norm_eps, c.mlp == "swiglu", max_len)
+        return cls(cfg, layers, lm.tok_emb.weight, lm.norm.weight, lm.head.weight, lm.rope_cos[:max_len],
+                   lm.rope_sin[:max_len], head, embedding_int8)
+
+    @classmethod
+    def _from_hf(cls, model: nn.Module, head: str, embedding_int8: bool, max_len: int | None) -> PackedDecoder:
+        c = model.config
+        if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False) or c.hidden_act != "silu":
+            raise ValueError("the decoder runtime supports Llama-family models without biases and with SiLU (SwiGLU)")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        layers = [_Layer({"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj,
+                          "up": m.up_proj, "down": m.down_proj}, layer.input_layernorm.weight,
+                         layer.post_attention_layernorm.weight)
+                  for layer in model.model.layers for a, m in [(layer.self_attn, layer.mlp)]]
+        cfg = DecoderConfig(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim,
+                            c.intermediate_size, c.vocab_size, c.rms_norm_eps, True, max_len)
+        with torch.no_grad():  # the model's own RoPE tables (any rope_type): cos/sin (1, T, D), halves repeated
+            probe = torch.zeros(1, 1, head_dim)
+            cos, sin = model.model.rotary_emb(probe, torch.arange(max_len)[None])
+        return cls(cfg, layers, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
+                   cos[0, :, : head_dim // 2], sin[0, :, : head_dim // 2], head, embedding_int8)
+
+    # ------------------------------------------------------------------------------------------- running
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights this decoder reads (packed projections, norms, embedding, head) and its KV cache."""
+        arrays = [w for ws in self._w for w in ws] + [self._k, self._v, *self._norms, self._norm_final]
+        arrays += [*self._embed] if isinstance(self._embed, tuple) else [self._embed]
+        arrays += [self._head_q, self._head_scale] if self.head_kind == "int8" else [self._head.numpy()]
+        return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
+
+    def reset(self) -> None:
+        """Forget the context (the cache is overwritten from position 0)."""
+        self.pos = 0
+
+    def _embed_rows(self, ids: Sequence[int]) -> np.ndarray:
+        if isinstance(self._embed, tuple):
+            q, scale = self._embed
+            return (q[list(ids)].astype(np.float32) * scale[list(ids), None]).astype(np.float32)
+        return self._embed[list(ids)].copy()
+
+    def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """Run the tokens `ids` at the current position and return the next-token logits (V,) fp32."""
+        from bitnet_fast.kernels import cpu, cpu_model
+
+        cfg = self.config
+        if not ids:
+            raise ValueError("ids is empty: give at least one token")
+        if self.pos + len(ids) > cfg.max_len:
+            raise ValueError(f"the context is full: {self.pos} + {len(ids)} tokens exceed max_len={cfg.max_len}")
+        bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {cfg.vocab_size})")
+        p, threads = cpu.params(), cpu.threads(1 << 30)
+        h = cpu_model.forward(self._embed_rows(ids), self.pos, cfg.n_head, cfg.eps, cfg.swiglu, *self._norms,
+                              self._norm_final, *self._w, self._gammas, self._sub_o, self._sub_d, self._sub_eps,
+                              self._k, self._v, self._cos, self._sin, 8 * threads, p["panel_bytes"],
+                              len(ids) >= p["gemm_min_m"])
+        self.pos += len(ids)
+        if self.head_kind == "int8":
+            return torch.from_numpy(cpu_model.int8_gemv(h[0], self._head_q, self._head_scale))
+        return torch.from_numpy(h[0]) @ self._head.T
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int | None = None) -> Iterator[int]:
+        """Yield up to `max_new_tokens` tokens after `prompt` (from a fresh context); stops when the context is full.
+        Temperature 0 is greedy; otherwise softmax sampling (top-k if given), seeded by `seed`."""
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature={temperature} must be a finite number >= 0")
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(rng.randrange(2**63))
+        self.reset()
+        logits = self.forward(list(prompt))
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                tok = int(logits.argmax())
+            else:
+                z = logits / temperature
+                if top_k is not None:
+                    z = z.masked_fill(z < torch.topk(z, min(top_k, z.numel())).values[-1], float("-inf"))
+                tok = int(torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen))
+            yield tok
+            if i == max_new_tokens - 1 or self.pos >= self.config.max_len:
+                return
+            logits = self.forward([tok])

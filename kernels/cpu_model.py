@@ -1,0 +1,223 @@
+"""A whole Llama-family decoder as one Numba call per step: the CPU inference runtime's arrays-in, arrays-out core.
+
+`forward(...)` runs M new tokens (a prompt, or one token when decoding) at positions pos.. through every layer
+against a static KV cache and returns the final-normed hidden state of the last token. Per layer:
+
+    h = rmsnorm(x)                          -> int8 per row -> q, k, v (packed i2 GEMV/GEMM, `cpu._mm`)
+    rope(q, k); cache[pos..] = k, v; attention over the cache (grouped-query heads)   [optional SubLN]
+    x += o_proj(attn)
+    h = rmsnorm(x) -> int8 -> gate, up -> silu(gate) * up (or relu(up)^2)            [optional SubLN]
+    x += down(.)
+
+Every projection runs on the packed engine of `kernels.cpu` with the epilogue acc * (gamma / s) of
+`kernels.bitlinear`, so a layer computes what the torch model computes with BitLinear; only the small ops
+(norms, RoPE, softmax) are reordered float code. Per-layer weights travel in numba.typed.List (cheap to pass
+per call); layers without SubLN pass 0-size norm weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu import _dot_one, _dot_row, _mm, _quant_row
+
+__all__ = ["forward", "int8_gemv"]
+
+
+@njit(cache=True)
+def _rmsnorm(x, w, eps, out) -> None:
+    """out (M, C) = x * rsqrt(mean(x^2) + eps) * w, per row (as F.rms_norm in fp32)."""
+    m, c = x.shape
+    for r in range(m):
+        ss = np.float32(0.0)
+        for j in range(c):
+            ss += x[r, j] * x[r, j]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(c) + np.float32(eps))
+        for j in range(c):
+            out[r, j] = x[r, j] * inv * w[j]
+
+
+@njit(cache=True)
+def _project(h, wp, gamma, out, tasks, panel_bytes, gemm_rows) -> None:
+    """out (M, N) = BitLinear(h (M, K) fp32) with the packed weight wp and scale gamma: per-row int8 quant, exact
+    int32 product, epilogue acc * (gamma / s)."""
+    m, kp = h.shape[0], wp.shape[1] * 4
+    xq = np.zeros((m, kp), np.int8)
+    s = np.empty(m, np.float32)
+    xsum = np.empty(m, np.int32)
+    for r in range(m):
+        _quant_row(h, r, xq, s, xsum)
+    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, tasks, panel_bytes, gemm_rows)
+
+
+@njit(cache=True, parallel=True)
+def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, tasks) -> None:
+    """Decode (M = 1): o_m = BitLinear(x) for up to three weights sharing one quantized input x (w2 with 0 rows:
+    two), in ONE parallel region: tasks split the concatenated rows. Epilogue acc * (gamma_m / s)."""
+    n0, n1, n2 = w0.shape[0], w1.shape[0], w2.shape[0]
+    total, nblk = n0 + n1 + n2, w0.shape[1] // 32
+    scales = (g0 / s[0], g1 / s[0], g2 / s[0])
+    for t in prange(tasks):
+        lo, hi = t * total // tasks, (t + 1) * total // tasks
+        acc = np.empty((1, 4), np.int32)
+        i = lo
+        while i < hi:
+            if i < n0:
+                w, o, sc, base, end = w0, o0, scales[0], 0, min(hi, n0)
+            elif i < n0 + n1:
+                w, o, sc, base, end = w1, o1, scales[1], n0, min(hi, n0 + n1)
+            else:
+                w, o, sc, base, end = w2, o2, scales[2], n0 + n1, hi
+            r = i - base
+            nc = 4 if end - i >= 4 else 1
+            if nc == 4:
+                _dot_row(w, r, xq, 0, nblk, acc, 0)
+            else:
+                _dot_one(w, r, xq, 0, nblk, acc, 0)
+            for c in range(nc):
+                o[0, r + c] = np.float32(acc[0, c] - xsum[0]) * sc
+            i += nc
+
+
+@njit(cache=True)
+def _project3(h, w0, w1, w2, g0, g1, g2, o0, o1, o2, tasks, panel_bytes, gemm_rows) -> None:
+    """o_m = BitLinear(h, w_m) for the weights sharing input h: one parallel region when decoding (M = 1)."""
+    m, kp = h.shape[0], w0.shape[1] * 4
+    if m > 1:
+        _project(h, w0, g0, o0, tasks, panel_bytes, gemm_rows)
+        _project(h, w1, g1, o1, tasks, panel_bytes, gemm_rows)
+        if w2.shape[0]:
+            _project(h, w2, g2, o2, tasks, panel_bytes, gemm_rows)
+        return
+    xq = np.zeros((1, kp), np.int8)
+    s = np.empty(1, np.float32)
+    xsum = np.empty(1, np.int32)
+    _quant_row(h, 0, xq, s, xsum)
+    _gemv3(xq, xsum, s, w0, w1, w2, np.float32(g0), np.float32(g1), np.float32(g2), o0, o1, o2, tasks)
+
+
+@njit(cache=True)
+def _rope(t, heads, d, cos, sin, pos) -> None:
+    """Rotate (x[:d/2], x[d/2:]) of each head of t (M, heads * d) by the angles of positions pos.. (rotate-half)."""
+    half = d // 2
+    for r in range(t.shape[0]):
+        for h in range(heads):
+            b = h * d
+            for j in range(half):
+                x1, x2 = t[r, b + j], t[r, b + half + j]
+                c, s = cos[pos + r, j], sin[pos + r, j]
+                t[r, b + j] = x1 * c - x2 * s
+                t[r, b + half + j] = x1 * s + x2 * c
+
+
+@njit(cache=True, parallel=True)
+def _attention(q, kc, vc, pos, n_head, out) -> None:
+    """Causal attention of q (M, H * D) at positions pos.. over the cache kc, vc (H_kv, T, D) -> out (M, H * D)."""
+    m = q.shape[0]
+    hkv, _, d = kc.shape
+    group = n_head // hkv
+    scale = np.float32(1.0 / math.sqrt(d))
+    for task in prange(m * n_head):
+        r, h = task // n_head, task % n_head
+        g, last = h // group, pos + r  # this query sees positions 0..last
+        scores = np.empty(last + 1, np.float32)
+        top = np.float32(-np.inf)
+        for t in range(last + 1):
+            acc = np.float32(0.0)
+            for j in range(d):
+                acc += q[r, h * d + j] * kc[g, t, j]
+            scores[t] = acc * scale
+            top = max(top, scores[t])
+        total = np.float32(0.0)
+        for t in range(last + 1):
+            scores[t] = np.exp(scores[t] - top)
+            total += scores[t]
+        for j in range(d):
+            acc = np.float32(0.0)
+            for t in range(last + 1):
+                acc += scores[t] * vc[g, t, j]
+            out[r, h * d + j] = acc / total
+
+
+@njit(cache=True)
+def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk, wv, wo, wg, wu, wd, gammas,
+            sub_o, sub_d, sub_eps, k_cache, v_cache, cos, sin, tasks, panel_bytes, gemm_rows):
+    """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. and
+    return the final-normed hidden state of the last token (1, C). gammas (L, 7): q, k, v, o, gate, up, down
+    scales; sub_o / sub_d (L, C) / (L, F): SubLN weights before o / down (0 columns: none, eps sub_eps);
+    caches (L, H_kv, T, D); cos, sin (T, D / 2)."""
+    m, c = x.shape
+    n_layer, hkv, _, d = k_cache.shape
+    h = np.empty_like(x)
+    none_w = np.empty((0, wu[0].shape[1]), np.uint8)  # "no third weight" for _project3
+    for layer in range(n_layer):
+        g = gammas[layer]
+        _rmsnorm(x, norm_attn[layer], eps, h)
+        q = np.empty((m, n_head * d), np.float32)
+        k = np.empty((m, hkv * d), np.float32)
+        v = np.empty((m, hkv * d), np.float32)
+        _project3(h, wq[layer], wk[layer], wv[layer], g[0], g[1], g[2], q, k, v, tasks, panel_bytes, gemm_rows)
+        _rope(q, n_head, d, cos, sin, pos)
+        _rope(k, hkv, d, cos, sin, pos)
+        for r in range(m):
+            for hh in range(hkv):
+                for j in range(d):
+                    k_cache[layer, hh, pos + r, j] = k[r, hh * d + j]
+                    v_cache[layer, hh, pos + r, j] = v[r, hh * d + j]
+        a = np.empty((m, n_head * d), np.float32)
+        _attention(q, k_cache[layer], v_cache[layer], pos, n_head, a)
+        if sub_o.shape[1]:
+            _rmsnorm(a, sub_o[layer], sub_eps, a)
+        o = np.empty_like(x)
+        _project(a, wo[layer], g[3], o, tasks, panel_bytes, gemm_rows)
+        x += o
+        _rmsnorm(x, norm_mlp[layer], eps, h)
+        f = wu[layer].shape[0]
+        up = np.empty((m, f), np.float32)
+        if swiglu:
+            gate = np.empty((m, f), np.float32)
+            _project3(h, wg[layer], wu[layer], none_w, g[4], g[5], g[5], gate, up, up, tasks, panel_bytes,
+                      gemm_rows)
+            for r in range(m):
+                for j in range(f):
+                    up[r, j] = gate[r, j] / (np.float32(1.0) + np.exp(-gate[r, j])) * up[r, j]
+        else:
+            _project(h, wu[layer], g[5], up, tasks, panel_bytes, gemm_rows)
+            for r in range(m):
+                for j in range(f):
+                    up[r, j] = max(up[r, j], np.float32(0.0)) ** 2
+        if sub_d.shape[1]:
+            _rmsnorm(up, sub_d[layer], sub_eps, up)
+        _project(up, wd[layer], g[6], o, tasks, panel_bytes, gemm_rows)
+        x += o
+    out = np.empty((1, c), np.float32)
+    _rmsnorm(x[m - 1 :], norm_final, eps, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def int8_gemv(x, w, w_scale):
+    """The int8 output head, bit-exact with reference.int8_linear: x (K,) fp32 quantized to [-127, 127] by its absmax,
+    exact int32 dot products with w (N, K) int8, epilogue acc * (w_scale / s); non-finite x gives NaN logits."""
+    k = x.shape[0]
+    amax = np.float32(1e-5)
+    for j in range(k):
+        v = abs(x[j])
+        if v > amax or v != v:  # NaN propagates
+            amax = v
+    if not np.isfinite(amax):
+        return np.full(w.shape[0], np.nan, np.float32)
+    s = (np.float32(1.0) / amax) * np.float32(127.0)  # what torch's 127.0 / tensor computes (two roundings)
+    xq = np.empty(k, np.int8)
+    for j in range(k):
+        xq[j] = np.int8(np.rint(x[j] * s))
+    out = np.empty(w.shape[0], np.float32)
+    for i in prange(w.shape[0]):
+        acc = np.int32(0)
+        for j in range(k):
+            acc += np.int32(w[i, j]) * np.int32(xq[j])
+        out[i] = np.float32(acc) * (w_scale[i] / s)
+    return out

@@ -1,0 +1,110 @@
+"""The whole-model CPU runtime (bitnet_fast.decode): same logits and tokens as the torch model it was built from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from bitnet_fast.kernels import cpu_model, reference
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bitnet_fast.decode import PackedDecoder
+from bitnet_fast.model import ModelConfig, build_model
+from bitnet_fast.nn import convert, pack_model
+
+
+def _lm(mlp="swiglu", kv=None, subln=False, seed=0):
+    """A packed LM whose logits spread (large init), so that greedy decoding does not repeat one token."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=64, hidden=96, max_seq_len=48,
+                                    mlp=mlp, n_kv_head=kv)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    if subln:  # SubLN before the attention output and MLP down projections (BitNet b1.58 2B4T)
+        for block in model.blocks:
+            for lin in (block.attn.wo, block.mlp.down):
+                lin.norm = torch.nn.RMSNorm(lin.in_features, eps=1e-6)
+                torch.nn.init.uniform_(lin.norm.weight, 0.5, 1.5)
+    return pack_model(model)
+
+
+def _teacher_forced(dec: PackedDecoder, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    dec.reset()
+    out = [dec.forward(ids[:prompt].tolist())]
+    out += [dec.forward([t]) for t in ids[prompt:].tolist()]
+    return torch.stack(out)  # logits after positions prompt-1, prompt, ...
+
+
+@pytest.mark.parametrize(("mlp", "kv", "subln"), [("swiglu", None, False), ("swiglu", 2, False),
+                                                  ("relu2", 1, False), ("swiglu", 2, True)])
+def test_lm_logits_and_greedy_tokens_match_the_torch_model(mlp, kv, subln):
+    model = _lm(mlp, kv, subln)
+    ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids[None])[0][0, 4:]  # (16, V)
+    dec = PackedDecoder.from_model(model, head="fp32")
+    torch.testing.assert_close(_teacher_forced(dec, ids, 5), want, rtol=1e-4, atol=1e-4)
+    greedy = model.generate(ids[None, :5], 30, temperature=0)[0, 5:].tolist()
+    assert len(set(greedy)) > 3  # a real sequence, not one repeated token
+    assert list(dec.generate(ids[:5].tolist(), 30)) == greedy
+
+
+def test_hugging_face_llama_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.5)
+    model = convert(transformers.LlamaForCausalLM(cfg), pack=True).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        want = model(ids).logits[0, 4:]
+        greedy = model.generate(ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=20,
+                                do_sample=False)[0, 5:].tolist()
+    dec = PackedDecoder.from_model(model, head="fp32")
+    torch.testing.assert_close(_teacher_forced(dec, ids[0], 5), want, rtol=1e-4, atol=1e-4)
+    assert list(dec.generate(ids[0, :5].tolist(), 20)) == greedy
+
+
+@given(n=st.integers(1, 70), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_int8_head_is_bit_exact(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(n, k, generator=g), torch.randn(k, generator=g) * 10.0 ** float(torch.randint(-3, 4, (1,)))
+    wq, scale = reference.int8_quant_rows(w)
+    got = torch.from_numpy(cpu_model.int8_gemv(x.numpy(), wq.numpy(), scale.numpy()))
+    assert torch.equal(got, reference.int8_linear(x, wq, scale))
+    x[0] = float("nan")
+    assert np.isnan(cpu_model.int8_gemv(x.numpy(), wq.numpy(), scale.numpy())).all()
+    assert reference.int8_linear(x, wq, scale).isnan().all()
+
+
+def test_int8_head_and_embedding_stay_close_and_are_smaller():
+    model = _lm()
+    fp, q8 = PackedDecoder.from_model(model, head="fp32"), PackedDecoder.from_model(model, "int8", embedding_int8=True)
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2))
+    a, b = _teacher_forced(fp, ids, 3), _teacher_forced(q8, ids, 3)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert q8.nbytes < fp.nbytes
+
+
+def test_bad_input_says_what_to_fix():
+    model = _lm()
+    dec = PackedDecoder.from_model(model, head="fp32", max_len=8)
+    with pytest.raises(ValueError, match="empty"):
+        list(dec.generate([], 3))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.forward([97])
+    with pytest.raises(ValueError, match="temperature"):
+        list(dec.generate([1], 3, temperature=-1.0))
+    assert len(list(dec.generate([1, 2, 3], 50))) == 6  # stops when the 8-token context is full
+    with pytest.raises(ValueError, match="context is full"):
+        dec.forward([1])
+    with pytest.raises(ValueError, match="head="):
+        PackedDecoder.from_model(model, head="int4")
+    with pytest.raises(TypeError, match="BitLinear"):
+        PackedDecoder.from_model(build_model(ModelConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=32, hidden=64,
+                                                         max_seq_len=16, linear="fp")))
