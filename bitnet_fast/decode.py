@@ -64,6 +64,17 @@ def _i2(layer: BitLinear, name: str) -> tuple[np.ndarray, float]:
     return pw.data.numpy(), pw.gamma.item()
 
 
+def _int8_rows(w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 (N, K), fp32 row scales (N,)) of a float matrix, or of an (int8, scales) pair quantized already."""
+    if isinstance(w, tuple):
+        q, scale = w
+        if q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+            raise ValueError(f"an int8 matrix needs (int8 (N, K), scales (N,)), got {q.dtype} {tuple(q.shape)}, "
+                             f"{tuple(scale.shape)}")
+        return q.contiguous().numpy(), scale.float().contiguous().numpy()
+    return tuple(t.numpy() for t in reference.int8_quant_rows(w.detach()))
+
+
 def _sub_norm(layers: list[_Layer], key: str) -> tuple[np.ndarray, float]:
     """SubLN weights (L, width) of the `key` projections' inputs, or (L, 0) when the model has none."""
     norms = [layer.projections[key].norm for layer in layers]
@@ -77,9 +88,10 @@ def _sub_norm(layers: list[_Layer], key: str) -> tuple[np.ndarray, float]:
 class PackedDecoder:
     """A packed Llama-family decoder for fast CPU inference (one sequence; see the module docstring)."""
 
-    def __init__(self, config: DecoderConfig, layers: list[_Layer], embedding: torch.Tensor, norm_final: torch.Tensor,
-                 head_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head: str = "int8",
-                 embedding_int8: bool = False) -> None:
+    def __init__(self, config: DecoderConfig, layers: list[_Layer], embedding: torch.Tensor | tuple,
+                 norm_final: torch.Tensor, head_weight: torch.Tensor | tuple, cos: torch.Tensor, sin: torch.Tensor,
+                 head: str = "int8", embedding_int8: bool = False) -> None:
+        """Embedding and head are float matrices, or (int8, row scales) pairs quantized already (int8 use only)."""
         if head not in HEADS:
             raise ValueError(f"head={head!r}; use one of {HEADS}")
         for i, layer in enumerate(layers):
@@ -102,13 +114,11 @@ class PackedDecoder:
         self._cos, self._sin = cos.float().contiguous().numpy(), sin.float().contiguous().numpy()
         tied = head_weight is embedding
         if head == "int8":
-            self._head_q, self._head_scale = (t.numpy() for t in reference.int8_quant_rows(head_weight.detach()))
+            self._head_q, self._head_scale = _int8_rows(head_weight)
         else:
             self._head = head_weight.detach().float()
-        if embedding_int8:
-            q, scale = (self._head_q, self._head_scale) if tied and head == "int8" else \
-                (t.numpy() for t in reference.int8_quant_rows(embedding.detach()))
-            self._embed = (q, scale)
+        if embedding_int8 or isinstance(embedding, tuple):
+            self._embed = (self._head_q, self._head_scale) if tied and head == "int8" else _int8_rows(embedding)
         else:
             self._embed = embedding.detach().float().contiguous().numpy()
         shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)
