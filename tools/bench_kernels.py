@@ -84,6 +84,7 @@ def run(
             times = ggml_peer.time_rounds(fns, budget_s=budget, burst=burst, cold=cold)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             row = {"M": m, "K": k, "N": n, **{f"{c}_ms": t * 1e3 for c, t in med.items()}}
+            row.update({f"{c}_min_ms": min(ts) * 1e3 for c, ts in times.items()})  # least disturbed call
             row["ours_gops"] = 2 * m * n * k / med["ours"] / 1e9
             row.update({f"x_vs_{c}": med[c] / med["ours"] for c in med if c != "ours"})
             rows.append(row)

@@ -8,7 +8,9 @@ Only one build flavour can be loaded per process (both export libggml.so).
 
     python tools/ggml_peer.py [--cold] [--ms 1,8] [--shapes 4096x4096] [--threads 2] [--isa native]
 
-prints median ms per call of ggml TQ2_0 and TQ1_0, timed in interleaved rounds, after a correctness check.
+prints median (and min) ms per call of ggml TQ2_0 and TQ1_0, timed in interleaved rounds, after a correctness
+check. The min is the call least slowed by other processes on a shared machine; there, give the run the CPU as
+docs/kernels.md does: setsid bash -c 'echo -15 > /proc/self/autogroup; exec python tools/ggml_peer.py'.
 """
 
 from __future__ import annotations
@@ -218,7 +220,10 @@ def main() -> None:
     ap.add_argument("--types", default="tq2_0,tq1_0", help="ggml weight types (default tq2_0,tq1_0)")
     ap.add_argument("--cold", action="store_true", help="flush the caches (64 MiB) before every timed call")
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of timing per (M, shape) (default 1.5)")
+    ap.add_argument("--json", metavar="OUT", help="also write the rows (median and min ms) as JSON")
     args = ap.parse_args()
+    if not available(args.isa):
+        raise SystemExit(NOT_BUILT.format(isa=args.isa))
     types = args.types.split(",")
     info = build_info(args.isa)
     print(f"ggml {info['ggml_version']} (llama.cpp {info['llama_cpp_describe']}, llama-cpp-python "
@@ -226,19 +231,25 @@ def main() -> None:
     print("features: " + ", ".join(f for f, v in info["ggml_cpu_features"].items() if v == 1))
     for t in types:
         print(f"check {t}: rel err vs float reference {check(args.isa, t):.2e} (q8_K activations)")
-    print("| M | K | N | " + " | ".join(f"{t} ms | {t} GB/s" for t in types) + " |")
-    print("|---" * (3 + 2 * len(types)) + "|")
+    print("| M | K | N | " + " | ".join(f"{t} ms | {t} min ms | {t} GB/s" for t in types) + " |")
+    print("|---" * (3 + 3 * len(types)) + "|")
+    rows = []
     for m in map(int, args.ms.split(",")):
         for k, n in _parse_shapes(args.shapes):
             fns = {t: GgmlMulMat(m, k, n, t, args.threads, args.isa) for t in types}
             burst = 5 if args.cold else (20 if m < 128 else 3)
             times = time_rounds(fns, args.budget * (1 + (m >= 128)), burst, cold=args.cold)
-            cells = []
+            cells, row = [], {"M": m, "K": k, "N": n}
             for t, g in fns.items():
-                med = statistics.median(times[t])
-                cells.append(f"{med * 1e3:.3f} | {g.weight_bytes / med / 1e9:.1f}")
+                med, best = statistics.median(times[t]), min(times[t])
+                cells.append(f"{med * 1e3:.3f} | {best * 1e3:.3f} | {g.weight_bytes / med / 1e9:.1f}")
+                row.update({f"{t}_ms": med * 1e3, f"{t}_min_ms": best * 1e3, f"{t}_calls": len(times[t])})
                 g.close()
+            rows.append(row)
             print(f"| {m} | {k} | {n} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        out = {"build": info, "threads": args.threads, "cold": args.cold, "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
