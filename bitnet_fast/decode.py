@@ -201,7 +201,7 @@ class PackedDecoder:
         p, threads = cpu.params(), cpu.threads(1 << 30)
         h = cpu_model.forward(self._embed_rows(ids), self.pos, cfg.n_head, cfg.eps, cfg.swiglu, *self._norms,
                               self._norm_final, *self._w, self._gammas, self._sub_o, self._sub_d, self._sub_eps,
-                              self._k, self._v, self._cos, self._sin, 8 * threads, p["panel_bytes"],
+                              self._k, self._v, self._cos, self._sin, threads, p["panel_bytes"],
                               len(ids) >= p["gemm_min_m"])
         self.pos += len(ids)
         if self.head_kind == "int8":

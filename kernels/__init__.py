@@ -99,7 +99,7 @@ def _cpu_pack() -> ModuleType:
 def backend_for(device: torch.device | str) -> str:
     """The backend name that serves tensors on `device` (honouring BITNET_FAST_BACKEND)."""
     device_type = torch.device(device).type
-    forced = os.environ.get("BITNET_FAST_BACKEND", "")
+    forced = _forced_backend()
     key = (device_type, forced)
     if key not in _resolved:
         _resolved[key] = _resolve(device_type, forced.strip().lower())
@@ -130,9 +130,22 @@ def _resolve(device_type: str, forced: str) -> str:
     return name
 
 
+# os.environ.get costs ~2 us (it encodes the key each time); on CPython the encoded environment is a plain dict.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("BITNET_FAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _forced_backend() -> str:
+    """$BITNET_FAST_BACKEND as it is now (read on every call, so changing it at runtime takes effect)."""
+    if _ENV_DATA is None or _ENV_KEY is None:
+        return os.environ.get("BITNET_FAST_BACKEND", "")
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return "" if raw is None else os.environ.decodevalue(raw)
+
+
 def _backend(device: torch.device):
-    """The backend module for `device`: one dict lookup on the hot path (resolution is cached)."""
-    key = (device.type, os.environ.get("BITNET_FAST_BACKEND", ""))
+    """The backend module for `device`: two dict lookups on the hot path (resolution is cached)."""
+    key = (device.type, _forced_backend())
     name = _resolved.get(key) or backend_for(device)
     return _loaded[name]
 
@@ -150,9 +163,9 @@ def _check_tensor(name: str, t, dtypes=None, ndim=None) -> None:
 def _check_packed(pw, k: int, device: torch.device, arg: str = "x") -> None:
     if not isinstance(pw, PackedWeight):
         raise TypeError(f"weight must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
-    if pw.in_features != k:
+    if pw.shape[1] != k:
         raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
-    if pw.device.type != device.type:
+    if pw.data.device.type != device.type:
         raise ValueError(f"{arg} is on {device} but the packed weight is on {pw.device}; move one with .to(...)")
 
 
@@ -259,14 +272,15 @@ def bitlinear(
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight."""
     _check_tensor("x", x, FLOAT_DTYPES)
-    if x.dim() == 0:
+    ndim, device = x.dim(), x.device
+    if ndim == 0:
         raise ValueError("x must have at least 1 dim (..., K), got a scalar")
-    _check_packed(pw, x.shape[-1], x.device)
-    _check_bias(bias, pw.out_features, x.device)
+    _check_packed(pw, x.shape[-1], device)
+    _check_bias(bias, pw.shape[0], device)
     out_dtype = out_dtype or x.dtype
     _check_out_dtype(out_dtype)
-    if x.dim() == 2:  # the decode path: no reshapes (~4 us)
-        return _backend(x.device).bitlinear(x, pw, bias, out_dtype)
+    if ndim == 2:  # the decode path: no reshapes (~4 us)
+        return _backend(device).bitlinear(x, pw, bias, out_dtype)
     y = _backend(x.device).bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
     return y.reshape(*x.shape[:-1], pw.out_features)
 

@@ -41,7 +41,7 @@ def _rmsnorm(x, w, eps, out) -> None:
 
 
 @njit(cache=True)
-def _project(h, wp, gamma, out, tasks, panel_bytes, gemm_rows) -> None:
+def _project(h, wp, gamma, out, threads, panel_bytes, gemm_rows) -> None:
     """out (M, N) = BitLinear(h (M, K) fp32) with the packed weight wp and scale gamma: per-row int8 quant, exact
     int32 product, epilogue acc * (gamma / s)."""
     m, kp = h.shape[0], wp.shape[1] * 4
@@ -50,15 +50,15 @@ def _project(h, wp, gamma, out, tasks, panel_bytes, gemm_rows) -> None:
     xsum = np.empty(m, np.int32)
     for r in range(m):
         _quant_row(h, r, xq, s, xsum)
-    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, tasks, panel_bytes, gemm_rows)
+    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, threads, panel_bytes, gemm_rows)
 
 
 @njit(cache=True, parallel=True)
-def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, tasks) -> None:
+def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads) -> None:
     """Decode (M = 1): o_m = BitLinear(x) for up to three weights sharing one quantized input x (w2 with 0 rows:
     two), in ONE parallel region: tasks split the concatenated rows. Epilogue acc * (gamma_m / s)."""
     n0, n1, n2 = w0.shape[0], w1.shape[0], w2.shape[0]
-    total, nblk = n0 + n1 + n2, w0.shape[1] // 32
+    total, nblk, tasks = n0 + n1 + n2, w0.shape[1] // 32, 8 * threads
     scales = (g0 / s[0], g1 / s[0], g2 / s[0])
     for t in prange(tasks):
         lo, hi = t * total // tasks, (t + 1) * total // tasks
@@ -83,20 +83,20 @@ def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, tasks) -> None:
 
 
 @njit(cache=True)
-def _project3(h, w0, w1, w2, g0, g1, g2, o0, o1, o2, tasks, panel_bytes, gemm_rows) -> None:
+def _project3(h, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads, panel_bytes, gemm_rows) -> None:
     """o_m = BitLinear(h, w_m) for the weights sharing input h: one parallel region when decoding (M = 1)."""
     m, kp = h.shape[0], w0.shape[1] * 4
     if m > 1:
-        _project(h, w0, g0, o0, tasks, panel_bytes, gemm_rows)
-        _project(h, w1, g1, o1, tasks, panel_bytes, gemm_rows)
+        _project(h, w0, g0, o0, threads, panel_bytes, gemm_rows)
+        _project(h, w1, g1, o1, threads, panel_bytes, gemm_rows)
         if w2.shape[0]:
-            _project(h, w2, g2, o2, tasks, panel_bytes, gemm_rows)
+            _project(h, w2, g2, o2, threads, panel_bytes, gemm_rows)
         return
     xq = np.zeros((1, kp), np.int8)
     s = np.empty(1, np.float32)
     xsum = np.empty(1, np.int32)
     _quant_row(h, 0, xq, s, xsum)
-    _gemv3(xq, xsum, s, w0, w1, w2, np.float32(g0), np.float32(g1), np.float32(g2), o0, o1, o2, tasks)
+    _gemv3(xq, xsum, s, w0, w1, w2, np.float32(g0), np.float32(g1), np.float32(g2), o0, o1, o2, threads)
 
 
 @njit(cache=True)
@@ -144,7 +144,7 @@ def _attention(q, kc, vc, pos, n_head, out) -> None:
 
 @njit(cache=True)
 def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk, wv, wo, wg, wu, wd, gammas,
-            sub_o, sub_d, sub_eps, k_cache, v_cache, cos, sin, tasks, panel_bytes, gemm_rows):
+            sub_o, sub_d, sub_eps, k_cache, v_cache, cos, sin, threads, panel_bytes, gemm_rows):
     """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. and
     return the final-normed hidden state of the last token (1, C). gammas (L, 7): q, k, v, o, gate, up, down
     scales; sub_o / sub_d (L, C) / (L, F): SubLN weights before o / down (0 columns: none, eps sub_eps);
@@ -159,7 +159,7 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk
         q = np.empty((m, n_head * d), np.float32)
         k = np.empty((m, hkv * d), np.float32)
         v = np.empty((m, hkv * d), np.float32)
-        _project3(h, wq[layer], wk[layer], wv[layer], g[0], g[1], g[2], q, k, v, tasks, panel_bytes, gemm_rows)
+        _project3(h, wq[layer], wk[layer], wv[layer], g[0], g[1], g[2], q, k, v, threads, panel_bytes, gemm_rows)
         _rope(q, n_head, d, cos, sin, pos)
         _rope(k, hkv, d, cos, sin, pos)
         for r in range(m):
@@ -172,26 +172,26 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk
         if sub_o.shape[1]:
             _rmsnorm(a, sub_o[layer], sub_eps, a)
         o = np.empty_like(x)
-        _project(a, wo[layer], g[3], o, tasks, panel_bytes, gemm_rows)
+        _project(a, wo[layer], g[3], o, threads, panel_bytes, gemm_rows)
         x += o
         _rmsnorm(x, norm_mlp[layer], eps, h)
         f = wu[layer].shape[0]
         up = np.empty((m, f), np.float32)
         if swiglu:
             gate = np.empty((m, f), np.float32)
-            _project3(h, wg[layer], wu[layer], none_w, g[4], g[5], g[5], gate, up, up, tasks, panel_bytes,
+            _project3(h, wg[layer], wu[layer], none_w, g[4], g[5], g[5], gate, up, up, threads, panel_bytes,
                       gemm_rows)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = gate[r, j] / (np.float32(1.0) + np.exp(-gate[r, j])) * up[r, j]
         else:
-            _project(h, wu[layer], g[5], up, tasks, panel_bytes, gemm_rows)
+            _project(h, wu[layer], g[5], up, threads, panel_bytes, gemm_rows)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = max(up[r, j], np.float32(0.0)) ** 2
         if sub_d.shape[1]:
             _rmsnorm(up, sub_d[layer], sub_eps, up)
-        _project(up, wd[layer], g[6], o, tasks, panel_bytes, gemm_rows)
+        _project(up, wd[layer], g[6], o, threads, panel_bytes, gemm_rows)
         x += o
     out = np.empty((1, c), np.float32)
     _rmsnorm(x[m - 1 :], norm_final, eps, out)

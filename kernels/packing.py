@@ -11,7 +11,7 @@ it can be validated wherever it lands. Formats (layouts defined in `reference.py
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +66,9 @@ class PackedWeight:
     shape: tuple[int, int]  # logical (N, K) = (out_features, in_features)
     format: str = "i2"
     version: int = LAYOUT_VERSION
+    # Per-backend views of `data` (e.g. the numba backend's NumPy array and float gamma), filled on first use so
+    # that a decode call does not convert tensors again; never part of equality, repr or serialization.
+    views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -291,7 +291,7 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (n, k), "i2")  # no cpu_pack compile
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
         xp, out = np.zeros((m, pw.data.shape[1] * 4), np.int8), np.zeros((m, n), np.float32)
-        args = (xp, np.zeros(m, np.int32), np.ones(m, np.float32), pw.data.numpy(), None, out, 4, 1 << 18, True)
+        args = (xp, np.zeros(m, np.int32), np.ones(m, np.float32), pw.data.numpy(), None, out, 2, 1 << 18, True)
         cpu._mm.compile(tuple(numba.typeof(a) for a in args))
         continue
     for gemm_min_m in (1, 1 << 20):
