@@ -4,15 +4,18 @@ All contenders run in one process, in rounds: each round times a burst of consec
 contender, after 10 ms of untimed calls (torch's, Numba's and ggml's OpenMP pools are separate and each spins for a
 while after its last task; see docs/kernels.md), and rounds repeat so that background load hits all
 contenders alike. The table shows the median ms over all timed calls, GOPS = 2*M*N*K / t, and the
-speed ratios of ours over each baseline (>1: ours is faster). `--cold` flushes the caches (64 MiB written and read,
-untimed) before every timed call of every contender: weights come from DRAM, as in a model too big for the L3.
+speed ratios of ours over each baseline (>1: ours is faster). Two ways to take the weights out of the caches:
+`--stream` gives every contender enough copies of its weight (3x the L3 in all) to cycle through back to back, so
+each call reads its weight from DRAM as the layers of a model decoding token after token do; `--cold` flushes
+the caches (64 MiB written and read, untimed) before every timed call, so each call also starts with a cold
+interpreter, cold thread pools and idle cores (the first call after a pause).
 
 When the llama.cpp peer is built (python tools/llamacpp_build.py), ggml's TQ2_0 and TQ1_0 mul_mat (activation
 quantized to q8_K inside, as in llama.cpp; tools/ggml_peer.py) run in the same rounds: columns `vs ggml tq2_0`,
 `vs ggml tq1_0`. Without that build the table is the same as before, minus those columns.
 
     python tools/bench_kernels.py [--quick] [--threads 2] [--ms 1,8,32,128,512] [--shapes 4096x4096,2048x5632]
-        [--cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times]
+        [--stream | --cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 
 import ggml_peer
 import torch
@@ -51,26 +56,49 @@ def _fbgemm(w: torch.Tensor) -> torch.nn.Module:
     return lin
 
 
-def _contenders(m: int, k: int, n: int, threads: int, ggml_isa: str | None) -> dict:
+STREAM_BYTES = 96 << 20  # --stream: each contender cycles through weight copies totalling 3x this L3
+
+
+def _cycle(fns: list) -> Callable[[], object]:
+    """One callable that runs the next of `fns` on every call (round robin)."""
+    state = [0]
+
+    def call() -> object:
+        state[0] = (state[0] + 1) % len(fns)
+        return fns[state[0]]()
+
+    return call
+
+
+def _contenders(m: int, k: int, n: int, threads: int, ggml_isa: str | None, stream: bool = False) -> dict:
+    """name -> a zero-argument call of y = x @ W^T. With `stream`, every contender cycles through enough copies
+    of its weight (different data, same shape) that each call reads its weight from DRAM, back to back, as the
+    layers of a model too big for the L3 do."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g)
     x = torch.randn(m, k, generator=g)
-    pw = kernels.pack(w)
-    wb, xb, q = w.bfloat16(), x.bfloat16(), _fbgemm(w)
-    fns = {
-        "ours": lambda: kernels.bitlinear(x, pw),
-        "fp32": lambda: F.linear(x, w),
-        "bf16": lambda: F.linear(xb, wb),
-        "fbgemm": lambda: q(x),
+    xb = x.bfloat16()
+    makers: dict[str, tuple[int, Callable[[], Callable[[], object]]]] = {  # (weight bytes, make one call)
+        "ours": (n * k // 4, lambda: (lambda pw: lambda: kernels.bitlinear(x, pw))(kernels.pack(torch.randn(n, k)))),
+        "fp32": (n * k * 4, lambda: (lambda w: lambda: F.linear(x, w))(torch.randn(n, k))),
+        "bf16": (n * k * 2, lambda: (lambda w: lambda: F.linear(xb, w))(torch.randn(n, k).bfloat16())),
+        "fbgemm": (n * k, lambda: (lambda q: lambda: q(x))(_fbgemm(torch.randn(n, k)))),
     }
     if ggml_isa:  # its own seeded x and random ternary W of the same shape: the kernels are data-independent
         for name in GGML:
-            fns[name] = ggml_peer.GgmlMulMat(m, k, n, name.removeprefix("ggml_"), threads, ggml_isa)
+            qtype = name.removeprefix("ggml_")
+            makers[name] = (n * k // 4, lambda q=qtype: ggml_peer.GgmlMulMat(m, k, n, q, threads, ggml_isa))
+    fns = {}
+    for name, (nbytes, make) in makers.items():
+        copies = max(1, -(-STREAM_BYTES // nbytes)) if stream else 1
+        calls = [make() for _ in range(copies)]
+        fns[name] = _cycle(calls) if stream else calls[0]
+        fns[name].handles = [c for c in calls if isinstance(c, ggml_peer.GgmlMulMat)]
     return fns
 
 
 def run(
-    ms: list[int], shapes: list[tuple[int, int]], quick: bool, threads: int, cold: bool, ggml_isa: str | None
+    ms: list[int], shapes: list[tuple[int, int]], quick: bool, threads: int, cold: bool, ggml_isa: str | None,
+    stream: bool = False,
 ) -> list[dict]:
     """Time every contender at every (M, K, N), print a table row each and return the rows."""
     torch.set_num_threads(threads)
@@ -80,7 +108,7 @@ def run(
         for k, n in shapes:
             budget = (1.5 if quick else 3.0) * (1 + (m > 8))
             burst = 5 if cold else (20 if m < 512 else 2)
-            fns = _contenders(m, k, n, threads, ggml_isa)
+            fns = _contenders(m, k, n, threads, ggml_isa, stream)
             times = ggml_peer.time_rounds(fns, budget_s=budget, burst=burst, cold=cold)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             row = {"M": m, "K": k, "N": n, **{f"{c}_ms": t * 1e3 for c, t in med.items()}}
@@ -90,8 +118,8 @@ def run(
             rows.append(row)
             print(_fmt(row, ggml_isa is not None), flush=True)
             for f in fns.values():
-                if isinstance(f, ggml_peer.GgmlMulMat):
-                    f.close()
+                for h in f.handles:
+                    h.close()
     return rows
 
 
@@ -158,6 +186,21 @@ def _parse_shapes(s: str) -> list[tuple[int, int]]:
         raise SystemExit(f"--shapes wants KxN[,KxN...], e.g. 4096x4096,2048x5632; got {s!r}") from e
 
 
+def dram_bandwidth(threads: int, nbytes: int = 256 << 20) -> float:
+    """GB/s of a plain streaming read with `threads` threads now (torch sum of a buffer 8x the L3): the ceiling of
+    every contender when the weights come from DRAM, printed because a shared machine's varies with its load."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(5))
+    return nbytes / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only K=N=4096 (unless --shapes), shorter timing budget")
@@ -165,6 +208,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (default 1,8,32,128,512)")
     ap.add_argument("--shapes", help="KxN,KxN,... (default 2048x2048,4096x4096,2048x5632,5632x2048)")
     ap.add_argument("--cold", action="store_true", help="flush the caches (64 MiB) before every timed call")
+    ap.add_argument("--stream", action="store_true", help="cycle through weight copies (3x L3): weights from DRAM")
     ap.add_argument("--isa", default="native", choices=("native", "avx2"), help="ggml build flavour (default native)")
     ap.add_argument("--no-ggml", action="store_true", help="leave ggml out even if it is built")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -184,9 +228,14 @@ def main() -> None:
         "params": params,
         "threads": args.threads,
         "cold": args.cold,
+        "stream": args.stream,
         "torch": torch.__version__,
     }
-    print(f"CPU: {info['cpu']}, {args.threads} threads, {'cold (caches flushed)' if args.cold else 'warm'}")
+    regime = "cold (caches flushed)" if args.cold else "stream (weights from DRAM)" if args.stream else "warm"
+    torch.set_num_threads(args.threads)
+    info["dram_gbps"] = dram_bandwidth(args.threads)
+    print(f"CPU: {info['cpu']}, {args.threads} threads, {regime}; DRAM streaming read now: "
+          f"{info['dram_gbps']:.1f} GB/s")
     print(f"ISA: torch {info['torch_capability']}, bitnet-fast numba {cpu.ISA} {params}, torch {torch.__version__}")
     if ggml_isa:
         gi = ggml_peer.build_info(ggml_isa)
@@ -200,7 +249,7 @@ def main() -> None:
     elif not args.no_ggml:
         print(f"(ggml peer not built, no ggml columns: python tools/llamacpp_build.py --isa {args.isa})")
     print(_header(ggml_isa is not None))
-    rows = run(ms, shapes, args.quick, args.threads, args.cold, ggml_isa)
+    rows = run(ms, shapes, args.quick, args.threads, args.cold, ggml_isa, args.stream)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "isa": cpu.ISA, "rows": rows}, f, indent=2)
