@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import typed
 from torch import nn
 
 from bitnet_fast.kernels import reference
@@ -85,6 +84,39 @@ def _sub_norm(layers: list[_Layer], key: str) -> tuple[np.ndarray, float]:
     return np.stack([n.weight.detach().float().numpy() for n in norms]), float(norms[0].eps)
 
 
+def _lm_parts(lm: nn.Module, max_len: int | None) -> dict:
+    """PackedDecoder arguments for a bitnet_fast LM."""
+    c = lm.config
+    layers = [_Layer({"q": b.attn.wq, "k": b.attn.wk, "v": b.attn.wv, "o": b.attn.wo, "up": b.mlp.up,
+                      "down": b.mlp.down, **({"gate": b.mlp.gate} if b.mlp.gate is not None else {})},
+                     b.attn_norm.weight, b.mlp_norm.weight) for b in lm.blocks]
+    max_len = min(max_len or c.max_seq_len, c.max_seq_len)
+    cfg = DecoderConfig(c.n_layer, c.n_head, c.kv_heads, c.n_embd // c.n_head, c.hidden, c.vocab_size,
+                        c.norm_eps, c.mlp == "swiglu", max_len)
+    return dict(config=cfg, layers=layers, embedding=lm.tok_emb.weight, norm_final=lm.norm.weight,
+                head_weight=lm.head.weight, cos=lm.rope_cos[:max_len], sin=lm.rope_sin[:max_len])
+
+
+def _hf_parts(model: nn.Module, max_len: int | None) -> dict:
+    """PackedDecoder arguments for a Hugging Face Llama-family CausalLM (its own RoPE tables, any rope_type)."""
+    c = model.config
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False) or c.hidden_act != "silu":
+        raise ValueError("the decoder runtime supports Llama-family models without biases and with SiLU (SwiGLU)")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+    layers = [_Layer({"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj,
+                      "up": m.up_proj, "down": m.down_proj}, layer.input_layernorm.weight,
+                     layer.post_attention_layernorm.weight)
+              for layer in model.model.layers for a, m in [(layer.self_attn, layer.mlp)]]
+    cfg = DecoderConfig(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim,
+                        c.intermediate_size, c.vocab_size, c.rms_norm_eps, True, max_len)
+    with torch.no_grad():  # cos/sin (1, T, D) with the halves repeated
+        cos, sin = model.model.rotary_emb(torch.zeros(1, 1, head_dim), torch.arange(max_len)[None])
+    return dict(config=cfg, layers=layers, embedding=model.model.embed_tokens.weight,
+                norm_final=model.model.norm.weight, head_weight=model.lm_head.weight,
+                cos=cos[0, :, : head_dim // 2], sin=sin[0, :, : head_dim // 2])
+
+
 class PackedDecoder:
     """A packed Llama-family decoder for fast CPU inference (one sequence; see the module docstring)."""
 
@@ -104,7 +136,12 @@ class PackedDecoder:
         self.config, self.head_kind = config, head
         keys = ("q", "k", "v", "o", "gate", "up", "down") if config.swiglu else ("q", "k", "v", "o", "up", "up", "down")
         packed = {k: [_i2(layer.projections[k], f"layer {i} {k}") for i, layer in enumerate(layers)] for k in set(keys)}
-        self._w = [typed.List([w for w, _ in packed[k]]) for k in keys]
+        self._arrays = [w for k in keys for w, _ in packed[k]]  # kept alive: the kernel reads them by address
+        for k in keys:
+            if len({w.shape for w, _ in packed[k]}) != 1:
+                raise ValueError(f"the {k} projections differ in shape across layers; the runtime needs one shape")
+        self._ptrs = np.array([[w.ctypes.data for w, _ in packed[k]] for k in keys], np.int64)  # (7, L)
+        self._shapes = np.array([packed[k][0][0].shape for k in keys], np.int64)  # (7, 2)
         self._gammas = np.array([[packed[k][i][1] for k in keys] for i in range(config.n_layer)], np.float32)
         self._norms = [np.stack([getattr(layer, n).detach().float().numpy() for layer in layers])
                        for n in ("norm_attn", "norm_mlp")]
@@ -114,7 +151,10 @@ class PackedDecoder:
         self._cos, self._sin = cos.float().contiguous().numpy(), sin.float().contiguous().numpy()
         tied = head_weight is embedding
         if head == "int8":
-            self._head_q, self._head_scale = _int8_rows(head_weight)
+            from bitnet_fast.kernels.cpu_model import pad_rows
+
+            q, self._head_scale = _int8_rows(head_weight)
+            self._head_q = q if q.shape[1] % 32 == 0 else pad_rows(q)
         else:
             self._head = head_weight.detach().float()
         if embedding_int8 or isinstance(embedding, tuple):
@@ -128,50 +168,27 @@ class PackedDecoder:
     # ------------------------------------------------------------------------------------------- builders
     @classmethod
     def from_model(cls, model: nn.Module, head: str = "int8", embedding_int8: bool = False,
-                   max_len: int | None = None) -> PackedDecoder:
-        """From a packed bitnet_fast LM or a converted, packed Hugging Face Llama-family CausalLM."""
+                   max_len: int | None = None, *, embedding: tuple | None = None,
+                   head_weight: tuple | None = None) -> PackedDecoder:
+        """From a packed bitnet_fast LM or a converted, packed Hugging Face Llama-family CausalLM. `embedding` /
+        `head_weight`: (int8, row scales) to use instead of the model's (e.g. left on the meta device)."""
         if hasattr(model, "blocks") and hasattr(model, "tok_emb"):
-            return cls._from_lm(model, head, embedding_int8, max_len)
-        if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head"):
-            return cls._from_hf(model, head, embedding_int8, max_len)
-        raise TypeError(f"{type(model).__name__} is neither a bitnet_fast LM nor a Hugging Face Llama-family model")
-
-    @classmethod
-    def _from_lm(cls, lm: nn.Module, head: str, embedding_int8: bool, max_len: int | None) -> PackedDecoder:
-        c = lm.config
-        layers = [_Layer({"q": b.attn.wq, "k": b.attn.wk, "v": b.attn.wv, "o": b.attn.wo, "up": b.mlp.up,
-                          "down": b.mlp.down, **({"gate": b.mlp.gate} if b.mlp.gate is not None else {})},
-                         b.attn_norm.weight, b.mlp_norm.weight) for b in lm.blocks]
-        max_len = min(max_len or c.max_seq_len, c.max_seq_len)
-        cfg = DecoderConfig(c.n_layer, c.n_head, c.kv_heads, c.n_embd // c.n_head, c.hidden, c.vocab_size,
-                            c.norm_eps, c.mlp == "swiglu", max_len)
-        return cls(cfg, layers, lm.tok_emb.weight, lm.norm.weight, lm.head.weight, lm.rope_cos[:max_len],
-                   lm.rope_sin[:max_len], head, embedding_int8)
-
-    @classmethod
-    def _from_hf(cls, model: nn.Module, head: str, embedding_int8: bool, max_len: int | None) -> PackedDecoder:
-        c = model.config
-        if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False) or c.hidden_act != "silu":
-            raise ValueError("the decoder runtime supports Llama-family models without biases and with SiLU (SwiGLU)")
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
-        layers = [_Layer({"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj,
-                          "up": m.up_proj, "down": m.down_proj}, layer.input_layernorm.weight,
-                         layer.post_attention_layernorm.weight)
-                  for layer in model.model.layers for a, m in [(layer.self_attn, layer.mlp)]]
-        cfg = DecoderConfig(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim,
-                            c.intermediate_size, c.vocab_size, c.rms_norm_eps, True, max_len)
-        with torch.no_grad():  # the model's own RoPE tables (any rope_type): cos/sin (1, T, D), halves repeated
-            probe = torch.zeros(1, 1, head_dim)
-            cos, sin = model.model.rotary_emb(probe, torch.arange(max_len)[None])
-        return cls(cfg, layers, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
-                   cos[0, :, : head_dim // 2], sin[0, :, : head_dim // 2], head, embedding_int8)
+            parts = _lm_parts(model, max_len)
+        elif hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head"):
+            parts = _hf_parts(model, max_len)
+        else:
+            raise TypeError(f"{type(model).__name__} is neither a bitnet_fast LM nor a Hugging Face Llama-family model")
+        if embedding is not None:
+            parts["embedding"] = embedding
+        if head_weight is not None:
+            parts["head_weight"] = head_weight
+        return cls(**parts, head=head, embedding_int8=embedding_int8)
 
     # ------------------------------------------------------------------------------------------- running
     @property
     def nbytes(self) -> int:
         """Bytes of the weights this decoder reads (packed projections, norms, embedding, head) and its KV cache."""
-        arrays = [w for ws in self._w for w in ws] + [self._k, self._v, *self._norms, self._norm_final]
+        arrays = [*self._arrays, self._k, self._v, *self._norms, self._norm_final]
         arrays += [*self._embed] if isinstance(self._embed, tuple) else [self._embed]
         arrays += [self._head_q, self._head_scale] if self.head_kind == "int8" else [self._head.numpy()]
         return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
@@ -200,12 +217,12 @@ class PackedDecoder:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {cfg.vocab_size})")
         p, threads = cpu.params(), cpu.threads(1 << 30)
         h = cpu_model.forward(self._embed_rows(ids), self.pos, cfg.n_head, cfg.eps, cfg.swiglu, *self._norms,
-                              self._norm_final, *self._w, self._gammas, self._sub_o, self._sub_d, self._sub_eps,
-                              self._k, self._v, self._cos, self._sin, threads, p["panel_bytes"],
+                              self._norm_final, self._ptrs, self._shapes, self._gammas, self._sub_o, self._sub_d,
+                              self._sub_eps, self._k, self._v, self._cos, self._sin, threads, p["panel_bytes"],
                               len(ids) >= p["gemm_min_m"])
         self.pos += len(ids)
         if self.head_kind == "int8":
-            return torch.from_numpy(cpu_model.int8_gemv(h[0], self._head_q, self._head_scale))
+            return torch.from_numpy(cpu_model.int8_gemv(h[0], self._head_q, self._head_scale, threads))
         return torch.from_numpy(h[0]) @ self._head.T
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,

@@ -30,14 +30,75 @@ CONFIG = {
     "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-VARIANTS = {"bitnet": "BitNet b1.58 (i2 packed)", "fp32": "fp32 (torch)", "bf16": "bf16 (torch)"}
+VARIANTS = {"decoder": "BitNet b1.58 (PackedDecoder: i2, int8 head + embedding)",
+            "bitnet": "BitNet b1.58 (i2 BitLinear in transformers)", "fp32": "fp32 (torch)", "bf16": "bf16 (torch)"}
 FULL = {"layers": 22, "prefill": 128, "decode": 8}
 QUICK = {"layers": 2, "prefill": 32, "decode": 4}
 
 
+def build_decoder(layers: int, max_len: int):
+    """A random-weight TinyLlama as a PackedDecoder, never holding fp32 weights: bitnet_fast's own LM (no
+    transformers import) with the projections initialised and packed one at a time, embedding and head drawn
+    directly in int8 (the speed of the kernels does not depend on the values)."""
+    from .decode import PackedDecoder
+    from .model import LM, ModelConfig, RMSNorm
+    from .nn import convert, meta_parameters
+
+    torch.manual_seed(0)
+    c = CONFIG
+    cfg = ModelConfig(vocab_size=c["vocab_size"], n_layer=layers, n_head=c["num_attention_heads"],
+                      n_kv_head=c["num_key_value_heads"], n_embd=c["hidden_size"], hidden=c["intermediate_size"],
+                      max_seq_len=max_len, linear="fp", tie_embeddings=False, norm_eps=c["rms_norm_eps"])
+    with meta_parameters():
+        model = LM(cfg)
+    convert(model, pack=True, skip=("head",))
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.to_empty(device="cpu", recurse=False)
+            torch.nn.init.ones_(module.weight)
+    v, d = c["vocab_size"], c["hidden_size"]
+
+    def int8_rows() -> tuple[torch.Tensor, torch.Tensor]:  # ~N(0, 0.02) quantized per row: absmax ~ 4 sigma
+        return torch.randint(-127, 128, (v, d), dtype=torch.int8), torch.full((v,), 0.08 / 127)
+
+    return PackedDecoder.from_model(model, "int8", True, max_len, embedding=int8_rows(), head_weight=int8_rows())
+
+
+def measure_decoder(layers: int, prefill: int, decode: int) -> dict:
+    """Build the PackedDecoder variant here and time a prefill of `prefill` tokens and `decode` single-token steps;
+    the RSS it adds is counted from this process after importing torch and bitnet_fast."""
+    import psutil
+
+    rss0 = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    dec = build_decoder(layers, prefill + decode + 8)
+    build_s = time.perf_counter() - t0
+    ids = torch.randint(0, CONFIG["vocab_size"], (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
+    dec.reset()
+    dec.forward(ids[:8])  # warm-up: JIT-cached kernels on both paths
+    dec.forward(ids[8:9])
+    dec.reset()
+    prefill_s = _timed(lambda: dec.forward(ids))
+    tokens = [int(dec.forward([ids[-1]]).argmax())]
+
+    def run_decode() -> None:
+        for _ in range(decode - 1):
+            tokens.append(int(dec.forward(tokens[-1:]).argmax()))
+
+    decode_s = _timed(run_decode)
+    return {
+        "key": "decoder", "name": VARIANTS["decoder"], "layers": layers,
+        "prefill_tokens": prefill, "prefill_seconds": prefill_s, "prefill_tokens_per_sec": prefill / prefill_s,
+        "decode_tokens": decode - 1, "decode_seconds": decode_s, "decode_tokens_per_sec": (decode - 1) / decode_s,
+        "param_bytes": dec.nbytes, "rss_before_bytes": rss0, "rss_after_load_bytes": psutil.Process().memory_info().rss,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "build_seconds": build_s,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def build(variant: str, layers: int) -> torch.nn.Module:
     """A random-weight TinyLlama with `layers` decoder layers; `bitnet` packs every decoder projection (i2)."""
-    if variant not in VARIANTS:
+    if variant not in VARIANTS or variant == "decoder":
         raise ValueError(f"variant={variant!r}; use one of {sorted(VARIANTS)}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,6 +132,9 @@ def _timed(fn: Callable[[], object]) -> float:
 def measure_variant(variant: str, layers: int, prefill: int, decode: int) -> dict:
     """Build one variant in this process and time a prefill of `prefill` tokens and `decode` M=1 KV-cache steps."""
     import psutil
+
+    if variant == "decoder":
+        return measure_decoder(layers, prefill, decode)
 
     t0 = time.perf_counter()
     model = build(variant, layers)

@@ -276,3 +276,53 @@ def make_dot(rows: int, cols: int, isa: str = ISA):
         return sig, codegen
 
     return dot
+
+
+def make_i8_dot(cols: int, isa: str = ISA):
+    """`dot(w, i, x, nvec, out)`: out[s] = sum_k x[k] * w[i + s, k] for s < cols over nvec vectors of 32 int8, both
+    operands in [-127, 127] (the int8 output head). avx2: vpmaddubsw(|w|, sign(x, w)) (pairs <= 2 * 127^2, no
+    saturation) widened by vpmaddwd; other ISAs: generic IR that LLVM lowers to what the target has."""
+
+    @intrinsic
+    def dot(typingctx, w, i, x, nvec, out):
+        sig = types.void(w, types.intp, x, types.intp, out)
+
+        def codegen(context, builder, signature, args):
+            (w_base, w_stride), (i_val, _), (x_base, _), (n_val, _), (o_base, _) = (
+                _row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True))
+            b = builder
+            w0 = b.add(w_base, b.mul(i_val, w_stride))
+            rows = [b.add(w0, b.mul(w_stride, _c64(s))) for s in range(cols)]
+            ones = ir.Constant(_I16x16, [1] * 16)
+            i32x32 = ir.VectorType(_I32, 32)
+
+            def step(v, accs):
+                off = b.mul(v, _c64(32))
+                xv = _load(b, b.add(x_base, off), _I8x32)
+                new = []
+                for acc, row in zip(accs, rows, strict=True):
+                    wv = _load(b, b.add(row, off), _I8x32)
+                    if isa == "portable":
+                        p = b.mul(b.sext(wv, i32x32), b.sext(xv, i32x32))
+                        for h in range(4):
+                            acc = b.add(acc, b.shuffle_vector(p, p, ir.Constant(_I32x8, list(range(8 * h, 8 * h + 8)))))
+                        new.append(acc)
+                        continue
+                    absw = b.call(_fn(b, "llvm.abs.v32i8", _I8x32, [_I8x32, ir.IntType(1)]),
+                                  [wv, ir.Constant(ir.IntType(1), 0)])
+                    signx = b.call(_fn(b, "llvm.x86.avx2.psign.b", _I8x32, [_I8x32, _I8x32]), [xv, wv])
+                    p16 = b.call(_fn(b, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32]), [absw, signx])
+                    new.append(b.add(acc, b.call(_fn(b, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16]),
+                                                 [p16, ones])))
+                return new
+
+            accs = _emit_loop(b, _c64(0), n_val, 1, [ir.Constant(_I32x8, None)] * cols, step)
+            sums = _hsum4(b, accs)
+            for s in range(cols):
+                ptr = b.inttoptr(b.add(o_base, _c64(4 * s)), _I32.as_pointer())
+                b.store(b.extract_element(sums, ir.Constant(_I32, s)), ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot

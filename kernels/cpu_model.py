@@ -11,8 +11,10 @@ against a static KV cache and returns the final-normed hidden state of the last 
 
 Every projection runs on the packed engine of `kernels.cpu` with the epilogue acc * (gamma / s) of
 `kernels.bitlinear`, so a layer computes what the torch model computes with BitLinear; only the small ops
-(norms, RoPE, softmax) are reordered float code. Per-layer weights travel in numba.typed.List (cheap to pass
-per call); layers without SubLN pass 0-size norm weights.
+(norms, RoPE, softmax) are reordered float code. The packed weights travel as their addresses, an int64 array
+(7, L) for q, k, v, o, gate, up, down, with one (rows, bytes per row) shape per projection: a fixed signature
+whatever the depth (cached once, nothing to type-check per call) and no copy of the model's tensors, which the
+caller keeps alive. Layers without SubLN pass 0-size norm weights.
 """
 
 from __future__ import annotations
@@ -20,11 +22,30 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 from .cpu import _dot_one, _dot_row, _mm, _quant_row
+from .cpu_dot import make_i8_dot
 
-__all__ = ["forward", "int8_gemv"]
+__all__ = ["forward", "int8_gemv", "pad_rows"]
+
+
+@intrinsic
+def _u8_ptr(typingctx, addr):
+    """An int64 address as a uint8 pointer (for numba.carray over a weight the caller keeps alive)."""
+    sig = types.CPointer(types.uint8)(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _weight(ptrs, shapes, p, layer):
+    """Projection p of `layer` as a (rows, bytes per row) uint8 array over the caller's memory."""
+    return carray(_u8_ptr(ptrs[p, layer]), (shapes[p, 0], shapes[p, 1]))
 
 
 @njit(cache=True)
@@ -113,9 +134,10 @@ def _rope(t, heads, d, cos, sin, pos) -> None:
                 t[r, b + half + j] = x1 * s + x2 * c
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _attention(q, kc, vc, pos, n_head, out) -> None:
-    """Causal attention of q (M, H * D) at positions pos.. over the cache kc, vc (H_kv, T, D) -> out (M, H * D)."""
+    """Causal attention of q (M, H * D) at positions pos.. over the cache kc, vc (H_kv, T, D) -> out (M, H * D).
+    The dot products may reassociate (SIMD); the values accumulate as whole rows (out += p_t * v_t)."""
     m = q.shape[0]
     hkv, _, d = kc.shape
     group = n_head // hkv
@@ -123,27 +145,28 @@ def _attention(q, kc, vc, pos, n_head, out) -> None:
     for task in prange(m * n_head):
         r, h = task // n_head, task % n_head
         g, last = h // group, pos + r  # this query sees positions 0..last
+        b = h * d
         scores = np.empty(last + 1, np.float32)
         top = np.float32(-np.inf)
         for t in range(last + 1):
-            acc = np.float32(0.0)
+            dot = np.float32(0.0)
             for j in range(d):
-                acc += q[r, h * d + j] * kc[g, t, j]
-            scores[t] = acc * scale
+                dot += q[r, b + j] * kc[g, t, j]
+            scores[t] = dot * scale
             top = max(top, scores[t])
         total = np.float32(0.0)
+        acc = np.zeros(d, np.float32)
         for t in range(last + 1):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
+            p = np.exp(scores[t] - top)
+            total += p
+            for j in range(d):
+                acc[j] += p * vc[g, t, j]
         for j in range(d):
-            acc = np.float32(0.0)
-            for t in range(last + 1):
-                acc += scores[t] * vc[g, t, j]
-            out[r, h * d + j] = acc / total
+            out[r, b + j] = acc[j] / total
 
 
 @njit(cache=True)
-def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk, wv, wo, wg, wu, wd, gammas,
+def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, shapes, gammas,
             sub_o, sub_d, sub_eps, k_cache, v_cache, cos, sin, threads, panel_bytes, gemm_rows):
     """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. and
     return the final-normed hidden state of the last token (1, C). gammas (L, 7): q, k, v, o, gate, up, down
@@ -152,14 +175,15 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk
     m, c = x.shape
     n_layer, hkv, _, d = k_cache.shape
     h = np.empty_like(x)
-    none_w = np.empty((0, wu[0].shape[1]), np.uint8)  # "no third weight" for _project3
+    none_w = np.empty((0, shapes[5, 1]), np.uint8)  # "no third weight" for _project3
     for layer in range(n_layer):
         g = gammas[layer]
+        wq, wk, wv = _weight(ptrs, shapes, 0, layer), _weight(ptrs, shapes, 1, layer), _weight(ptrs, shapes, 2, layer)
         _rmsnorm(x, norm_attn[layer], eps, h)
         q = np.empty((m, n_head * d), np.float32)
         k = np.empty((m, hkv * d), np.float32)
         v = np.empty((m, hkv * d), np.float32)
-        _project3(h, wq[layer], wk[layer], wv[layer], g[0], g[1], g[2], q, k, v, threads, panel_bytes, gemm_rows)
+        _project3(h, wq, wk, wv, g[0], g[1], g[2], q, k, v, threads, panel_bytes, gemm_rows)
         _rope(q, n_head, d, cos, sin, pos)
         _rope(k, hkv, d, cos, sin, pos)
         for r in range(m):
@@ -172,52 +196,73 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, wq, wk
         if sub_o.shape[1]:
             _rmsnorm(a, sub_o[layer], sub_eps, a)
         o = np.empty_like(x)
-        _project(a, wo[layer], g[3], o, threads, panel_bytes, gemm_rows)
+        _project(a, _weight(ptrs, shapes, 3, layer), g[3], o, threads, panel_bytes, gemm_rows)
         x += o
         _rmsnorm(x, norm_mlp[layer], eps, h)
-        f = wu[layer].shape[0]
+        wg, wu, wd = _weight(ptrs, shapes, 4, layer), _weight(ptrs, shapes, 5, layer), _weight(ptrs, shapes, 6, layer)
+        f = wu.shape[0]
         up = np.empty((m, f), np.float32)
         if swiglu:
             gate = np.empty((m, f), np.float32)
-            _project3(h, wg[layer], wu[layer], none_w, g[4], g[5], g[5], gate, up, up, threads, panel_bytes,
+            _project3(h, wg, wu, none_w, g[4], g[5], g[5], gate, up, up, threads, panel_bytes,
                       gemm_rows)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = gate[r, j] / (np.float32(1.0) + np.exp(-gate[r, j])) * up[r, j]
         else:
-            _project(h, wu[layer], g[5], up, threads, panel_bytes, gemm_rows)
+            _project(h, wu, g[5], up, threads, panel_bytes, gemm_rows)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = max(up[r, j], np.float32(0.0)) ** 2
         if sub_d.shape[1]:
             _rmsnorm(up, sub_d[layer], sub_eps, up)
-        _project(up, wd[layer], g[6], o, threads, panel_bytes, gemm_rows)
+        _project(up, wd, g[6], o, threads, panel_bytes, gemm_rows)
         x += o
     out = np.empty((1, c), np.float32)
     _rmsnorm(x[m - 1 :], norm_final, eps, out)
     return out
 
 
+_i8_dot4, _i8_dot1 = make_i8_dot(4), make_i8_dot(1)
+
+
+def pad_rows(w: np.ndarray) -> np.ndarray:
+    """(N, K) int8 -> (N, Kp) with Kp a multiple of 32, zero-padded (the layout int8_gemv reads)."""
+    n, k = w.shape
+    out = np.zeros((n, -(-k // 32) * 32), np.int8)
+    out[:, :k] = w
+    return out
+
+
 @njit(cache=True, parallel=True)
-def int8_gemv(x, w, w_scale):
-    """The int8 output head, bit-exact with reference.int8_linear: x (K,) fp32 quantized to [-127, 127] by its absmax,
-    exact int32 dot products with w (N, K) int8, epilogue acc * (w_scale / s); non-finite x gives NaN logits."""
-    k = x.shape[0]
+def int8_gemv(x, w, w_scale, threads):
+    """The int8 output head, bit-exact with reference.int8_linear: x (K,) fp32 quantized to [-127, 127] by its
+    absmax, exact int32 dot products with w (N, Kp) int8 (pad_rows), epilogue acc * (w_scale / s); non-finite x
+    gives NaN logits."""
+    k, (n, kp) = x.shape[0], w.shape
     amax = np.float32(1e-5)
     for j in range(k):
         v = abs(x[j])
         if v > amax or v != v:  # NaN propagates
             amax = v
     if not np.isfinite(amax):
-        return np.full(w.shape[0], np.nan, np.float32)
+        return np.full(n, np.nan, np.float32)
     s = (np.float32(1.0) / amax) * np.float32(127.0)  # what torch's 127.0 / tensor computes (two roundings)
-    xq = np.empty(k, np.int8)
+    xq = np.zeros(kp, np.int8)
     for j in range(k):
         xq[j] = np.int8(np.rint(x[j] * s))
-    out = np.empty(w.shape[0], np.float32)
-    for i in prange(w.shape[0]):
-        acc = np.int32(0)
-        for j in range(k):
-            acc += np.int32(w[i, j]) * np.int32(xq[j])
-        out[i] = np.float32(acc) * (w_scale[i] / s)
+    out = np.empty(n, np.float32)
+    tasks = 8 * threads
+    for t in prange(tasks):
+        acc = np.empty(4, np.int32)
+        i, hi = t * n // tasks, (t + 1) * n // tasks
+        while i < hi:
+            nc = 4 if hi - i >= 4 else 1
+            if nc == 4:
+                _i8_dot4(w, i, xq, kp // 32, acc)
+            else:
+                _i8_dot1(w, i, xq, kp // 32, acc)
+            for c in range(nc):
+                out[i + c] = np.float32(acc[c]) * (w_scale[i + c] / s)
+            i += nc
     return out
