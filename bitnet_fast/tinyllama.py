@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,16 +37,16 @@ FULL = {"layers": 22, "prefill": 128, "decode": 8}
 QUICK = {"layers": 2, "prefill": 32, "decode": 4}
 
 
-def build_decoder(layers: int, max_len: int):
-    """A random-weight TinyLlama as a PackedDecoder, never holding fp32 weights: bitnet_fast's own LM (no
-    transformers import) with the projections initialised and packed one at a time, embedding and head drawn
-    directly in int8 (the speed of the kernels does not depend on the values)."""
+def build_decoder(layers: int, max_len: int, shape: dict | None = None):
+    """A random-weight TinyLlama (or `shape`: CONFIG's keys) as a PackedDecoder, never holding fp32 weights:
+    bitnet_fast's own LM (no transformers import) with the projections initialised and packed one at a time,
+    embedding and head drawn directly in int8 (the speed of the kernels does not depend on the values)."""
     from .decode import PackedDecoder
     from .model import LM, ModelConfig, RMSNorm
     from .nn import convert, meta_parameters
 
     torch.manual_seed(0)
-    c = CONFIG
+    c = {**CONFIG, **(shape or {})}
     cfg = ModelConfig(vocab_size=c["vocab_size"], n_layer=layers, n_head=c["num_attention_heads"],
                       n_kv_head=c["num_key_value_heads"], n_embd=c["hidden_size"], hidden=c["intermediate_size"],
                       max_seq_len=max_len, linear="fp", tie_embeddings=False, norm_eps=c["rms_norm_eps"])
@@ -64,32 +65,35 @@ def build_decoder(layers: int, max_len: int):
     return PackedDecoder.from_model(model, "int8", True, max_len, embedding=int8_rows(), head_weight=int8_rows())
 
 
-def measure_decoder(layers: int, prefill: int, decode: int) -> dict:
-    """Build the PackedDecoder variant here and time a prefill of `prefill` tokens and `decode` single-token steps;
-    the RSS it adds is counted from this process after importing torch and bitnet_fast."""
+def measure_decoder(layers: int, prefill: int, decode: int, reps: int = 1, shape: dict | None = None) -> dict:
+    """Build the PackedDecoder variant here and time, `reps` times, a prefill of `prefill` tokens and `decode`
+    single-token steps (medians reported, all runs listed); the RSS it adds counts from this process after
+    importing torch and bitnet_fast."""
     import psutil
 
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    dec = build_decoder(layers, prefill + decode + 8)
+    dec = build_decoder(layers, prefill + decode + 8, shape)
     build_s = time.perf_counter() - t0
-    ids = torch.randint(0, CONFIG["vocab_size"], (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
-    dec.reset()
-    dec.forward(ids[:8])  # warm-up: JIT-cached kernels on both paths
+    ids = torch.randint(0, dec.config.vocab_size, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
+    dec.forward(ids[:8])  # warm-up: kernels loaded for both paths
     dec.forward(ids[8:9])
-    dec.reset()
-    prefill_s = _timed(lambda: dec.forward(ids))
-    tokens = [int(dec.forward([ids[-1]]).argmax())]
+    def greedy(n: int) -> None:
+        tok = int(dec.forward([ids[-1]]).argmax())
+        for _ in range(n):
+            tok = int(dec.forward([tok]).argmax())
 
-    def run_decode() -> None:
-        for _ in range(decode - 1):
-            tokens.append(int(dec.forward(tokens[-1:]).argmax()))
-
-    decode_s = _timed(run_decode)
+    runs = []
+    for _ in range(reps):
+        dec.reset()
+        prefill_s = _timed(lambda: dec.forward(ids))
+        decode_s = _timed(lambda: greedy(decode)) * decode / (decode + 1)  # the first step follows the prompt
+        runs.append({"prefill_tokens_per_sec": prefill / prefill_s, "decode_tokens_per_sec": decode / decode_s})
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {
-        "key": "decoder", "name": VARIANTS["decoder"], "layers": layers,
-        "prefill_tokens": prefill, "prefill_seconds": prefill_s, "prefill_tokens_per_sec": prefill / prefill_s,
-        "decode_tokens": decode - 1, "decode_seconds": decode_s, "decode_tokens_per_sec": (decode - 1) / decode_s,
+        "key": "decoder", "name": VARIANTS["decoder"], "layers": layers, "prefill_tokens": prefill,
+        "prefill_seconds": prefill / med["prefill_tokens_per_sec"], "decode_tokens": decode,
+        "decode_seconds": decode / med["decode_tokens_per_sec"], **med, "runs": runs,
         "param_bytes": dec.nbytes, "rss_before_bytes": rss0, "rss_after_load_bytes": psutil.Process().memory_info().rss,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "build_seconds": build_s,
         "torch_threads": torch.get_num_threads(),
@@ -249,8 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode", type=int, default=FULL["decode"])
     ap.add_argument("--quick", action="store_true", help=f"{QUICK['layers']} layers: fast, NOT TinyLlama throughput")
     ap.add_argument("--remeasure", action="store_true", help="ignore the cache")
+    ap.add_argument("--reps", type=int, default=1, help="decoder variant: timed repetitions (medians reported)")
+    ap.add_argument("--shape", type=json.loads, default=None,
+                    help='decoder variant: JSON overrides of CONFIG, e.g. \'{"hidden_size": 4096}\'')
     a = ap.parse_args(argv)
-    if a.variant:
+    if a.variant == "decoder":
+        print(json.dumps(measure_decoder(a.layers or FULL["layers"], a.prefill, a.decode, a.reps, a.shape)))
+    elif a.variant:
         print(json.dumps(measure_variant(a.variant, a.layers or FULL["layers"], a.prefill, a.decode)))
     else:
         print(json.dumps(measure(quick=a.quick, remeasure=a.remeasure, layers=a.layers,

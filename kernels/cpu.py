@@ -4,8 +4,9 @@ Two engines, chosen per call by `kernels.tuning` (a plan derived from this CPU's
 `bitnet-fast calibrate`):
   * packed: Numba drivers around the dot-product tiles of `cpu_dot.py`, reading the i2 bytes directly. Work is
     split into tasks of (weight panel that fits L2) x (block of activation rows); inside a task, a tile of
-    activation rows stays in L1 while it sweeps the panel. Decode (M small) uses 1 x 4 tiles, larger M the
-    ISA's GEMM tile. Codes c = w + 1 are unsigned, so x.w = x.c - sum(x): sum(x) is subtracted per row.
+    activation rows stays in L1 while it sweeps the panel. Decode (M small) reads one weight row at a time
+    (sequential streams from DRAM: 11-16 GB/s against 8.5-10 for 1 x 4 tiles here), larger M uses the ISA's
+    GEMM tile. Codes c = w + 1 are unsigned, so x.w = x.c - sum(x): sum(x) is subtracted per row.
   * int_mm: i2 tiles unpacked to int8 and multiplied by `torch._int_mm` (oneDNN). Fast only where oneDNN has
     VNNI (ATen picks its plain loop elsewhere: 30x slower than fp32 on AVX2), so the plan uses it only there.
 The epilogue acc * (gamma / s) (+ bias) is fused into the packed engine. Everything compiles lazily on first
@@ -31,7 +32,7 @@ name = "numba"
 default_format = "i2"
 BLOCK = reference.I2_BLOCK
 MR, NR = tuning.GEMM_TILES[ISA]  # the GEMM register tile: activation rows x weight rows
-_dot_gemm, _dot_gemm_col, _dot_row, _dot_one = (make_dot(r, c) for r, c in ((MR, NR), (MR, 1), (1, 4), (1, 1)))
+_dot_gemm, _dot_gemm_col, _dot_one = (make_dot(r, c) for r, c in ((MR, NR), (MR, 1), (1, 1)))
 
 
 # --------------------------------------------------------------------------------------- activation quant
@@ -112,7 +113,7 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows) -> None
 
     About 8 parallel tasks per thread: weight panels of at most `panel_bytes` (L2-resident, as many per
     thread) times blocks of activation rows (when there are fewer panels than tasks). A tile of activation rows
-    (MR with the GEMM tile when `gemm_rows`, else 1 with the 1 x 4 decode tile) sweeps its panel into an int32
+    (MR with the GEMM tile when `gemm_rows`, else one with the 1 x 1 decode tile) sweeps its panel into an int32
     strip, and the epilogue runs over the strip (vectorized).
     """
     m, n, kb = xq.shape[0], wp.shape[0], wp.shape[1]
@@ -140,12 +141,9 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows) -> None
                         _dot_gemm(wp, i, xq, r, nblk, acc, i - p0)
                     else:
                         _dot_gemm_col(wp, i, xq, r, nblk, acc, i - p0)
-                else:
-                    nc = 4 if p1 - i >= 4 else 1
-                    if nc == 4:
-                        _dot_row(wp, i, xq, r, nblk, acc, i - p0)
-                    else:
-                        _dot_one(wp, i, xq, r, nblk, acc, i - p0)
+                else:  # one row at a time: a purely sequential stream, which DRAM prefetching serves best
+                    nc = 1
+                    _dot_one(wp, i, xq, r, nblk, acc, i - p0)
                 i += nc
             _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out)
             r += nr

@@ -25,7 +25,7 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
-from .cpu import _dot_one, _dot_row, _mm, _quant_row
+from .cpu import _dot_one, _mm, _quant_row
 from .cpu_dot import make_i8_dot
 
 __all__ = ["forward", "int8_gemv", "pad_rows"]
@@ -83,7 +83,7 @@ def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads) -> None:
     scales = (g0 / s[0], g1 / s[0], g2 / s[0])
     for t in prange(tasks):
         lo, hi = t * total // tasks, (t + 1) * total // tasks
-        acc = np.empty((1, 4), np.int32)
+        acc = np.empty((1, 1), np.int32)
         i = lo
         while i < hi:
             if i < n0:
@@ -92,15 +92,10 @@ def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads) -> None:
                 w, o, sc, base, end = w1, o1, scales[1], n0, min(hi, n0 + n1)
             else:
                 w, o, sc, base, end = w2, o2, scales[2], n0 + n1, hi
-            r = i - base
-            nc = 4 if end - i >= 4 else 1
-            if nc == 4:
-                _dot_row(w, r, xq, 0, nblk, acc, 0)
-            else:
+            for r in range(i - base, end - base):  # one row at a time: sequential DRAM streams
                 _dot_one(w, r, xq, 0, nblk, acc, 0)
-            for c in range(nc):
-                o[0, r + c] = np.float32(acc[0, c] - xsum[0]) * sc
-            i += nc
+                o[0, r] = np.float32(acc[0, 0] - xsum[0]) * sc
+            i = end
 
 
 @njit(cache=True)
