@@ -63,14 +63,15 @@ def _i2(layer: BitLinear, name: str) -> tuple[np.ndarray, float]:
     return pw.data.numpy(), pw.gamma.item()
 
 
-def _int8_rows(w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 (N, K), fp32 row scales (N,)) of a float matrix, or of an (int8, scales) pair quantized already."""
+def _int8_rows(w: torch.Tensor | tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 (N, K), fp32 row scales (N,)) of a float matrix, or of an (int8, scales) pair quantized already
+    (tensors or NumPy arrays: an np.memmap embedding stays on disk but for the rows a prompt touches)."""
     if isinstance(w, tuple):
-        q, scale = w
-        if q.dtype != torch.int8 or scale.shape != q.shape[:1]:
-            raise ValueError(f"an int8 matrix needs (int8 (N, K), scales (N,)), got {q.dtype} {tuple(q.shape)}, "
-                             f"{tuple(scale.shape)}")
-        return q.contiguous().numpy(), scale.float().contiguous().numpy()
+        q, scale = (t if isinstance(t, np.ndarray) else t.detach().contiguous().numpy() for t in w)
+        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != q.shape[:1]:
+            raise ValueError(f"an int8 matrix needs (int8 (N, K), scales (N,)), got {q.dtype} {q.shape}, "
+                             f"{scale.shape}")
+        return q, scale.astype(np.float32, copy=False)
     return tuple(t.numpy() for t in reference.int8_quant_rows(w.detach()))
 
 

@@ -24,18 +24,12 @@ from bitnet_fast.kernels import PackedWeight
 __all__ = ["BitLinear", "convert", "materialize", "meta_parameters", "pack_model", "unpack_model"]
 
 _STATE_KEYS = ("data", "gamma", "header")  # PackedWeight.state(), stored as {prefix}packed.{key}
-
-
-@torch.compiler.assume_constant_result
-def _compute_format(device: torch.device) -> str:
-    """The packed format the kernel backend serving `device` computes with (e.g. "i2" on CPU)."""
-    probe = torch.zeros((1, 1), dtype=torch.int8, device=device)
-    return kernels.pack_ternary(probe, 1.0).format
+_FORMATS: dict[str, str] = {}  # device type -> compute format (BitLinear._format)
 
 
 def _to_compute(pw: PackedWeight, device: torch.device) -> PackedWeight:
     """`pw` on `device`, in the format the kernels there compute with (tq1 storage -> i2 compute, ...)."""
-    fmt = _compute_format(device)
+    fmt = kernels.compute_format(device)
     return pw if pw.device == device and pw.format == fmt else kernels.repack(pw, fmt, device)
 
 
@@ -108,7 +102,7 @@ class BitLinear(nn.Module):
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable by a later training step
-                self._cache = (key, kernels.pack(w.detach(), _compute_format(w.device)))
+                self._cache = (key, kernels.pack(w.detach(), kernels.compute_format(w.device)))
         return self._cache[1]
 
     def pack(self) -> BitLinear:
@@ -148,7 +142,7 @@ class BitLinear(nn.Module):
         if self._packed is not None:
             return bitlinear_inference(x, self._packed, self.bias)
         if torch.compiler.is_compiling():  # traced graphs re-pack each call (the version cache is Python state)
-            pw = pack_weight(self.weight, _compute_format(self.weight.device))
+            pw = pack_weight(self.weight, self._format())
         else:
             pw = self.packed_weight
         if torch.is_grad_enabled():
@@ -174,6 +168,14 @@ class BitLinear(nn.Module):
 
     def _device(self) -> torch.device:
         return self._packed.device if self._packed is not None else self.weight.device
+
+    def _format(self) -> str:
+        """The compute format for this layer's device, remembered per device type: a plain dict lookup that
+        torch.compile traces as a constant (no probe kernel, no torch._dynamo import at `import bitnet_fast.nn`)."""
+        device_type = self.weight.device.type
+        if device_type not in _FORMATS:
+            _FORMATS[device_type] = kernels.compute_format(device_type)
+        return _FORMATS[device_type]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -209,7 +211,8 @@ def _packed_init(linear: nn.Linear, subln: bool) -> BitLinear:
     process after free, and a model's worth of them would add up)."""
     n, k = linear.out_features, linear.in_features
     dtype = linear.weight.dtype
-    layer = BitLinear(k, n, bias=linear.bias is not None, device="meta", dtype=dtype, subln=subln)
+    with meta_parameters():
+        layer = BitLinear(k, n, bias=linear.bias is not None, device="meta", dtype=dtype, subln=subln)
     layer.to_empty(device="cpu")
     buf = mmap.mmap(-1, n * k * torch.finfo(dtype).bits // 8)
     try:
@@ -284,23 +287,36 @@ def unpack_model(model: nn.Module) -> nn.Module:
     return model
 
 
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+          "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "eye_", "dirac_", "sparse_")
+
+
 @contextmanager
 def meta_parameters() -> Iterator[None]:
     """Build modules with their parameters on the meta device (no memory) and their buffers as usual (RoPE
     tables and the like are computed, not stored): for models whose weights are loaded from a file or packed
-    layer by layer (`convert(model, pack=True)`, `export.load_packed`)."""
+    layer by layer (`convert(model, pack=True)`, `export.load_packed`). torch.nn.init calls on meta tensors are
+    skipped: there is nothing to initialise, and some (normal_) would load torch's Python meta kernels, ~145 MiB."""
     register = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in _INITS}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
+    def skip_meta(init):
+        return lambda tensor, *args, **kw: tensor if tensor.is_meta else init(tensor, *args, **kw)
+
     nn.Module.register_parameter = register_on_meta
+    for name, init in inits.items():
+        setattr(nn.init, name, skip_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
 
 
 def materialize(model: nn.Module, init: Callable[[nn.Module], None]) -> nn.Module:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json).
@@ -58,11 +59,23 @@ def build_decoder(layers: int, max_len: int, shape: dict | None = None):
             module.to_empty(device="cpu", recurse=False)
             torch.nn.init.ones_(module.weight)
     v, d = c["vocab_size"], c["hidden_size"]
+    scales = torch.full((v,), 0.08 / 127)  # ~N(0, 0.02) quantized per row: absmax ~ 4 sigma
+    head = (torch.randint(-127, 128, (v, d), dtype=torch.int8), scales)
+    return PackedDecoder.from_model(model, "int8", True, max_len, embedding=(_file_backed_int8(v, d), scales),
+                                    head_weight=head)
 
-    def int8_rows() -> tuple[torch.Tensor, torch.Tensor]:  # ~N(0, 0.02) quantized per row: absmax ~ 4 sigma
-        return torch.randint(-127, 128, (v, d), dtype=torch.int8), torch.full((v,), 0.08 / 127)
 
-    return PackedDecoder.from_model(model, "int8", True, max_len, embedding=int8_rows(), head_weight=int8_rows())
+def _file_backed_int8(rows: int, cols: int) -> np.ndarray:
+    """Random int8 rows in a memory-mapped (deleted) temporary file: an embedding as a model file provides it, on
+    disk but for the rows a prompt touches (as llama.cpp's mmapped GGUF embedding is)."""
+    import tempfile
+
+    gen = np.random.default_rng(0)
+    with tempfile.TemporaryFile() as f:
+        for start in range(0, rows, 1024):  # written in chunks: the table is never resident as a whole
+            f.write(gen.integers(-127, 128, (min(1024, rows - start), cols), dtype=np.int8).tobytes())
+        f.flush()
+        return np.memmap(f, dtype=np.int8, mode="r", shape=(rows, cols))
 
 
 def measure_decoder(layers: int, prefill: int, decode: int, reps: int = 1, shape: dict | None = None) -> dict:

@@ -27,6 +27,7 @@ __all__ = [
     "PackedWeight",
     "backend_for",
     "bitlinear",
+    "compute_format",
     "get_format",
     "grad_input",
     "grad_weight",
@@ -141,6 +142,11 @@ def _forced_backend() -> str:
         return os.environ.get("BITNET_FAST_BACKEND", "")
     raw = _ENV_DATA.get(_ENV_KEY)
     return "" if raw is None else os.environ.decodevalue(raw)
+
+
+def compute_format(device: torch.device | str) -> str:
+    """The packed format the backend serving `device` computes with ("i2" on CPU, "i2g" with Triton)."""
+    return _backend(torch.device(device)).default_format
 
 
 def _backend(device: torch.device):

@@ -218,7 +218,7 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, 
     return out
 
 
-_i8_dot4, _i8_dot1 = make_i8_dot(4), make_i8_dot(1)
+_i8_dot = make_i8_dot(1)
 
 
 def pad_rows(w: np.ndarray) -> np.ndarray:
@@ -249,15 +249,8 @@ def int8_gemv(x, w, w_scale, threads):
     out = np.empty(n, np.float32)
     tasks = 8 * threads
     for t in prange(tasks):
-        acc = np.empty(4, np.int32)
-        i, hi = t * n // tasks, (t + 1) * n // tasks
-        while i < hi:
-            nc = 4 if hi - i >= 4 else 1
-            if nc == 4:
-                _i8_dot4(w, i, xq, kp // 32, acc)
-            else:
-                _i8_dot1(w, i, xq, kp // 32, acc)
-            for c in range(nc):
-                out[i + c] = np.float32(acc[c]) * (w_scale[i + c] / s)
-            i += nc
+        acc = np.empty(1, np.int32)
+        for i in range(t * n // tasks, (t + 1) * n // tasks):  # one row at a time: sequential DRAM streams
+            _i8_dot(w, i, xq, kp // 32, acc)
+            out[i] = np.float32(acc[0]) * (w_scale[i] / s)
     return out
