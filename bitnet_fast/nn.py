@@ -213,7 +213,10 @@ def _packed_init(linear: nn.Linear, subln: bool) -> BitLinear:
     dtype = linear.weight.dtype
     with meta_parameters():
         layer = BitLinear(k, n, bias=linear.bias is not None, device="meta", dtype=dtype, subln=subln)
-    layer.to_empty(device="cpu")
+    if layer.bias is not None:  # (not to_empty on the layer: it would allocate, and touch, an fp32 weight too)
+        layer.bias = nn.Parameter(torch.empty(n, dtype=dtype))
+    if layer.norm is not None:
+        layer.norm.to_empty(device="cpu")
     buf = mmap.mmap(-1, n * k * torch.finfo(dtype).bits // 8)
     try:
         layer.weight = nn.Parameter(torch.frombuffer(buf, dtype=dtype).view(n, k))

@@ -41,7 +41,9 @@ print(json.dumps({"increase": peak - before, "param_bytes": tinyllama.parameter_
 
 def _run(body: str, tmp_path) -> dict:
     code = textwrap.dedent(_SETUP) + textwrap.dedent(body) + textwrap.dedent(_REPORT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A clean environment: torch.compile in this process sets _TORCHINDUCTOR_* variables that make a child
+    # import inductor (~150 MiB) on its own.
+    env = {k: v for k, v in os.environ.items() if "TORCHINDUCTOR" not in k} | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env=env)
     assert out.returncode == 0, out.stderr[-3000:]
