@@ -103,9 +103,7 @@ def _ste_linear(
 
 
 def _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt) -> tuple[Tensor, Tensor, Tensor]:
-    xq, s = kernels.quantize_activations(x)
-    y = kernels.matmul(xq, s, _pw(data, gamma, out_features, in_features, fmt), bias, out_dtype=x.dtype)
-    return y, xq, s
+    return kernels.bitlinear_train(x, _pw(data, gamma, out_features, in_features, fmt), bias, x.dtype)
 
 
 @_ste_linear.register_fake

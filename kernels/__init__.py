@@ -27,6 +27,7 @@ __all__ = [
     "PackedWeight",
     "backend_for",
     "bitlinear",
+    "bitlinear_train",
     "compute_format",
     "get_format",
     "grad_input",
@@ -289,6 +290,23 @@ def bitlinear(
         return _backend(device).bitlinear(x, pw, bias, out_dtype)
     y = _backend(x.device).bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
     return y.reshape(*x.shape[:-1], pw.out_features)
+
+
+def bitlinear_train(
+    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward: bitlinear's y (M, N) plus the quantized activations (xq (M, K) int8, s (M,)) that
+    grad_weight needs, from one quantization pass. x is 2-D (M, K)."""
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    _check_packed(pw, x.shape[1], x.device)
+    _check_bias(bias, pw.shape[0], x.device)
+    out_dtype = out_dtype or x.dtype
+    _check_out_dtype(out_dtype)
+    backend = _backend(x.device)
+    if hasattr(backend, "bitlinear_train"):
+        return backend.bitlinear_train(x, pw, bias, out_dtype)
+    xq, s = backend.quantize_activations(x)
+    return backend.matmul(xq, s, pw, bias, out_dtype), xq, s
 
 
 def grad_input(grad_y: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

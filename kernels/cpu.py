@@ -21,12 +21,12 @@ import torch
 from numba import njit, prange
 
 from . import reference, tuning
-from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, make_dot
+from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, fetch_add, make_dot
 from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
 
-__all__ = ["ISA", "ISAS", "bitlinear", "configure", "grad_input", "grad_weight", "matmul", "matmul_int", "pack",
-           "params", "quantize_activations", "quantize_weight", "threads", "unpack"]
+__all__ = ["ISA", "ISAS", "bitlinear", "bitlinear_train", "configure", "grad_input", "grad_weight", "matmul",
+           "matmul_int", "pack", "params", "quantize_activations", "quantize_weight", "threads", "unpack"]
 
 name = "numba"
 default_format = "i2"
@@ -126,27 +126,39 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows) -> None
     mtiles = (m + MR - 1) // MR
     mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
     rows_per_block = (mtiles + mblocks - 1) // mblocks * MR
-    for task in prange(npanels * mblocks):
-        p0 = task % npanels * n // npanels  # balanced panels
-        p1 = (task % npanels + 1) * n // npanels
-        r, m1 = task // npanels * rows_per_block, min(m, (task // npanels + 1) * rows_per_block)
-        acc = np.empty((MR, p1 - p0), np.int32)
-        while r < m1:
-            nr = MR if gemm_rows and m1 - r >= MR else 1
-            i = p0
-            while i < p1:
-                if nr == MR:
-                    nc = NR if p1 - i >= NR else 1
-                    if nc == NR:
-                        _dot_gemm(wp, i, xq, r, nblk, acc, i - p0)
-                    else:
-                        _dot_gemm_col(wp, i, xq, r, nblk, acc, i - p0)
-                else:  # one row at a time: a purely sequential stream, which DRAM prefetching serves best
-                    nc = 1
-                    _dot_one(wp, i, xq, r, nblk, acc, i - p0)
-                i += nc
-            _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out)
-            r += nr
+    ntasks = npanels * mblocks
+    counter = np.zeros(1, np.int64)
+    for _worker in prange(threads):  # each thread takes the next task until none is left (fetch_add)
+        task = fetch_add(counter, 1)
+        while task < ntasks:
+            _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows)
+            task = fetch_add(counter, 1)
+
+
+@njit(cache=True)
+def _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows) -> None:
+    """One task of _mm: weight panel task % npanels x the block of activation rows task // npanels."""
+    m, n = xq.shape[0], wp.shape[0]
+    p0 = task % npanels * n // npanels  # balanced panels
+    p1 = (task % npanels + 1) * n // npanels
+    r, m1 = task // npanels * rows_per_block, min(m, (task // npanels + 1) * rows_per_block)
+    acc = np.empty((MR, p1 - p0), np.int32)
+    while r < m1:
+        nr = MR if gemm_rows and m1 - r >= MR else 1
+        i = p0
+        while i < p1:
+            if nr == MR:
+                nc = NR if p1 - i >= NR else 1
+                if nc == NR:
+                    _dot_gemm(wp, i, xq, r, nblk, acc, i - p0)
+                else:
+                    _dot_gemm_col(wp, i, xq, r, nblk, acc, i - p0)
+            else:  # one row at a time: a purely sequential stream, which DRAM prefetching serves best
+                nc = 1
+                _dot_one(wp, i, xq, r, nblk, acc, i - p0)
+            i += nc
+        _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out)
+        r += nr
 
 
 @njit(cache=True, parallel=True)
@@ -165,8 +177,8 @@ def _prepare_q(xq, kp):
 
 
 @njit(cache=True)
-def _prepare_f(x, gamma, kp):
-    """(M, K) fp32 -> quantized (M, Kp) int8 in the dot layout, row sums, epilogue scale gamma / s (fp32)."""
+def _prepare_f(x, kp):
+    """(M, K) fp32 -> (quantized (M, Kp) int8 zero-padded, the same in the dot layout, row sums, scales s)."""
     m = x.shape[0]
     xq = np.zeros((m, kp), np.int8)
     s = np.empty(m, np.float32)
@@ -176,7 +188,7 @@ def _prepare_f(x, gamma, kp):
             _quant_row(x, r, xq, s, xsum)
     else:
         _quantize(x, xq, s, xsum)
-    return _dot_layout(xq), xsum, np.float32(gamma) / s
+    return xq, _dot_layout(xq), xsum, s
 
 
 # Entry points from Python: one dispatch per call.
@@ -184,9 +196,18 @@ def _prepare_f(x, gamma, kp):
 def _bitlinear_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows):
     """Fused forward on the packed engine: x (M, K) fp32 -> (M, N) fp32."""
     out = np.empty((x.shape[0], wp.shape[0]), np.float32)
-    xq, xsum, scale = _prepare_f(x, gamma, wp.shape[1] * 4)
-    _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows)
+    _, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
+    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows)
     return out
+
+
+@njit(cache=True)
+def _bitlinear_train_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows):
+    """Training forward: (y (M, N) fp32, xq (M, Kp) int8 zero-padded, s (M,)) in one quantization pass."""
+    out = np.empty((x.shape[0], wp.shape[0]), np.float32)
+    xq, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
+    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows)
+    return out, xq, s
 
 
 @njit(cache=True)
@@ -392,6 +413,24 @@ def bitlinear(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype)
     out = torch.from_numpy(_bitlinear_packed(_f32(x2d), gamma, wp, None if bias is None else _f32(bias),
                                              threads, p["panel_bytes"], m >= p["gemm_min_m"]))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype):
+    """Training forward: (y (M, N) out_dtype, xq (M, K) int8, s (M,)) with one quantization pass, straight into
+    the kernels' zero-padded buffer (no second pass to copy xq there)."""
+    m, (n, k) = x2d.shape[0], pw.shape
+    p = _params or params()
+    if _int_mm_engine(m, p):
+        xq, s = quantize_activations(x2d)
+        return matmul(xq, s, pw, bias, out_dtype), xq, s
+    threads = _threads(p, m * n * k)
+    set_threads(threads)
+    wp, gamma = _i2(pw)
+    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, None if bias is None else _f32(bias), threads,
+                                         p["panel_bytes"], m >= p["gemm_min_m"])
+    y, xq = torch.from_numpy(out), torch.from_numpy(xq)
+    xq = xq if xq.shape[1] == k else xq[:, :k].contiguous()  # K not a multiple of 128: M x K bytes copied
+    return y if out_dtype == torch.float32 else y.to(out_dtype), xq, torch.from_numpy(s)
 
 
 # ------------------------------------------------------------------------------------------ backward

@@ -326,3 +326,17 @@ def make_i8_dot(cols: int, isa: str = ISA):
         return sig, codegen
 
     return dot
+
+
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """Atomically add `value` to counter[0] (an int64 array) and return the value before: a shared work counter,
+    so the threads of a parallel region take tasks as they become free (numba's prange splits statically, and a
+    thread the OS pauses on a shared machine would hold up its whole share)."""
+    sig = types.int64(counter, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0]).data
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+
+    return sig, codegen

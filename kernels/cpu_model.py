@@ -26,7 +26,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from .cpu import _dot_one, _mm, _quant_row
-from .cpu_dot import make_i8_dot
+from .cpu_dot import fetch_add, make_i8_dot
 
 __all__ = ["forward", "int8_gemv", "pad_rows"]
 
@@ -81,21 +81,32 @@ def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads) -> None:
     n0, n1, n2 = w0.shape[0], w1.shape[0], w2.shape[0]
     total, nblk, tasks = n0 + n1 + n2, w0.shape[1] // 32, 8 * threads
     scales = (g0 / s[0], g1 / s[0], g2 / s[0])
-    for t in prange(tasks):
-        lo, hi = t * total // tasks, (t + 1) * total // tasks
+    counter = np.zeros(1, np.int64)
+    for _worker in prange(threads):  # threads take tasks as they become free (cpu_dot.fetch_add)
         acc = np.empty((1, 1), np.int32)
-        i = lo
-        while i < hi:
-            if i < n0:
-                w, o, sc, base, end = w0, o0, scales[0], 0, min(hi, n0)
-            elif i < n0 + n1:
-                w, o, sc, base, end = w1, o1, scales[1], n0, min(hi, n0 + n1)
-            else:
-                w, o, sc, base, end = w2, o2, scales[2], n0 + n1, hi
-            for r in range(i - base, end - base):  # one row at a time: sequential DRAM streams
-                _dot_one(w, r, xq, 0, nblk, acc, 0)
-                o[0, r] = np.float32(acc[0, 0] - xsum[0]) * sc
-            i = end
+        t = fetch_add(counter, 1)
+        while t < tasks:
+            _gemv3_task(xq, xsum, w0, w1, w2, o0, o1, o2, scales, t * total // tasks, (t + 1) * total // tasks,
+                        nblk, acc)
+            t = fetch_add(counter, 1)
+
+
+@njit(cache=True)
+def _gemv3_task(xq, xsum, w0, w1, w2, o0, o1, o2, scales, lo, hi, nblk, acc) -> None:
+    """Rows lo..hi of the concatenated weights of _gemv3."""
+    n0, n1 = w0.shape[0], w1.shape[0]
+    i = lo
+    while i < hi:
+        if i < n0:
+            w, o, sc, base, end = w0, o0, scales[0], 0, min(hi, n0)
+        elif i < n0 + n1:
+            w, o, sc, base, end = w1, o1, scales[1], n0, min(hi, n0 + n1)
+        else:
+            w, o, sc, base, end = w2, o2, scales[2], n0 + n1, hi
+        for r in range(i - base, end - base):  # one row at a time: sequential DRAM streams
+            _dot_one(w, r, xq, 0, nblk, acc, 0)
+            o[0, r] = np.float32(acc[0, 0] - xsum[0]) * sc
+        i = end
 
 
 @njit(cache=True)
@@ -248,9 +259,13 @@ def int8_gemv(x, w, w_scale, threads):
         xq[j] = np.int8(np.rint(x[j] * s))
     out = np.empty(n, np.float32)
     tasks = 8 * threads
-    for t in prange(tasks):
+    counter = np.zeros(1, np.int64)
+    for _worker in prange(threads):  # threads take tasks as they become free (cpu_dot.fetch_add)
         acc = np.empty(1, np.int32)
-        for i in range(t * n // tasks, (t + 1) * n // tasks):  # one row at a time: sequential DRAM streams
-            _i8_dot(w, i, xq, kp // 32, acc)
-            out[i] = np.float32(acc[0]) * (w_scale[i] / s)
+        t = fetch_add(counter, 1)
+        while t < tasks:
+            for i in range(t * n // tasks, (t + 1) * n // tasks):  # one row at a time: sequential DRAM streams
+                _i8_dot(w, i, xq, kp // 32, acc)
+                out[i] = np.float32(acc[0]) * (w_scale[i] / s)
+            t = fetch_add(counter, 1)
     return out

@@ -243,9 +243,6 @@ def set_threads(n: int) -> None:
     elsewhere goes unnoticed until the wanted count changes)."""
     if getattr(_applied, "n", None) != n:
         numba.set_num_threads(n)
-        # Dynamic scheduling, one iteration (a task: a weight panel x row block, or a row) at a time: a thread
-        # that the OS pauses (a shared machine) no longer holds up a statically assigned half of the work.
-        numba.set_parallel_chunksize(1)
         _applied.n = n
 
 

@@ -336,3 +336,19 @@ def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa,
     found = set(json.loads(out.stdout.strip().splitlines()[-1]))
     must, must_not = _ISA_ASM[isa]
     assert must <= found and not (must_not & found), (isa, found)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1), path=st.sampled_from(sorted(PATHS)), use_bias=st.booleans())
+def test_bitlinear_train_returns_the_forward_and_its_quantized_activations(shape, seed, path, use_bias):
+    """The training forward is bitlinear's output (bit for bit) plus act_quant's xq and s, in one pass."""
+    m, k, n = shape
+    rng = _rng(seed)
+    cpu.configure(**PATHS[path])
+    x = _floats(rng, m, k).clamp(-1e4, 1e4)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) if use_bias else None
+    pw = kernels.pack(torch.randn(n, k))
+    y, xq, s = kernels.bitlinear_train(x, pw, bias)
+    xq_ref, s_ref = reference.act_quant(x)
+    assert torch.equal(y, kernels.bitlinear(x, pw, bias)) and xq.is_contiguous() and xq.shape == (m, k)
+    assert torch.equal(xq, xq_ref) and torch.equal(s.isnan(), s_ref.isnan())
+    assert torch.equal(s[~s.isnan()], s_ref[~s_ref.isnan()])
