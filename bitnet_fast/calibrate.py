@@ -1,7 +1,8 @@
 """Calibrate this machine: time the kernels per backend over every preset's linear shapes, tune the CPU kernel
 parameters (threads, tiles, GEMV/GEMM cut-over) and cache the best, then measure model tokens/sec.
 
-The tuned parameters go to `kernels.tuning.save()` (the file the Numba kernels read on first use). Model
+The tuned parameters go to `save_tuning()`, the file the Numba kernels read on first use (`kernels.tuning.path()`;
+the kernels only read it, so the kernels layer needs nothing from the rest of the package). Model
 throughput (decode, prefill, training) is measured per preset for BitNet and its fp twin, and turned into a
 batch size per training step for a target step time: the numbers a worker needs to size its tasks.
 Times are best-of-n wall clock (the least disturbed run on a shared machine).
@@ -11,16 +12,18 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import kernels
+from .kernels import tuning
 from .model import LM, PRESETS, build_model, count_parameters, preset_config
+from .plumbing import describe_machine, fmt, machine_info, write_json
 from .tinyllama import CONFIG as TINYLLAMA
 
 SCHEMA = "bitnet-fast/calibrate/1"
@@ -28,23 +31,11 @@ QUICK_PRESETS = ("tiny", "small")
 Echo = Callable[[str], None]
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores/threads, memory and library versions."""
-    import numba
-    import psutil
-
-    from .tinyllama import _cpu_name
-
-    vm = psutil.virtual_memory()
-    info = {
-        "cpu": _cpu_name(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False), "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba.config.NUMBA_NUM_THREADS, "memory_total_bytes": vm.total,
-        "memory_available_bytes": vm.available, "python": platform.python_version(), "torch": torch.__version__,
-        "numba": numba.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    return info
+def save_tuning(params: dict[str, Any]) -> Path:
+    """Validate the CPU kernel parameters and write them, with this machine's capabilities (the kernels apply the
+    file only on a machine with the same ones), atomically to the tuning file; returns its path."""
+    return write_json(tuning.path(), {"capabilities": tuning.capabilities(), "params": tuning.validate(params)},
+                      indent=2, sort_keys=True)
 
 
 def linear_shapes(presets: tuple[str, ...], tinyllama: bool) -> dict[str, list[tuple[int, int]]]:
@@ -150,7 +141,7 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
     Each stage times the M values its parameter affects, summed over `shapes`. With the int_mm engine, the
     packed/int_mm cut-over is the largest M (from a prefix of the candidates) where the packed engine wins.
     """
-    from .kernels import cpu, tuning
+    from .kernels import cpu
 
     caps = tuning.capabilities()
     space = dict(tuning.CPU_SEARCH_SPACE)
@@ -306,9 +297,7 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
         tune_on = [s for p in (presets[-1:] if quick else [presets[-1], "tinyllama-1.1b"]) for s in shapes[p]]
         result["tuning"] = tune_cpu(tune_on, prefill_m, repeats, budget, echo)
         if save:
-            from .kernels import tuning
-
-            result["tuning"]["path"] = str(tuning.save(result["tuning"]["params"]))
+            result["tuning"]["path"] = str(save_tuning(result["tuning"]["params"]))
             echo(f"tune: saved {result['tuning']['params']} to {result['tuning']['path']}")
     result["models"] = []
     for preset in presets:
@@ -333,11 +322,9 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def format_table(r: dict) -> str:
     """The human summary printed by `bitnet-fast calibrate`."""
-    from .report import fmt
-
     m = r["machine"]
-    out = [f"machine: {m['cpu']} ({m['arch']}), {m['logical_cpus']} logical CPUs / {m['physical_cores']} cores, "
-           f"torch threads {m['torch_threads']}, memory {fmt(m['memory_total_bytes'], 'B')} "
+    out = [f"machine: {describe_machine(m)}, {m['logical_cpus']} logical CPUs / {m['physical_cores']} cores, "
+           f"memory {fmt(m['memory_total_bytes'], 'B')} "
            f"({fmt(m['memory_available_bytes'], 'B')} free){', CUDA ' + m['cuda'] if m['cuda'] else ''}",
            *([f"WARNING: the machine was busy (1-min load average {m['load_average_1m']:.1f} on "
               f"{m['logical_cpus']} CPUs): timings are pessimistic and the tuning reflects that contention"]

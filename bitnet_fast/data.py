@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .plumbing import UserError, atomic_path, atomic_write, cache_root, write_json
+
 EOS, UNK = "<eos>", "<unk>"
+TOKENIZERS = ("bpe", "word")
 SHARD_MAGIC, SHARD_VERSION = b"BNFTOKS\0", 1
 _HEADER = struct.Struct("<8sIIQ32s")  # 56 bytes, padded to 64
 HEADER_BYTES = 64
@@ -33,28 +36,20 @@ WIKITEXT_SHA256 = {
 WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext (config wikitext-2-v1)"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Missing, corrupt or unusable data; the message says how to fix it."""
 
 
 # ------------------------------------------------------------------------------------------------ locations
-def cache_dir() -> Path:
-    """Where tokenizers and shards are cached: $BITNET_FAST_CACHE, else the user cache dir."""
-    import platformdirs
-
-    return Path(os.environ.get("BITNET_FAST_CACHE") or platformdirs.user_cache_dir("bitnet-fast"))
-
-
 def find_wikitext(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding WikiText-2 train.txt/valid.txt: --data-dir, then $BITNET_FAST_DATA, then the cache."""
-    import platformdirs
-
+    """The folder holding WikiText-2 train.txt/valid.txt: --data-dir, then $BITNET_FAST_DATA, then
+    cache_root()/data (which honours $BITNET_FAST_CACHE)."""
     if data_dir is not None:
         root, origin = Path(data_dir), "--data-dir"
     elif os.environ.get("BITNET_FAST_DATA"):
         root, origin = Path(os.environ["BITNET_FAST_DATA"]), "$BITNET_FAST_DATA"
     else:
-        root, origin = Path(platformdirs.user_cache_dir("bitnet-fast")) / "data", "the default data dir"
+        root, origin = cache_root() / "data", "the default data dir"
     for cand in (root, root / "wikitext-2"):
         if all((cand / name).is_file() for name in WIKITEXT_SHA256):
             return cand
@@ -116,7 +111,7 @@ def train_tokenizer(lines: Sequence[str], kind: str = "bpe", vocab_size: int = 8
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
         tok.decoder = decoders.WordPiece(prefix="\0", cleanup=False)  # joins words with spaces
     else:
-        raise ValueError(f"tokenizer kind={kind!r}; use 'bpe' or 'word'")
+        raise ValueError(f"tokenizer kind={kind!r}; use one of {TOKENIZERS}")
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(lines, trainer=trainer)
     return tok
@@ -143,18 +138,13 @@ def encode_lines(tok, lines: Sequence[str], leading_eos: bool = True) -> np.ndar
 
 # ------------------------------------------------------------------------------------------------ shards
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write tokens atomically (temp + fsync + rename) with a header holding count and sha256."""
+    """Write tokens atomically (plumbing.atomic_path) with a header holding count and sha256."""
     code = 1 if tokens.size == 0 or int(tokens.max()) < 2**16 else 2
     payload = np.ascontiguousarray(tokens, dtype=_DTYPES[code]).tobytes()
     header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, code, tokens.size, hashlib.sha256(payload).digest())
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.ljust(HEADER_BYTES, b"\0"))
         f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_shard(path: str | os.PathLike, verify: bool = True) -> np.memmap:
@@ -203,7 +193,7 @@ def prepare(
     per_file = {Path(p).stem: read_lines([p], max_lines) for p in inputs}
     if tokenizer is None:
         tokenizer = train_tokenizer([ln for lines in per_file.values() for ln in lines], kind, vocab_size)
-    tokenizer.save(str(out / "tokenizer.json"))
+    atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     manifest = {"version": SHARD_VERSION, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
     for stem, lines in per_file.items():
         tokens = encode_lines(tokenizer, lines)
@@ -213,9 +203,7 @@ def prepare(
             write_shard(out / name, tokens[start : start + shard_tokens])
             files.append(name)
         manifest["splits"][stem] = {"files": files, "tokens": int(tokens.size), "words": count_words(lines)}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -259,13 +247,13 @@ def wikitext(
     max_lines: int | None = None,
     splits: Sequence[str] = ("train", "valid"),
 ) -> Corpus:
-    """WikiText-2 tokenized (tokenizer trained on train) and cached as shards under cache_dir()."""
+    """WikiText-2 tokenized (tokenizer trained on train) and cached as shards under plumbing.cache_root()."""
     root = find_wikitext(data_dir)
     files = {s: wikitext_split(root, s) for s in splits}
     key = hashlib.sha256(
         json.dumps([kind, vocab_size, max_lines, sorted((s, sha256_file(p)) for s, p in files.items())]).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "wikitext-2" / f"{kind}{vocab_size}-{key}"
+    out = cache_root() / "wikitext-2" / f"{kind}{vocab_size}-{key}"
     if (out / "manifest.json").is_file():
         try:
             return load_prepared(out)

@@ -4,7 +4,7 @@
     model = load_packed(lambda: MyModel(cfg), "m.safetensors")   # packed, in the compute format of its device
 
 A BitLinear named `blk.fc` is stored as `blk.fc.packed.{data,gamma,header}` (PackedWeight.state()); the file's
-metadata carries the layout version, checked at load. Writes are atomic (temp file + fsync + rename).
+metadata carries the layout version, checked at load. Writes are atomic and durable (plumbing.atomic_path).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 from bitnet_fast import __version__, kernels
 from bitnet_fast.kernels import PackedWeight
 from bitnet_fast.nn import BitLinear, _to_compute, meta_parameters
+from bitnet_fast.plumbing import atomic_path
 
 __all__ = ["load_packed", "read_metadata", "save_packed"]
 
@@ -72,22 +72,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
     tensors, aliases = _dedupe(_packed_state(model, fmt))
     meta = {"kind": FILE_KIND, "layout_version": str(kernels.LAYOUT_VERSION), "format": fmt, "version": __version__,
             "aliases": json.dumps(aliases)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
     return path
 
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .plumbing import atomic_write, describe_machine, fmt, write_json
+
 COLORS = {"bitnet": "#d9480f", "fp": "#1c7ed6"}
 PALETTE = ["#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#5c940d", "#c2255c"]
 REQUIRED = ("model", "epochs")
@@ -191,21 +193,6 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return inside if len(inside) >= 2 else sorted({lo, *inside, hi})
 
 
-def fmt(v: float | None, unit: str = "") -> str:
-    """Compact human number: 1.23k, 45.6M, 0.0123; bytes with unit='B' as KiB/MiB/GiB."""
-    if v is None:
-        return "—"
-    if unit == "B":
-        for u, d in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-            if abs(v) >= d:
-                return f"{v / d:.2f} {u}"
-        return f"{v:.0f} B"
-    a = abs(v)
-    s = (f"{v / 1e9:.3g}G" if a >= 1e9 else f"{v / 1e6:.3g}M" if a >= 1e6 else f"{v / 1e3:.3g}k" if a >= 1e4
-         else f"{v:.4g}")
-    return f"{s} {unit}".strip()
-
-
 def _empty(title: str, width: int = 560) -> str:
     """A chart-sized placeholder so the grid keeps its shape when a run has no data for a chart."""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="60" class="chart" role="img">'
@@ -352,9 +339,9 @@ def _tinyllama_html(tl: dict) -> str:
              f'<p>hidden {c["hidden_size"]}, {c["num_hidden_layers"]} layers, {c["num_attention_heads"]} heads / '
              f'{c["num_key_value_heads"]} KV heads, FFN {c["intermediate_size"]}, vocab {c["vocab_size"]}; random '
              f"weights (speed and memory do not depend on their values). Measured {html.escape(tl['measured_at'])} "
-             f"on {html.escape(tl['machine'].get('cpu', '?'))}, {tl['machine'].get('threads', '?')} threads, by "
+             f"on {html.escape(describe_machine(tl['machine']))}, by "
              f"<code>{html.escape(tl['command'])}</code>{' (cached)' if tl.get('cached') else ''}.</p>"]
-    load, cpus = tl["machine"].get("load_average_1m"), tl["machine"].get("threads") or 1
+    load, cpus = tl["machine"].get("load_average_1m"), tl["machine"].get("torch_threads") or 1
     if load is not None and load > cpus:
         parts.append(f'<p class="warn">The machine was busy while measuring (1-min load average {load:.1f} with '
                      f"{cpus} threads): these numbers are pessimistic, and ratios between variants are only "
@@ -408,11 +395,8 @@ def write_report(dirs: list[str | Path], out: str | Path, tinyllama: dict | None
     out = Path(out)
     if out.is_dir():
         raise ReportError(f"--out {out} is a directory; give a file path such as {out / 'report.html'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(rep))
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(rep, indent=2))
-    return out, json_path
+    atomic_write(out, render_html(rep))
+    return out, write_json(out.with_suffix(".json"), rep, indent=2)
 
 
 def make_report(dirs: list[str | Path], out: str | Path, tinyllama: bool = True, quick: bool = False,

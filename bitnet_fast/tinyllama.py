@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .plumbing import machine_info, peak_rss_bytes, write_json
 
 # TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json).
 CONFIG = {
@@ -108,7 +107,7 @@ def measure_decoder(layers: int, prefill: int, decode: int, reps: int = 1, shape
         "prefill_seconds": prefill / med["prefill_tokens_per_sec"], "decode_tokens": decode,
         "decode_seconds": decode / med["decode_tokens_per_sec"], **med, "runs": runs,
         "param_bytes": dec.nbytes, "rss_before_bytes": rss0, "rss_after_load_bytes": psutil.Process().memory_info().rss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "build_seconds": build_s,
+        "peak_rss_bytes": peak_rss_bytes(), "build_seconds": build_s,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -184,19 +183,9 @@ def measure_variant(variant: str, layers: int, prefill: int, decode: int) -> dic
         "prefill_tokens": prefill, "prefill_seconds": prefill_s, "prefill_tokens_per_sec": prefill / prefill_s,
         "decode_tokens": decode, "decode_seconds": decode_s, "decode_tokens_per_sec": decode / decode_s,
         "param_bytes": parameter_bytes(model), "rss_after_load_bytes": rss_load,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "build_seconds": build_s,
+        "peak_rss_bytes": peak_rss_bytes(), "build_seconds": build_s,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cache_path() -> Path:
@@ -210,7 +199,8 @@ def _cache_key(quick: bool, sizes: dict) -> dict:
     from . import __version__
     from .kernels import tuning
 
-    return {"quick": quick, **sizes, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    m = machine_info()
+    return {"quick": quick, **sizes, "cpu": m["cpu"], "isa": m["isa"], "threads": m["torch_threads"],
             "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load()}
 
 
@@ -242,19 +232,14 @@ def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, .
         r = results[-1]
         echo(f"    decode {r['decode_tokens_per_sec']:.2f} tok/s, prefill {r['prefill_tokens_per_sec']:.1f} tok/s, "
              f"params {r['param_bytes'] / 2**20:.0f} MiB, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
-    import psutil
-
     result = {
         "config": {**CONFIG, "num_hidden_layers": sizes["layers"]}, "quick": sizes["layers"] < FULL["layers"],
         "layers": sizes["layers"], "total_layers": FULL["layers"], "variants": results,
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
-                    "memory_bytes": psutil.virtual_memory().total, "torch": torch.__version__,
-                    "load_average_1m": os.getloadavg()[0]},
+        "machine": machine_info(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m bitnet_fast.tinyllama" + (" --quick" if quick else ""),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "result": result}, indent=2))
+    write_json(path, {"key": key, "result": result}, indent=2)
     return {**result, "cached": False}
 
 

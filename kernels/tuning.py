@@ -11,14 +11,13 @@ Usage by a calibrator:
     from bitnet_fast.kernels import cpu, tuning
     for value in tuning.CPU_SEARCH_SPACE["gemm_min_m"]:
         cpu.configure(gemm_min_m=value)  # ... time kernels ...
-    tuning.save({**cpu.params(), "gemm_min_m": best})
+    bitnet_fast.calibrate.save_tuning({**cpu.params(), "gemm_min_m": best})  # the application layer writes it
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,19 +128,3 @@ def load(isa: str | None = None) -> dict[str, Any]:
         except ValueError as e:
             warnings.warn(f"bitnet_fast: ignoring {p}: {e}", stacklevel=2)
     return params
-
-
-def save(params: dict[str, Any]) -> Path:
-    """Validate and write `params` with this machine's capabilities, atomically; returns the path written."""
-    validate(params)
-    p = path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".kernel_tuning.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"capabilities": capabilities(), "params": params}, f, indent=2, sort_keys=True)
-        os.replace(tmp, p)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return p

@@ -102,6 +102,15 @@ def test_decode_timing_uses_the_model_cache() -> None:
     assert all(b.attn.cache is None for b in model.blocks)  # the cache is released afterwards
 
 
+def test_save_tuning_validates_before_writing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BITNET_FAST_TUNING", str(tmp_path / "t.json"))
+    with pytest.raises(ValueError, match="gemv_max_m"):
+        cal.save_tuning({"gemv_max_m": -1})
+    assert not list(tmp_path.iterdir())
+    assert cal.save_tuning({**tuning.CPU_DEFAULTS, "gemv_max_m": 4}) == tmp_path / "t.json"
+    assert tuning.load()["gemv_max_m"] == 4
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="target_seconds"):
         cal.calibrate(target_seconds=0)

@@ -45,6 +45,13 @@ def test_find_wikitext_accepts_the_folder_or_its_parent(tmp_path, monkeypatch):
     assert find_wikitext() == inner
 
 
+def test_default_data_dir_is_under_the_cache_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITNET_FAST_DATA", raising=False)
+    monkeypatch.setenv("BITNET_FAST_CACHE", str(tmp_path))
+    inner = _fake_wikitext(tmp_path / "data" / "wikitext-2")
+    assert find_wikitext() == inner
+
+
 def test_missing_data_says_how_to_provide_it(tmp_path, monkeypatch):
     monkeypatch.delenv("BITNET_FAST_DATA", raising=False)
     with pytest.raises(DataError, match=r"--data-dir.*WikiText-2 not found|WikiText-2 not found.*--data-dir"):

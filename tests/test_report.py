@@ -136,11 +136,12 @@ def test_tinyllama_section_rendered_and_quick_is_labelled(both: Path) -> None:
                  "prefill_tokens": 32} for k, d, p, b in (("bitnet", 9.0, 40.0, 600e6), ("fp32", 3.0, 30.0, 4.4e9),
                                                             ("bf16", 2.0, 20.0, 2.2e9))]
     tl = {"config": {**tinyllama.CONFIG, "num_hidden_layers": 2}, "quick": True, "layers": 2, "total_layers": 22,
-          "variants": variants, "machine": {"cpu": "test cpu", "threads": 2}, "measured_at": "now",
-          "command": "python -m bitnet_fast.tinyllama --quick"}
+          "variants": variants, "machine": {"cpu": "test cpu", "arch": "x86_64", "isa": "avx2", "torch_threads": 2},
+          "measured_at": "now", "command": "python -m bitnet_fast.tinyllama --quick"}
     text = report.render_html(report.build_report(report.load_runs([both]), tl))
     _check_html(text)
     assert "QUICK MODE: only 2 of 22" in text and "hidden 2048" in text and "5632" in text
+    assert "test cpu (x86_64, avx2), 2 torch threads" in text  # the machine is named with its ISA
     assert "3.00x" in text  # BitNet decode vs fp32
     assert text.count("<svg") == 6 + 4
 
@@ -214,7 +215,7 @@ def test_cli_report_includes_cached_tinyllama(cli, both: Path, tmp_path: Path, m
                  "param_bytes": 1e9, "rss_after_load_bytes": 2e9, "peak_rss_bytes": 3e9, "decode_tokens": 4,
                  "prefill_tokens": 32} for i, (k, n) in enumerate(tinyllama.VARIANTS.items())]
     result = {"config": {**tinyllama.CONFIG, "num_hidden_layers": 2}, "quick": True, "layers": 2,
-              "total_layers": 22, "variants": variants, "machine": {"cpu": "c", "threads": 2}, "measured_at": "t",
+              "total_layers": 22, "variants": variants, "machine": {"cpu": "c", "torch_threads": 2}, "measured_at": "t",
               "command": "python -m bitnet_fast.tinyllama --quick"}
     tinyllama.cache_path().write_text(json.dumps({"key": key, "result": result}))
     res = cli(both, "--quick", "--out", tmp_path / "r.html")

@@ -1,0 +1,148 @@
+"""Shared plumbing of the application layer, one place for each: atomic file writes, the cache root, peak memory,
+the machine a measurement ran on, and human-readable numbers.
+
+Every file the project writes (checkpoints, shards, manifests, reports, the kernel tuning file, cached
+measurements, packed models) goes through `atomic_path` / `atomic_write`: after a crash the target holds either
+its old or its new content, never a torn mix, and no temp file is left behind by a failed write. The one
+exception is the append-only `metrics.jsonl` log, whose reader skips a torn last line.
+
+`bitnet_fast.kernels` does not use this module: the kernels layer imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """An error the user can fix (missing data, corrupt file, a run that cannot go on); the message says how.
+    The CLI prints it as one `Error: ...` line without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ writing files
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp path beside `path` for the caller to write; then fsync it, rename it over `path` and fsync
+    the folder so the rename itself is durable. If the body raises, the temp file is removed and `path` is
+    untouched. The temp file is created with the usual permissions (umask applies), like a plain open()."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (str as UTF-8) to `path` atomically and durably (see `atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 1, **kw: Any) -> Path:
+    """`obj` as JSON (`json.dumps` options in kw), written atomically; returns the path."""
+    return atomic_write(path, json.dumps(obj, indent=indent, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ places
+def cache_root() -> Path:
+    """Where bitnet-fast caches things (tokenized corpora, the default data dir): $BITNET_FAST_CACHE, else the
+    per-user cache dir (~/.cache/bitnet-fast on Linux). The kernel tuning file has its own variable,
+    $BITNET_FAST_TUNING (kernels.tuning.path())."""
+    env = os.environ.get("BITNET_FAST_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("bitnet-fast"))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS names it (e.g. "AMD EPYC 9R14"), else the processor or architecture name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement ran on: CPU model and the kernels' view of it (`isa`: the dot-product ISA class
+    of the CPU kernels, `isa_forced` when BITNET_FAST_CPU_ISA chose it; `int_mm_vnni`: whether torch._int_mm
+    reaches a VNNI GEMM), cores, threads, memory, load and library versions."""
+    import numba
+    import psutil
+    import torch
+
+    try:
+        from .kernels import tuning
+
+        caps = tuning.capabilities()
+    except ImportError:  # no numba backend on this platform
+        caps = {"isa": None, "int_mm_vnni": None}
+    vm = psutil.virtual_memory()
+    return {
+        "cpu": cpu_name(), "arch": platform.machine(), **caps,
+        "isa_forced": bool(os.environ.get("BITNET_FAST_CPU_ISA")), "logical_cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        "memory_total_bytes": vm.total, "memory_available_bytes": vm.available, "python": platform.python_version(),
+        "torch": torch.__version__, "numba": numba.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One line naming the machine of `machine_info()`: CPU model, ISA, threads (what every measured table states)."""
+    isa = f"{m['isa']}{' (forced)' if m.get('isa_forced') else ''}" if m.get("isa") else "ISA not recorded"
+    return f"{m.get('cpu', '?')} ({m.get('arch', '?')}, {isa}), {m.get('torch_threads', '?')} torch threads"
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def fmt(v: float | None, unit: str = "") -> str:
+    """Compact human number: 1.23k, 45.6M, 0.0123; bytes with unit='B' as KiB/MiB/GiB; None as a dash."""
+    if v is None:
+        return "—"
+    if unit == "B":
+        for u, d in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if abs(v) >= d:
+                return f"{v / d:.2f} {u}"
+        return f"{v:.0f} B"
+    a = abs(v)
+    s = (f"{v / 1e9:.3g}G" if a >= 1e9 else f"{v / 1e6:.3g}M" if a >= 1e6 else f"{v / 1e3:.3g}k" if a >= 1e4
+         else f"{v:.4g}")
+    return f"{s} {unit}".strip()

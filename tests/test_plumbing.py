@@ -1,0 +1,81 @@
+"""Shared plumbing: the atomic writer (durable, all-or-nothing, no temp files left), cache root, machine info."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from bitnet_fast import plumbing
+from bitnet_fast.plumbing import atomic_path, atomic_write, write_json
+
+
+def test_atomic_write_replaces_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "sub" / "f.json"
+    assert atomic_write(path, "old") == path  # creates the folder
+    write_json(path, {"a": [1, 2]})
+    assert path.read_text() == '{\n "a": [\n  1,\n  2\n ]\n}'
+    atomic_write(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert [p.name for p in path.parent.iterdir()] == ["f.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "f.txt"
+    atomic_write(path, "old")
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_path(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("disk on fire")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+    def no_rename(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(plumbing.os, "replace", no_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_write(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    with pytest.raises(TypeError):  # not serializable: fails before anything touches the disk
+        write_json(tmp_path / "g.json", {"x": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_the_file_and_its_folder_are_fsynced(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(plumbing.os, "fsync", spy)
+    atomic_write(tmp_path / "f", "x")
+    assert synced == [False, True]  # the file's data, then the folder's entry (the rename)
+
+
+def test_new_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_cache_root_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_FAST_CACHE", str(tmp_path))
+    assert plumbing.cache_root() == tmp_path
+    monkeypatch.delenv("BITNET_FAST_CACHE")
+    assert plumbing.cache_root().name == "bitnet-fast"
+
+
+def test_machine_info_names_cpu_and_isa():
+    m = plumbing.machine_info()
+    assert m["cpu"] and m["logical_cpus"] >= 1 and m["memory_total_bytes"] > 0
+    line = plumbing.describe_machine(m)
+    assert m["cpu"] in line and (m["isa"] or "ISA not recorded") in line
+    assert plumbing.peak_rss_bytes() > 10 * 2**20  # bytes, not KiB
+
+
+def test_fmt():
+    assert plumbing.fmt(None) == "—" and plumbing.fmt(1536, "B") == "1.50 KiB" and plumbing.fmt(12345) == "12.3k"
