@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bitnet_fast import report, tinyllama
+from bitnet_fast import charts, report, tinyllama
 from bitnet_fast.cli import main
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "rect", "line", "circle", "polyline", "path"}
@@ -122,12 +122,12 @@ def test_interrupted_run_without_epochs_is_reported_as_such(tmp_path: Path) -> N
 
 
 def test_line_chart_log_axis_and_ticks() -> None:
-    svg = report.line_chart("ppl", [{"label": "x", "color": "#000", "points": [(1, 10.0), (2, 1000.0)]}],
+    svg = charts.line_chart("ppl", [{"label": "x", "color": "#000", "points": [(1, 10.0), (2, 1000.0)]}],
                             "epoch", "ppl", logy=True)
     ET.fromstring(svg)
     assert ">10<" in svg and ">100<" in svg and ">1000<" in svg and "(log)" in svg
-    assert report._ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert "no data" in report.line_chart("empty", [], "x", "y")
+    assert charts._ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert "no data" in charts.line_chart("empty", [], "x", "y")
 
 
 def test_tinyllama_section_rendered_and_quick_is_labelled(both: Path) -> None:
