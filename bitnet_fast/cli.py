@@ -13,20 +13,16 @@ from pathlib import Path
 import click
 
 from .model import PRESETS
-
-_USER_ERRORS = (ValueError, OSError)
+from .plumbing import UserError
 
 
 class _Group(click.Group):
-    """Turns library errors (DataError, TrainingError, ValueError, OSError) into one-line ClickExceptions."""
+    """Turns library errors (UserError, ValueError, OSError) into one-line ClickExceptions."""
 
     def invoke(self, ctx: click.Context):
-        from .data import DataError
-        from .train import TrainingError
-
         try:
             return super().invoke(ctx)
-        except (DataError, TrainingError, *_USER_ERRORS) as e:
+        except (UserError, ValueError, OSError) as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -12,7 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .data import Split, encode_lines, find_wikitext, read_lines, wikitext_split
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import Split, count_words, encode_lines, eval_windows, find_wikitext, read_lines, wikitext_split
 
 
 @torch.no_grad()
@@ -20,8 +21,6 @@ def perplexity(
     model: torch.nn.Module, split: Split, seq_len: int, batch_size: int = 16, device: str | torch.device = "cpu"
 ) -> dict:
     """NLL over every token of `split` after the first, in non-overlapping windows of seq_len."""
-    from .data import eval_windows
-
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
@@ -49,12 +48,10 @@ def evaluate_checkpoint(
     """Perplexity of a training checkpoint on a WikiText-2 split, tokenized with the checkpoint's tokenizer."""
     from tokenizers import Tokenizer
 
-    from .train import load_checkpoint, model_from_checkpoint
-
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, device)
     tok = Tokenizer.from_str(ckpt["tokenizer"])
     lines = read_lines([wikitext_split(find_wikitext(data_dir), split)])
-    result = perplexity(model, Split(encode_lines(tok, lines), sum(len(ln.split()) + 1 for ln in lines)),
+    result = perplexity(model, Split(encode_lines(tok, lines), count_words(lines)),
                         ckpt["train_config"]["seq_len"], batch_size, device)
     return {"checkpoint": str(path), "split": split, "model": model.config.linear, "step": ckpt["step"], **result}

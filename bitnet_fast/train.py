@@ -7,13 +7,10 @@ schedule, clipping, accumulation, atomic checkpoints with exact resume, Ctrl-C a
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import os
 import random
-import resource
 import signal
 import subprocess
 import time
@@ -22,15 +19,24 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    remove_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import Batches, wikitext
 from .evaluate import perplexity
-from .model import LM, ModelConfig, build_model, count_parameters, preset_config
+from .model import build_model, count_parameters, preset_config
+from .plumbing import UserError, peak_rss_bytes, write_json
 
 SCHEDULES = ("cosine", "two_stage")
 
 
-class TrainingError(Exception):
-    """Training cannot go on (non-finite loss, bad checkpoint); the message says what to do."""
+class TrainingError(UserError):
+    """Training cannot go on (non-finite loss, a checkpoint of another model); the message says what to do."""
 
 
 @dataclass
@@ -103,71 +109,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file, fsync, rename; then a `<name>.sha256` sidecar written the same way."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    for target, payload in ((path, data), (path.with_name(path.name + ".sha256"),
-                                          f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())):
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint after checking its sha256 sidecar; TrainingError when unreadable or corrupt."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TrainingError(f"cannot read checkpoint {path}: {e.strerror}") from e
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file() and sidecar.read_text().split()[0] != hashlib.sha256(data).hexdigest():
-        raise TrainingError(f"checkpoint {path} does not match its sha256 sidecar (corrupt or truncated)")
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise TrainingError(f"checkpoint {path} is not a readable bitnet-fast checkpoint ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise TrainingError(f"{path} is not a bitnet-fast training checkpoint")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> LM:
-    model = build_model(ModelConfig(**ckpt["model_config"]), device)
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*.pt"))
-
-
-def latest_checkpoint(out: Path) -> dict | None:
-    """The newest checkpoint under out/checkpoints that loads and verifies (older ones are the fallback)."""
-    for path in reversed(_checkpoints(out)):
-        try:
-            return load_checkpoint(path)
-        except TrainingError as e:
-            print(f"warning: skipping {e}")
-    return None
-
-
-def _rng_state() -> dict:
-    """Training draws randomness only from torch (init; sampling/dropout if added) and Python's `random`."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 def _git_commit() -> str | None:
     try:
@@ -176,10 +117,6 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class _StopFlag:
@@ -267,10 +204,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         pos, acc, report = ckpt["pos"], ckpt["acc"], ckpt["report"]
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
     elif rank == 0:
-        for p in _checkpoints(out):
-            p.unlink()
+        remove_checkpoints(out)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         init = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
         report.update(initial_valid_loss=init["loss"], initial_valid_ppl=init["ppl"],
@@ -282,11 +218,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "model_config": mcfg.to_dict(), "train_config": asdict(cfg), "tokenizer": corpus.tokenizer.to_str(),
-                 "step": pos["step"], "pos": pos, "acc": acc, "report": report, "rng": _rng_state()}
-        save_checkpoint(out / "checkpoints" / f"step-{pos['step']:07d}.pt", state)
-        for old in _checkpoints(out)[: -cfg.keep_last]:
-            old.unlink()
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+                 "step": pos["step"], "pos": pos, "acc": acc, "report": report, "rng": rng_state()}
+        save_checkpoint(out, state, cfg.keep_last)
 
     stop = _StopFlag()
     prev_handler = signal.signal(signal.SIGINT, stop) if rank == 0 else None
@@ -325,9 +258,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         report["mean_tokens_per_sec"] = sum(e["tokens_per_sec"] for e in report["epochs"]) / len(report["epochs"])
     report["peak_rss_bytes"] = peak_rss_bytes()
     if rank == 0:
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out / "report.json")
+        write_json(out / "report.json", report)
     return report
 
 
@@ -353,7 +284,7 @@ def _run_epoch(cfg, ddp, opt, sched, batches, total, warmup, pos, acc, stop, log
                 with nullcontext() if sync else ddp.no_sync():
                     _, loss = ddp(x.to(cfg.device), y.to(cfg.device))
                     if not torch.isfinite(loss):
-                        ckpts = sorted((Path(cfg.out) / "checkpoints").glob("step-*.pt"))
+                        ckpts = list_checkpoints(cfg.out)
                         raise TrainingError(
                             f"loss is {loss.item()} at step {pos['step']} (epoch {pos['epoch'] + 1}); stopped. "
                             f"Last good checkpoint: {ckpts[-1] if ckpts else 'none'}. "

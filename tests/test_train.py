@@ -12,15 +12,8 @@ import pytest
 import torch
 
 from bitnet_fast import train as train_mod
-from bitnet_fast.train import (
-    TrainConfig,
-    TrainingError,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_factor,
-    param_groups,
-    train,
-)
+from bitnet_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from bitnet_fast.train import TrainConfig, TrainingError, lr_factor, param_groups, train
 
 
 @pytest.fixture(autouse=True)
@@ -98,13 +91,13 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(full_run, tmp_path):
     blob = bytearray(newest.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     newest.write_bytes(bytes(blob))
-    with pytest.raises(TrainingError, match="sha256"):
+    with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(newest)
     assert latest_checkpoint(tmp_path)["step"] == load_checkpoint(older)["step"]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(TrainingError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(TrainingError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "missing.pt")
 
 
