@@ -1,8 +1,11 @@
-"""The training loop: epochs over WikiText-2 (or a prepared corpus), AdamW, warmup + cosine or BitNet two-stage
-schedule, clipping, accumulation, atomic checkpoints with exact resume, Ctrl-C and NaN handling, DDP form.
+"""The training loop: epochs over WikiText-2 with AdamW, warmup + cosine or the BitNet two-stage schedule,
+clipping, gradient accumulation, checkpoints with exact resume, Ctrl-C and NaN handling, and the DDP form.
 
-`train(cfg)` is what the CLI, tests and benchmarks call. Under torchrun (WORLD_SIZE set) with
-`cfg.distributed`, it wraps the model in DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes.
+`train(cfg)` trains one model; the CLI, tests and benchmarks call it. It reads top to bottom, as nanoGPT's train.py
+does: set up, restore the `TrainState` from the newest checkpoint (or evaluate the untrained model), then one loop
+of optimizer steps with interval-gated blocks for the end of an epoch, logging and checkpointing. Under torchrun
+(WORLD_SIZE set) with `cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
+CUDA); rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import (
     latest_checkpoint,
@@ -30,7 +38,7 @@ from .checkpoint import (
 from .data import Batches, wikitext
 from .evaluate import perplexity
 from .model import build_model, count_parameters, preset_config
-from .plumbing import UserError, peak_rss_bytes, write_json
+from .plumbing import UserError, machine_info, peak_rss_bytes, write_json
 
 SCHEDULES = ("cosine", "two_stage")
 
@@ -83,6 +91,35 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
+@dataclass
+class TrainState:
+    """Where a run stands and what it has measured so far: what a checkpoint stores (as a dict of plain types)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress, 0-based
+    batch: int = 0  # micro-batches of this epoch consumed
+    loss_sum: float = 0.0  # this epoch so far: summed step losses, steps, tokens and seconds of training
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    initial_eval: dict | None = None  # perplexity() of the untrained model on the valid split
+    epochs: list[dict] = field(default_factory=list)  # one row per finished epoch
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.loss_sum, self.steps, self.tokens, self.seconds = self.epoch + 1, 0, 0.0, 0, 0, 0.0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> TrainState:
+        if "state" in ckpt:
+            return cls(**ckpt["state"])
+        # Checkpoints written before TrainState kept the position, the statistics and the report in three dicts.
+        pos, acc, rep = ckpt["pos"], ckpt["acc"], ckpt["report"]
+        keys = ("loss", "ppl", "word_ppl")
+        init = {k: rep[f"initial_valid_{k}"] for k in keys} if "initial_valid_ppl" in rep else None
+        return cls(pos["step"], pos["epoch"], pos["batch"], acc["loss"], acc["n"], acc["tokens"], acc["seconds"],
+                   init, rep["epochs"])
+
+
 # ------------------------------------------------------------------------------------------------ schedule
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`."""
@@ -107,6 +144,177 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in no_decay else rest).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train one model as configured; returns the report (rank 0 also writes it to cfg.out/report.json).
+
+    `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
+    """
+    # ---- set up: ranks, data, model, optimizer and schedule
+    rank, world = _init_distributed(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    corpus = wikitext(cfg.data_dir, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
+    valid = corpus.splits["valid"]
+    mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds preset {cfg.preset}'s max_seq_len {mcfg.max_seq_len}")
+    model = build_model(mcfg, cfg.device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batches = Batches(corpus.splits["train"].tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    steps_per_epoch = len(batches) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the {len(batches)} batches per epoch")
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = max(1, int(cfg.warmup_frac * total))
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=cfg.device.startswith("cuda") or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.min_lr_ratio))
+    report = {
+        "model": cfg.linear, "preset": cfg.preset, "parameters": count_parameters(model), "config": mcfg.to_dict(),
+        "train_config": asdict(cfg), "git_commit": _git_commit(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world,
+        "steps_per_epoch": steps_per_epoch,
+        "tokenizer": {"kind": cfg.tokenizer, "vocab_size": corpus.vocab_size,
+                      "train_tokens": len(corpus.splits["train"].tokens), "valid_tokens": len(valid.tokens),
+                      "valid_words": valid.words},
+    }
+    if cfg.linear == "bitnet":
+        from .kernels import backend_for
+
+        report["kernel_backend"] = backend_for(cfg.device)
+
+    # ---- state: resume from the newest checkpoint that verifies, or start fresh and evaluate the untrained model
+    state = TrainState()
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if rank == 0:
+        print(f"[{cfg.linear}] preset {cfg.preset}: {report['parameters']:,} parameters, {steps_per_epoch} steps/epoch"
+              f" x {cfg.epochs} epochs ({total} steps), {tokens_per_step} tokens/step"
+              + (f", resuming at step {ckpt['step']}" if ckpt else ""), flush=True)
+    if ckpt is not None:
+        if ckpt["model_config"] != mcfg.to_dict():
+            raise TrainingError(f"checkpoint in {out} is for another model ({ckpt['model_config']}); use a new --out")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        state = TrainState.from_checkpoint(ckpt)
+    elif rank == 0:
+        remove_checkpoints(out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        state.initial_eval = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
+
+    # ---- the loop: one optimizer step per iteration
+    n_batches = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a tail too short for a step is skipped
+    tokenizer = corpus.tokenizer.to_str()
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=total, initial=state.step, desc=cfg.linear, disable=not cfg.progress, mininterval=2,
+               dynamic_ncols=True)
+    data = None
+    stop = _StopFlag()
+    prev_handler = signal.signal(signal.SIGINT, stop) if rank == 0 else None
+    try:
+        while not stop.requested:
+            # -- end of an epoch (its batches used up, or the step budget): evaluate, log, begin the next one
+            if state.batch >= n_batches or (state.step >= total and state.batch > 0):
+                if rank == 0:
+                    ev = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
+                    row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(1, state.steps),
+                           "valid_loss": ev["loss"], "valid_ppl": ev["ppl"], "valid_word_ppl": ev["word_ppl"],
+                           "tokens_per_sec": state.tokens / max(state.seconds, 1e-9), "seconds": state.seconds,
+                           "steps": state.step}
+                    state.epochs.append(row)
+                    log.write(json.dumps({"event": "epoch", **row}) + "\n")
+                    log.flush()
+                    tqdm.write(f"[{cfg.linear}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid ppl "
+                               f"{ev['ppl']:.2f} (word {ev['word_ppl']:.2f}), {row['tokens_per_sec']:.0f} tok/s, "
+                               f"{row['seconds']:.0f} s")
+                    sys.stdout.flush()
+                state.next_epoch()
+                data = None
+                if rank == 0:
+                    _save(cfg, model, opt, sched, tokenizer, state)
+            if state.epoch >= cfg.epochs or state.step >= total:
+                break
+            if data is None:
+                data = batches.epoch(state.epoch, start=state.batch)
+
+            # -- one optimizer step over grad_accum micro-batches
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = next(data)
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                with nullcontext() if sync else ddp.no_sync():
+                    _, loss = ddp(x.to(cfg.device), y.to(cfg.device))
+                    if not torch.isfinite(loss):
+                        ckpts = list_checkpoints(out)
+                        raise TrainingError(
+                            f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); stopped. "
+                            f"Last good checkpoint: {ckpts[-1] if ckpts else 'none'}. "
+                            "Lower --lr or raise warmup, then --resume.")
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+            opt.param_groups[0]["weight_decay"] = (
+                weight_decay_factor(state.step, total, warmup, cfg.schedule) * cfg.weight_decay)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.batch += cfg.grad_accum
+            state.loss_sum += step_loss
+            state.steps += 1
+            state.tokens += tokens_per_step
+            state.seconds += dt
+            bar.set_postfix(epoch=state.epoch + 1, loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
+                            refresh=False)
+            bar.update()
+            if on_step is not None:
+                on_step(state.step, step_loss)
+
+            # -- log every log_every steps; checkpoint every ckpt_every steps and after a Ctrl-C
+            if log is not None and state.step % cfg.log_every == 0:
+                log.write(json.dumps({"event": "step", "step": state.step, "epoch": state.epoch + 1, "loss": step_loss,
+                                      "lr": sched.get_last_lr()[0], "tokens_per_sec": tokens_per_step / dt}) + "\n")
+                log.flush()
+            if rank == 0 and (stop.requested or state.step % cfg.ckpt_every == 0):
+                _save(cfg, model, opt, sched, tokenizer, state)
+    finally:
+        bar.close()
+        if prev_handler is not None:
+            signal.signal(signal.SIGINT, prev_handler)
+        if log is not None:
+            log.close()
+
+    # ---- report
+    report.update(interrupted=stop.requested, steps=state.step, epochs=state.epochs, peak_rss_bytes=peak_rss_bytes())
+    if state.initial_eval is not None:
+        report.update({f"initial_valid_{k}": state.initial_eval[k] for k in ("loss", "ppl", "word_ppl")})
+    if state.epochs:
+        report.update(final_valid_ppl=state.epochs[-1]["valid_ppl"],
+                      final_valid_word_ppl=state.epochs[-1]["valid_word_ppl"],
+                      total_seconds=sum(e["seconds"] for e in state.epochs),
+                      mean_tokens_per_sec=sum(e["tokens_per_sec"] for e in state.epochs) / len(state.epochs))
+    if rank == 0:
+        write_json(out / "report.json", report)
+    return report
+
+
+def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, tokenizer: str,
+          state: TrainState) -> None:
+    """Checkpoint everything an exact resume needs (see checkpoint.py for the layout)."""
+    save_checkpoint(cfg.out, {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "model_config": model.config.to_dict(), "train_config": asdict(cfg), "tokenizer": tokenizer,
+        "state": asdict(state), "rng": rng_state(), "step": state.step}, cfg.keep_last)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -144,179 +352,3 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-# ------------------------------------------------------------------------------------------------ train
-def train(cfg: TrainConfig, on_step=None) -> dict:
-    """Train one model as configured; returns (and writes to cfg.out/report.json) the report.
-
-    `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
-    """
-    rank, world = _init_distributed(cfg)
-    out = Path(cfg.out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    corpus = wikitext(cfg.data_dir, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
-    mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds preset {cfg.preset}'s max_seq_len {mcfg.max_seq_len}")
-    model = build_model(mcfg, cfg.device)
-    n_params = count_parameters(model)
-    batches = Batches(corpus.splits["train"].tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-    steps_per_epoch = len(batches) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the {len(batches)} batches per epoch")
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    warmup = max(1, int(cfg.warmup_frac * total))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=cfg.device.startswith("cuda") or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.min_lr_ratio))
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-
-    valid = corpus.splits["valid"]
-    report = {
-        "model": cfg.linear, "preset": cfg.preset, "parameters": n_params, "config": mcfg.to_dict(),
-        "train_config": asdict(cfg), "git_commit": _git_commit(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "world_size": world, "steps_per_epoch": steps_per_epoch,
-        "tokenizer": {"kind": cfg.tokenizer, "vocab_size": corpus.vocab_size,
-                      "train_tokens": len(corpus.splits["train"].tokens), "valid_tokens": len(valid.tokens),
-                      "valid_words": valid.words},
-        "epochs": [],
-    }
-    if cfg.linear == "bitnet":
-        from .kernels import backend_for
-
-        report["kernel_backend"] = backend_for(cfg.device)
-    pos, acc = {"step": 0, "epoch": 0, "batch": 0}, {"loss": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if rank == 0:
-        print(f"[{cfg.linear}] preset {cfg.preset}: {n_params:,} parameters, {steps_per_epoch} steps/epoch x "
-              f"{cfg.epochs} epochs ({total} steps), {cfg.batch_size * cfg.seq_len * cfg.grad_accum * world} "
-              f"tokens/step" + (f", resuming at step {ckpt['step']}" if ckpt else ""), flush=True)
-    if ckpt is not None:
-        if ckpt["model_config"] != mcfg.to_dict():
-            raise TrainingError(f"checkpoint in {out} is for another model ({ckpt['model_config']}); use a new --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        pos, acc, report = ckpt["pos"], ckpt["acc"], ckpt["report"]
-        set_rng_state(ckpt["rng"])
-    elif rank == 0:
-        remove_checkpoints(out)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        init = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
-        report.update(initial_valid_loss=init["loss"], initial_valid_ppl=init["ppl"],
-                      initial_valid_word_ppl=init["word_ppl"])
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-
-    def checkpoint() -> None:
-        if rank != 0:
-            return
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "model_config": mcfg.to_dict(), "train_config": asdict(cfg), "tokenizer": corpus.tokenizer.to_str(),
-                 "step": pos["step"], "pos": pos, "acc": acc, "report": report, "rng": rng_state()}
-        save_checkpoint(out, state, cfg.keep_last)
-
-    stop = _StopFlag()
-    prev_handler = signal.signal(signal.SIGINT, stop) if rank == 0 else None
-    try:
-        while pos["epoch"] < cfg.epochs and pos["step"] < total and not stop.requested:
-            epoch = pos["epoch"]
-            if _run_epoch(cfg, ddp, opt, sched, batches, total, warmup, pos, acc, stop, log, checkpoint, on_step):
-                checkpoint()
-                break
-            if rank == 0:
-                ev = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
-                row = {"epoch": epoch + 1, "train_loss": acc["loss"] / max(1, acc["n"]), "valid_loss": ev["loss"],
-                       "valid_ppl": ev["ppl"], "valid_word_ppl": ev["word_ppl"],
-                       "tokens_per_sec": acc["tokens"] / max(acc["seconds"], 1e-9), "seconds": acc["seconds"],
-                       "steps": pos["step"]}
-                report["epochs"].append(row)
-                log.write(json.dumps({"event": "epoch", **row}) + "\n")
-                log.flush()
-                print(f"[{cfg.linear}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, valid ppl "
-                      f"{ev['ppl']:.2f} (word {ev['word_ppl']:.2f}), {row['tokens_per_sec']:.0f} tok/s, "
-                      f"{row['seconds']:.0f} s", flush=True)
-            pos.update(epoch=epoch + 1, batch=0)
-            acc.update(loss=0.0, n=0, tokens=0, seconds=0.0)
-            checkpoint()
-    finally:
-        if prev_handler is not None:
-            signal.signal(signal.SIGINT, prev_handler)
-        if log is not None:
-            log.close()
-    report["interrupted"] = stop.requested
-    report["steps"] = pos["step"]
-    if report["epochs"]:
-        report["final_valid_ppl"] = report["epochs"][-1]["valid_ppl"]
-        report["final_valid_word_ppl"] = report["epochs"][-1]["valid_word_ppl"]
-        report["total_seconds"] = sum(e["seconds"] for e in report["epochs"])
-        report["mean_tokens_per_sec"] = sum(e["tokens_per_sec"] for e in report["epochs"]) / len(report["epochs"])
-    report["peak_rss_bytes"] = peak_rss_bytes()
-    if rank == 0:
-        write_json(out / "report.json", report)
-    return report
-
-
-def _run_epoch(cfg, ddp, opt, sched, batches, total, warmup, pos, acc, stop, log, checkpoint, on_step) -> bool:
-    """Optimizer steps over epoch pos["epoch"] from pos["batch"], updating pos/acc in place; True if Ctrl-C."""
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
-    n_batches = (len(batches) // cfg.grad_accum) * cfg.grad_accum
-    epoch = pos["epoch"]
-    it = batches.epoch(epoch, start=pos["batch"])
-    done = pos["batch"] // cfg.grad_accum
-    bar = tqdm(total=min(n_batches // cfg.grad_accum, done + total - pos["step"]), initial=done,
-               desc=f"{cfg.linear} epoch {epoch + 1}", disable=not cfg.progress, mininterval=2, dynamic_ncols=True)
-    try:
-        while pos["batch"] < n_batches and pos["step"] < total:
-            t0 = time.perf_counter()
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = next(it)
-                sync = micro == cfg.grad_accum - 1 or not hasattr(ddp, "no_sync")
-                with nullcontext() if sync else ddp.no_sync():
-                    _, loss = ddp(x.to(cfg.device), y.to(cfg.device))
-                    if not torch.isfinite(loss):
-                        ckpts = list_checkpoints(cfg.out)
-                        raise TrainingError(
-                            f"loss is {loss.item()} at step {pos['step']} (epoch {pos['epoch'] + 1}); stopped. "
-                            f"Last good checkpoint: {ckpts[-1] if ckpts else 'none'}. "
-                            "Lower --lr or raise warmup, then --resume.")
-                    (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
-            wd = weight_decay_factor(pos["step"], total, warmup, cfg.schedule) * cfg.weight_decay
-            opt.param_groups[0]["weight_decay"] = wd
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            pos["step"] += 1
-            pos["batch"] += cfg.grad_accum
-            dt = time.perf_counter() - t0
-            n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * batches.world
-            acc["loss"] += step_loss
-            acc["n"] += 1
-            acc["tokens"] += n_tok
-            acc["seconds"] += dt
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}", refresh=False)
-            bar.update()
-            if log is not None and pos["step"] % cfg.log_every == 0:
-                log.write(json.dumps({"event": "step", "step": pos["step"], "epoch": epoch + 1, "loss": step_loss,
-                                      "lr": sched.get_last_lr()[0], "tokens_per_sec": n_tok / dt}) + "\n")
-                log.flush()
-            if on_step is not None:
-                on_step(pos["step"], step_loss)
-            if stop.requested:
-                return True
-            if pos["step"] % cfg.ckpt_every == 0:
-                checkpoint()
-    finally:
-        bar.close()
-    return False

@@ -13,7 +13,7 @@ import torch
 
 from bitnet_fast import train as train_mod
 from bitnet_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from bitnet_fast.train import TrainConfig, TrainingError, lr_factor, param_groups, train
+from bitnet_fast.train import TrainConfig, TrainingError, TrainState, lr_factor, param_groups, train
 
 
 @pytest.fixture(autouse=True)
@@ -63,16 +63,17 @@ def test_tiny_bitnet_learns_and_reports(full_run):
 
 
 @pytest.mark.slow
-def test_resume_after_ctrl_c_is_bit_identical(full_run, wikitext_dir, tmp_path):
+@pytest.mark.parametrize("extra", [7, 0], ids=["mid-epoch", "last-step-of-epoch"])
+def test_resume_after_ctrl_c_is_bit_identical(full_run, wikitext_dir, tmp_path, extra):
     out_full, report_full = full_run
-    stop_at = report_full["steps_per_epoch"] + 7  # in the middle of epoch 2
+    stop_at = report_full["steps_per_epoch"] + extra  # 7 steps into epoch 2, or epoch 1's last (before its eval)
 
     def ctrl_c(step: int, loss: float) -> None:
         if step == stop_at:
             signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, delivered to this thread
 
     part = train(_cfg(wikitext_dir, tmp_path), on_step=ctrl_c)
-    assert part["interrupted"] and part["steps"] == stop_at and len(part["epochs"]) == 1
+    assert part["interrupted"] and part["steps"] == stop_at and len(part["epochs"]) == (1 if extra else 0)
     assert load_checkpoint(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1])["step"] == stop_at
     resumed = train(_cfg(wikitext_dir, tmp_path, resume=True))
     assert not resumed["interrupted"] and resumed["steps"] == report_full["steps"]
@@ -80,6 +81,23 @@ def test_resume_after_ctrl_c_is_bit_identical(full_run, wikitext_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for ea, eb in zip(report_full["epochs"], resumed["epochs"], strict=True):
         assert ea["train_loss"] == eb["train_loss"] and ea["valid_ppl"] == eb["valid_ppl"]
+
+
+def test_checkpoints_hold_only_tensors_and_plain_types(full_run):
+    out, report = full_run
+    path = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    ckpt = torch.load(path, weights_only=True)  # no pickled classes: loadable without executing code
+    state = TrainState(**ckpt["state"])
+    assert state.step == ckpt["step"] == report["steps"] and state.epoch == 3 and state.batch == 0
+    assert state.epochs == report["epochs"] and state.initial_eval["ppl"] == report["initial_valid_ppl"]
+
+
+def test_state_of_a_checkpoint_from_before_train_state():
+    legacy = {"pos": {"step": 7, "epoch": 1, "batch": 3}, "acc": {"loss": 2.5, "n": 2, "tokens": 64, "seconds": 0.5},
+              "report": {"epochs": [{"epoch": 1}], "initial_valid_loss": 5.0, "initial_valid_ppl": 148.4,
+                         "initial_valid_word_ppl": 300.0}}
+    assert TrainState.from_checkpoint(legacy) == TrainState(
+        7, 1, 3, 2.5, 2, 64, 0.5, {"loss": 5.0, "ppl": 148.4, "word_ppl": 300.0}, [{"epoch": 1}])
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(full_run, tmp_path):
