@@ -1,19 +1,24 @@
-"""`bitnet-fast`: the command line. Thin on purpose: each command parses its flags and calls a library function.
+"""`bitnet-fast`: the command line. Thin on purpose: each command parses its flags, calls a library function and
+prints. The options of `train` are built from the fields of `TrainConfig`, where their defaults live.
 
 Errors users can fix (bad flags, missing data, corrupt checkpoints or shards) print one line on stderr and
-exit non-zero; no traceback.
+exit non-zero (2 for usage errors, 1 otherwise, 130 after Ctrl-C); no traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from pathlib import Path
+import typing
+from collections.abc import Callable
 
 import click
 
-from .model import PRESETS
+from .data import TOKENIZERS
+from .model import LINEARS, PRESETS
 from .plumbing import UserError
+from .train import DEVICES, TrainConfig
 
 
 class _Group(click.Group):
@@ -40,7 +45,7 @@ def main() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
               help="Reuse this tokenizer.json instead of training one on INPUTS.")
-@click.option("--kind", type=click.Choice(["bpe", "word"]), default="bpe", show_default=True)
+@click.option("--kind", type=click.Choice(TOKENIZERS), default="bpe", show_default=True)
 @click.option("--vocab-size", type=click.IntRange(min=4), default=8192, show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=1 << 24, show_default=True)
 def prepare(inputs, out_dir, tokenizer_path, kind, vocab_size, shard_tokens) -> None:
@@ -55,67 +60,62 @@ def prepare(inputs, out_dir, tokenizer_path, kind, vocab_size, shard_tokens) -> 
     click.echo(f"vocab {manifest['vocab_size']}; wrote {out_dir}/manifest.json")
 
 
+def config_options(cls: type) -> Callable:
+    """Decorator: one click option per field of the dataclass `cls` that has a help text, in field order, with the
+    field's default, type, range (min, min_open) and choices; a bool is a flag (--no-NAME when it defaults to True)."""
+    hints = typing.get_type_hints(cls)
+
+    def option(f: dataclasses.Field) -> Callable:
+        rules, flag = f.metadata, "--" + f.name.replace("_", "-")
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if kind is bool:
+            return click.option(f"--no-{flag[2:]}" if f.default else flag, f.name, is_flag=True,
+                                flag_value=not f.default, default=f.default, help=rules["help"])
+        if "choices" in rules:
+            ptype = click.Choice(rules["choices"])
+        elif rules.get("path") == "dir":
+            ptype = click.Path(file_okay=False)
+        elif kind in (int, float) and "min" in rules:
+            ptype = (click.IntRange if kind is int else click.FloatRange)(min=rules["min"],
+                                                                          min_open=rules.get("min_open", False))
+        else:
+            ptype = kind
+        return click.option(flag, f.name, type=ptype, default=f.default, show_default=f.default is not None,
+                            help=rules["help"])
+
+    def decorate(command: Callable) -> Callable:
+        for f in reversed([f for f in dataclasses.fields(cls) if f.metadata.get("help")]):
+            command = option(f)(command)
+        return command
+
+    return decorate
+
+
 @main.command()
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True)
-@click.option("--model", "which", type=click.Choice(["bitnet", "fp", "both"]), default="both", show_default=True,
+@click.option("--model", "which", type=click.Choice([*LINEARS, "both"]), default="both", show_default=True,
               help="BitNet, its full-precision twin, or both one after the other.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "two_stage"]), default="cosine", show_default=True)
-@click.option("--tokenizer", type=click.Choice(["bpe", "word"]), default="bpe", show_default=True)
-@click.option("--vocab-size", type=click.IntRange(min=16), default=8192, show_default=True)
-@click.option("--max-lines", type=click.IntRange(min=1), default=None, help="Use only the first N lines per split.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="WikiText-2 folder.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
-@click.option("--ckpt-every", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Optimizer steps between checkpoints (one is also written at each epoch end).")
-@click.option("--keep-last", type=click.IntRange(min=1), default=2, show_default=True, help="Checkpoints kept.")
-@click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--distributed", is_flag=True, help="Use torch.distributed (DDP) when launched by torchrun.")
-@click.option("--no-progress", is_flag=True, help="No tqdm bar (logs still go to metrics.jsonl).")
-def train(which, out_dir, no_progress, **kw) -> None:
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
+@config_options(TrainConfig)
+def train(which, **kw) -> None:
     """Train on WikiText-2; writes OUT/report.json (OUT/bitnet and OUT/fp with --model both)."""
-    from .train import TrainConfig
-    from .train import train as run_training
+    from .train import side_by_side, train_pair
+    from .train import train as train_one
 
     if kw["device"] == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise click.UsageError("--device cuda but no CUDA GPU is available; use --device cpu")
-    out = Path(out_dir or f"runs/{kw['preset']}")
-    models = ["bitnet", "fp"] if which == "both" else [which]
-    reports = {}
-    for linear in models:
-        cfg = TrainConfig(linear=linear, out=str(out / linear if which == "both" else out),
-                          progress=not no_progress, **kw)
-        reports[linear] = run_training(cfg)
-        if reports[linear]["interrupted"]:
-            click.echo(f"interrupted: checkpoint saved in {cfg.out}/checkpoints; continue with --resume", err=True)
-            sys.exit(130)
+    cfg = TrainConfig(**kw)
+    reports = train_pair(cfg) if which == "both" else {which: train_one(dataclasses.replace(cfg, linear=which))}
+    last = list(reports.values())[-1]
+    if last["interrupted"]:
+        click.echo(f"interrupted: checkpoint saved in {last['train_config']['out']}/checkpoints; continue with "
+                   "--resume", err=True)
+        sys.exit(130)
     if which == "both":
-        click.echo(_side_by_side(reports))
-        (out / "summary.json").write_text(json.dumps(
-            {m: {k: r.get(k) for k in ("parameters", "initial_valid_ppl", "final_valid_ppl", "final_valid_word_ppl",
-                                       "mean_tokens_per_sec", "total_seconds", "peak_rss_bytes")}
-             for m, r in reports.items()}, indent=1))
-    click.echo(f"report: {out}/" + ("{bitnet,fp}/report.json" if which == "both" else "report.json"))
-
-
-def _side_by_side(reports: dict[str, dict]) -> str:
-    rows = [("", *reports), ("parameters", *(f"{r['parameters']:,}" for r in reports.values()))]
-    for key, label in (("initial_valid_ppl", "valid ppl before"), ("final_valid_ppl", "valid ppl after"),
-                       ("final_valid_word_ppl", "valid word ppl after"), ("mean_tokens_per_sec", "train tokens/s"),
-                       ("total_seconds", "train seconds")):
-        rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]) for r in rows)
+        click.echo(side_by_side(reports))
+    click.echo(f"report: {cfg.out}/" + ("{bitnet,fp}/report.json" if which == "both" else "report.json"))
 
 
 @main.command(name="eval")
@@ -123,7 +123,7 @@ def _side_by_side(reports: dict[str, dict]) -> str:
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="WikiText-2 folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, split, data_dir, batch_size, device, as_json) -> None:
     """Token- and word-level perplexity of a training CHECKPOINT on a WikiText-2 split."""

@@ -1,11 +1,12 @@
 """The training loop: epochs over WikiText-2 with AdamW, warmup + cosine or the BitNet two-stage schedule,
 clipping, gradient accumulation, checkpoints with exact resume, Ctrl-C and NaN handling, and the DDP form.
 
-`train(cfg)` trains one model; the CLI, tests and benchmarks call it. It reads top to bottom, as nanoGPT's train.py
-does: set up, restore the `TrainState` from the newest checkpoint (or evaluate the untrained model), then one loop
-of optimizer steps with interval-gated blocks for the end of an epoch, logging and checkpointing. Under torchrun
-(WORLD_SIZE set) with `cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
-CUDA); rank 0 evaluates and writes.
+`train(cfg)` trains one model; `train_pair(cfg)` trains BitNet and its full-precision twin side by side. The CLI,
+tests and benchmarks call these. `train` reads top to bottom, as nanoGPT's train.py does: set up, restore the
+`TrainState` from the newest checkpoint (or evaluate the untrained model), then one loop of optimizer steps with
+interval-gated blocks for the end of an epoch, logging and checkpointing. Under torchrun (WORLD_SIZE set) with
+`cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 evaluates
+and writes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,60 +36,76 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .data import Batches, wikitext
+from .data import TOKENIZERS, Batches, wikitext
 from .evaluate import perplexity
-from .model import build_model, count_parameters, preset_config
+from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
 from .plumbing import UserError, machine_info, peak_rss_bytes, write_json
 
 SCHEDULES = ("cosine", "two_stage")
+DEVICES = ("cpu", "cuda")
+SUMMARY_KEYS = ("parameters", "initial_valid_ppl", "final_valid_ppl", "final_valid_word_ppl", "mean_tokens_per_sec",
+                "total_seconds", "peak_rss_bytes")
 
 
 class TrainingError(UserError):
     """Training cannot go on (non-finite loss, a checkpoint of another model); the message says what to do."""
 
 
+def option(default: Any, help: str | None = None, **rules: Any) -> Any:
+    """A TrainConfig field. With `help` it is an option of `bitnet-fast train`: the CLI derives the flag's name, type,
+    default and range from the field (a bool that defaults to True becomes --no-NAME, and `help` describes that
+    flag). `rules` are checked by TrainConfig itself: min (with min_open: strictly above), choices; path="dir"
+    tells the CLI the value is a folder."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "small"
-    linear: str = "bitnet"  # "bitnet" | "fp"
-    out: str = "runs/small"
-    epochs: int = 1
-    max_steps: int | None = None  # cap on optimizer steps (the schedule is planned for this many)
-    batch_size: int = 32
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 2e-3
+    """Everything one training run depends on; the single home of every training default."""
+
+    preset: str = option("small", "Model size preset.", choices=tuple(sorted(PRESETS)))
+    linear: str = option("bitnet", choices=LINEARS)  # the CLI's --model (bitnet, fp, or both through train_pair)
+    out: str | None = None  # run folder; None: runs/PRESET (train_pair puts its two runs in OUT/bitnet and OUT/fp)
+    epochs: int = option(1, "Passes over the training split.", min=1)
+    max_steps: int | None = option(None, "Stop after N optimizer steps.", min=1)  # the schedule is planned for N
+    batch_size: int = option(32, "Sequences per micro-batch.", min=1)
+    seq_len: int = option(128, "Tokens per sequence.", min=2)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
+    lr: float = option(2e-3, "Peak learning rate.", min=0, min_open=True)
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.05
-    schedule: str = "cosine"  # "cosine" | "two_stage"
+    schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "cpu"
-    data_dir: str | None = None
-    tokenizer: str = "bpe"  # "bpe" | "word"
-    vocab_size: int = 8192
-    max_lines: int | None = None  # use only the first lines of each split (tests, quick runs)
-    eval_batch_size: int = 16
-    ckpt_every: int = 200  # optimizer steps between checkpoints (plus one at each epoch end)
-    keep_last: int = 2
-    log_every: int = 10
-    resume: bool = False
-    distributed: bool = False
-    progress: bool = True
-    model_overrides: dict = field(default_factory=dict)
+    seed: int = option(0, "Random seed (initialization and data order).")
+    device: str = option("cpu", "Device to train on.", choices=DEVICES)
+    data_dir: str | None = option(None, "WikiText-2 folder.", path="dir")
+    tokenizer: str = option("bpe", "Tokenizer trained on the train split.", choices=TOKENIZERS)
+    vocab_size: int = option(8192, "Tokenizer vocabulary size.", min=16)
+    max_lines: int | None = option(None, "Use only the first N lines per split.", min=1)
+    eval_batch_size: int = option(16, min=1)
+    ckpt_every: int = option(200, "Optimizer steps between checkpoints (one is also written at each epoch end).",
+                             min=1)
+    keep_last: int = option(2, "Checkpoints kept.", min=1)
+    log_every: int = option(10, min=1)  # optimizer steps between "step" events in metrics.jsonl
+    resume: bool = option(False, "Continue from the newest valid checkpoint in --out.")
+    distributed: bool = option(False, "Use torch.distributed (DDP) when launched by torchrun.")
+    progress: bool = option(True, "No tqdm bar (logs still go to metrics.jsonl).")
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields that replace the preset's
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}; use one of {SCHEDULES}")
-        for name in ("epochs", "batch_size", "seq_len", "grad_accum", "keep_last", "ckpt_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for f in fields(self):
+            value, rules = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if "choices" in rules and value not in rules["choices"]:
+                raise ValueError(f"{f.name}={value!r}; use one of {rules['choices']}")
+            if "min" in rules and (value <= rules["min"] if rules.get("min_open") else value < rules["min"]):
+                raise ValueError(f"{f.name} must be {'>' if rules.get('min_open') else '>='} {rules['min']}, "
+                                 f"got {value}")
+        if self.out is None:
+            self.out = f"runs/{self.preset}"
 
 
 @dataclass
@@ -315,6 +332,32 @@ def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "model_config": model.config.to_dict(), "train_config": asdict(cfg), "tokenizer": tokenizer,
         "state": asdict(state), "rng": rng_state(), "step": state.step}, cfg.keep_last)
+
+
+# ------------------------------------------------------------------------------------------------ side by side
+def train_pair(cfg: TrainConfig) -> dict[str, dict]:
+    """Train BitNet and its fp twin with the same config, one after the other, in cfg.out/bitnet and cfg.out/fp,
+    and write cfg.out/summary.json. Returns {linear: report}; stops after a run that was interrupted (Ctrl-C),
+    without a summary, so that `--resume` continues where it stopped."""
+    out = Path(cfg.out)
+    reports = {}
+    for linear in LINEARS:
+        reports[linear] = train(replace(cfg, linear=linear, out=str(out / linear)))
+        if reports[linear]["interrupted"]:
+            return reports
+    write_json(out / "summary.json", {m: {k: r.get(k) for k in SUMMARY_KEYS} for m, r in reports.items()})
+    return reports
+
+
+def side_by_side(reports: dict[str, dict]) -> str:
+    """The text table the CLI prints after `train_pair`: one column per model."""
+    rows = [("", *reports), ("parameters", *(f"{r['parameters']:,}" for r in reports.values()))]
+    for key, label in (("initial_valid_ppl", "valid ppl before"), ("final_valid_ppl", "valid ppl after"),
+                       ("final_valid_word_ppl", "valid word ppl after"), ("mean_tokens_per_sec", "train tokens/s"),
+                       ("total_seconds", "train seconds")):
+        rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]) for r in rows)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from click.testing import CliRunner
 
 from bitnet_fast.cli import main
+from bitnet_fast.train import SCHEDULES, TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +40,32 @@ def test_help_lists_the_commands():
         assert cmd in result.output
 
 
+def test_train_options_come_from_train_config():
+    cmd = main.commands["train"]
+    flags = {opt for p in cmd.params for opt in p.opts}
+    assert flags == {"--preset", "--model", "--epochs", "--max-steps", "--batch-size", "--seq-len", "--grad-accum",
+                     "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
+                     "--ckpt-every", "--keep-last", "--resume", "--seed", "--device", "--distributed", "--no-progress"}
+    with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
+        params = dict(ctx.params)
+    assert params.pop("which") == "both" and params.pop("out") is None
+    assert TrainConfig(**params) == TrainConfig()
+    user_facing = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("help")]
+    assert {f.name for f in user_facing} == set(params)
+    by_name = {p.name: p for p in cmd.params}
+    for f in user_facing:
+        assert by_name[f.name].default == f.default and by_name[f.name].help == f.metadata["help"], f.name
+    assert tuple(by_name["schedule"].type.choices) == SCHEDULES
+    with cmd.make_context("train", ["--no-progress", "--resume", "--lr", "0.01", "--max-steps", "3"]) as ctx:
+        assert ctx.params["progress"] is False and ctx.params["resume"] is True
+        assert ctx.params["lr"] == 0.01 and ctx.params["max_steps"] == 3
+
+
 def test_bad_flags_and_presets(tmp_path):
     _fails_cleanly(_run("train", "--preset", "huge"), 2, "Invalid value for '--preset'")
     _fails_cleanly(_run("train", "--epochs", "0"), 2, "--epochs")
+    _fails_cleanly(_run("train", "--lr", "0"), 2, "--lr")
+    _fails_cleanly(_run("train", "--seq-len", "1"), 2, "--seq-len")
     _fails_cleanly(_run("train", "--model", "int4"), 2, "--model")
     _fails_cleanly(_run("eval"), 2, "Missing argument")
 
