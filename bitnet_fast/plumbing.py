@@ -1,5 +1,5 @@
 """Shared plumbing of the application layer, one place for each: atomic file writes, the cache root, peak memory,
-the machine a measurement ran on, and human-readable numbers.
+the machine and commit a measurement ran on, and human-readable numbers.
 
 Every file the project writes (checkpoints, shards, manifests, reports, the kernel tuning file, cached
 measurements, packed models) goes through `atomic_path` / `atomic_write`: after a crash the target holds either
@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import secrets
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,6 +125,16 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the bitnet-fast checkout that runs (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def describe_machine(m: dict[str, Any]) -> str:

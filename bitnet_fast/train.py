@@ -16,7 +16,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from .checkpoint import (
 from .data import TOKENIZERS, Batches, wikitext
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
-from .plumbing import UserError, machine_info, peak_rss_bytes, write_json
+from .plumbing import UserError, git_commit, machine_info, peak_rss_bytes, write_json
 
 SCHEDULES = ("cosine", "two_stage")
 DEVICES = ("cpu", "cuda")
@@ -122,6 +121,10 @@ class TrainState:
     initial_eval: dict | None = None  # perplexity() of the untrained model on the valid split
     epochs: list[dict] = field(default_factory=list)  # one row per finished epoch
 
+    def epoch_done(self, n_batches: int, total: int) -> bool:
+        """The epoch in progress has used up its `n_batches` micro-batches, or the `total` step budget ran out in it."""
+        return self.batch >= n_batches or (self.step >= total and self.batch > 0)
+
     def next_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.steps, self.tokens, self.seconds = self.epoch + 1, 0, 0.0, 0, 0, 0.0
 
@@ -195,7 +198,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.min_lr_ratio))
     report = {
         "model": cfg.linear, "preset": cfg.preset, "parameters": count_parameters(model), "config": mcfg.to_dict(),
-        "train_config": asdict(cfg), "git_commit": _git_commit(), "torch": torch.__version__,
+        "train_config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world,
         "steps_per_epoch": steps_per_epoch,
         "tokenizer": {"kind": cfg.tokenizer, "vocab_size": corpus.vocab_size,
@@ -239,7 +242,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     try:
         while not stop.requested:
             # -- end of an epoch (its batches used up, or the step budget): evaluate, log, begin the next one
-            if state.batch >= n_batches or (state.step >= total and state.batch > 0):
+            if state.epoch_done(n_batches, total):
                 if rank == 0:
                     ev = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
                     row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(1, state.steps),
@@ -297,12 +300,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             if on_step is not None:
                 on_step(state.step, step_loss)
 
-            # -- log every log_every steps; checkpoint every ckpt_every steps and after a Ctrl-C
+            # -- log every log_every steps; checkpoint every ckpt_every steps (an epoch's end has its own) and on Ctrl-C
             if log is not None and state.step % cfg.log_every == 0:
                 log.write(json.dumps({"event": "step", "step": state.step, "epoch": state.epoch + 1, "loss": step_loss,
                                       "lr": sched.get_last_lr()[0], "tokens_per_sec": tokens_per_step / dt}) + "\n")
                 log.flush()
-            if rank == 0 and (stop.requested or state.step % cfg.ckpt_every == 0):
+            interval = state.step % cfg.ckpt_every == 0 and not state.epoch_done(n_batches, total)
+            if rank == 0 and (stop.requested or interval):
                 _save(cfg, model, opt, sched, tokenizer, state)
     finally:
         bar.close()
@@ -361,15 +365,6 @@ def side_by_side(reports: dict[str, dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 class _StopFlag:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
 
