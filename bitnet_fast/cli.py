@@ -18,7 +18,8 @@ import click
 from .data import TOKENIZERS
 from .model import LINEARS, PRESETS
 from .plumbing import UserError
-from .train import DEVICES, TrainConfig
+from .train import DEVICES, TrainConfig, side_by_side, train_pair
+from .train import train as train_one
 
 
 class _Group(click.Group):
@@ -98,9 +99,6 @@ def config_options(cls: type) -> Callable:
 @config_options(TrainConfig)
 def train(which, **kw) -> None:
     """Train on WikiText-2; writes OUT/report.json (OUT/bitnet and OUT/fp with --model both)."""
-    from .train import side_by_side, train_pair
-    from .train import train as train_one
-
     if kw["device"] == "cuda":
         import torch
 
