@@ -141,15 +141,20 @@ class PackedDecoder:
         for k in keys:
             if len({w.shape for w, _ in packed[k]}) != 1:
                 raise ValueError(f"the {k} projections differ in shape across layers; the runtime needs one shape")
-        self._ptrs = np.array([[w.ctypes.data for w, _ in packed[k]] for k in keys], np.int64)  # (7, L)
-        self._shapes = np.array([packed[k][0][0].shape for k in keys], np.int64)  # (7, 2)
-        self._gammas = np.array([[packed[k][i][1] for k in keys] for i in range(config.n_layer)], np.float32)
-        self._norms = [np.stack([getattr(layer, n).detach().float().numpy() for layer in layers])
-                       for n in ("norm_attn", "norm_mlp")]
-        (self._sub_o, eps_o), (self._sub_d, eps_d) = _sub_norm(layers, "o"), _sub_norm(layers, "down")
-        self._sub_eps = eps_o if self._sub_o.shape[1] else eps_d
-        self._norm_final = norm_final.detach().float().contiguous().numpy()
-        self._cos, self._sin = cos.float().contiguous().numpy(), sin.float().contiguous().numpy()
+        from bitnet_fast.kernels.cpu_model import Weights
+
+        norms = [np.stack([getattr(layer, n).detach().float().numpy() for layer in layers])
+                 for n in ("norm_attn", "norm_mlp")]
+        (sub_o, eps_o), (sub_d, eps_d) = _sub_norm(layers, "o"), _sub_norm(layers, "down")
+        self._weights = Weights(
+            n_head=config.n_head, eps=config.eps, swiglu=config.swiglu, norm_attn=norms[0], norm_mlp=norms[1],
+            norm_final=norm_final.detach().float().contiguous().numpy(),
+            ptrs=np.array([[w.ctypes.data for w, _ in packed[k]] for k in keys], np.int64),  # (7, L)
+            shapes=np.array([packed[k][0][0].shape for k in keys], np.int64),  # (7, 2)
+            gammas=np.array([[packed[k][i][1] for k in keys] for i in range(config.n_layer)], np.float32),
+            sub_o=sub_o, sub_d=sub_d, sub_eps=eps_o if sub_o.shape[1] else eps_d,
+            cos=cos.float().contiguous().numpy(), sin=sin.float().contiguous().numpy())
+        self._weights_args = tuple(self._weights)  # what cpu_model.forward takes (see Weights)
         tied = head_weight is embedding
         if head == "int8":
             from bitnet_fast.kernels.cpu_model import pad_rows
@@ -189,7 +194,8 @@ class PackedDecoder:
     @property
     def nbytes(self) -> int:
         """Bytes of the weights this decoder reads (packed projections, norms, embedding, head) and its KV cache."""
-        arrays = [*self._arrays, self._k, self._v, *self._norms, self._norm_final]
+        w = self._weights
+        arrays = [*self._arrays, self._k, self._v, w.norm_attn, w.norm_mlp, w.norm_final]
         arrays += [*self._embed] if isinstance(self._embed, tuple) else [self._embed]
         arrays += [self._head_q, self._head_scale] if self.head_kind == "int8" else [self._head.numpy()]
         return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
@@ -217,10 +223,8 @@ class PackedDecoder:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {cfg.vocab_size})")
         p, threads = cpu.params(), cpu.threads(1 << 30)
-        h = cpu_model.forward(self._embed_rows(ids), self.pos, cfg.n_head, cfg.eps, cfg.swiglu, *self._norms,
-                              self._norm_final, self._ptrs, self._shapes, self._gammas, self._sub_o, self._sub_d,
-                              self._sub_eps, self._k, self._v, self._cos, self._sin, threads, p["panel_bytes"],
-                              len(ids) >= p["gemm_min_m"])
+        tiling = (threads, p["panel_bytes"], len(ids) >= p["gemm_min_m"])  # threads, panel_bytes, gemm_rows
+        h = cpu_model.forward(self._embed_rows(ids), self.pos, self._weights_args, self._k, self._v, tiling)
         self.pos += len(ids)
         if self.head_kind == "int8":
             return torch.from_numpy(cpu_model.int8_gemv(h[0], self._head_q, self._head_scale, threads))

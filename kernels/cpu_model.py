@@ -1,7 +1,8 @@
 """A whole Llama-family decoder as one Numba call per step: the CPU inference runtime's arrays-in, arrays-out core.
 
-`forward(...)` runs M new tokens (a prompt, or one token when decoding) at positions pos.. through every layer
-against a static KV cache and returns the final-normed hidden state of the last token. Per layer:
+`forward(x, pos, weights, k_cache, v_cache, tiling)` runs M new tokens (a prompt, or one token when decoding) at
+positions pos.. through every layer against a static KV cache and returns the final-normed hidden state of the last
+token. Per layer:
 
     h = rmsnorm(x)                          -> int8 per row -> q, k, v (packed i2 GEMV/GEMM, `cpu._mm`)
     rope(q, k); cache[pos..] = k, v; attention over the cache (grouped-query heads)   [optional SubLN]
@@ -11,15 +12,16 @@ against a static KV cache and returns the final-normed hidden state of the last 
 
 Every projection runs on the packed engine of `kernels.cpu` with the epilogue acc * (gamma / s) of
 `kernels.bitlinear`, so a layer computes what the torch model computes with BitLinear; only the small ops
-(norms, RoPE, softmax) are reordered float code. The packed weights travel as their addresses, an int64 array
-(7, L) for q, k, v, o, gate, up, down, with one (rows, bytes per row) shape per projection: a fixed signature
-whatever the depth (cached once, nothing to type-check per call) and no copy of the model's tensors, which the
-caller keeps alive. Layers without SubLN pass 0-size norm weights.
+(norms, RoPE, softmax) are reordered float code. The static arrays travel in one `Weights` named tuple; the packed
+weights in it as their addresses, an int64 array (7, L) for q, k, v, o, gate, up, down, with one (rows, bytes per
+row) shape per projection: a fixed signature whatever the depth (compiled once) and no copy of the model's tensors,
+which the caller keeps alive. Layers without SubLN pass 0-size norm weights.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import carray, njit, prange, types
@@ -28,7 +30,7 @@ from numba.extending import intrinsic
 from .cpu import _dot_one, _mm, _quant_row
 from .cpu_dot import fetch_add, make_i8_dot
 
-__all__ = ["forward", "int8_gemv", "pad_rows"]
+__all__ = ["Weights", "forward", "int8_gemv", "pad_rows"]
 
 
 @intrinsic
@@ -62,7 +64,7 @@ def _rmsnorm(x, w, eps, out) -> None:
 
 
 @njit(cache=True)
-def _project(h, wp, gamma, out, threads, panel_bytes, gemm_rows) -> None:
+def _project(h, wp, gamma, out, tiling) -> None:
     """out (M, N) = BitLinear(h (M, K) fp32) with the packed weight wp and scale gamma: per-row int8 quant, exact
     int32 product, epilogue acc * (gamma / s)."""
     m, kp = h.shape[0], wp.shape[1] * 4
@@ -71,59 +73,60 @@ def _project(h, wp, gamma, out, threads, panel_bytes, gemm_rows) -> None:
     xsum = np.empty(m, np.int32)
     for r in range(m):
         _quant_row(h, r, xq, s, xsum)
-    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, threads, panel_bytes, gemm_rows)
+    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, *tiling)
+
+
+@njit(cache=True)
+def _project_many(h, ws, gammas, outs, tiling) -> None:
+    """outs[i] = BitLinear(h, ws[i]) for weights sharing the input h (tuples of 2 or 3): one parallel region when
+    decoding (M = 1), one projection after another otherwise."""
+    if h.shape[0] > 1:
+        for i in range(len(ws)):
+            _project(h, ws[i], gammas[i], outs[i], tiling)
+        return
+    xq = np.zeros((1, ws[0].shape[1] * 4), np.int8)
+    s = np.empty(1, np.float32)
+    xsum = np.empty(1, np.int32)
+    _quant_row(h, 0, xq, s, xsum)
+    scales = np.empty(len(ws), np.float32)
+    for i in range(len(ws)):
+        scales[i] = np.float32(gammas[i]) / s[0]
+    _gemv_many(xq, xsum, ws, scales, outs, tiling[0])
 
 
 @njit(cache=True, parallel=True)
-def _gemv3(xq, xsum, s, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads) -> None:
-    """Decode (M = 1): o_m = BitLinear(x) for up to three weights sharing one quantized input x (w2 with 0 rows:
-    two), in ONE parallel region: tasks split the concatenated rows. Epilogue acc * (gamma_m / s)."""
-    n0, n1, n2 = w0.shape[0], w1.shape[0], w2.shape[0]
-    total, nblk, tasks = n0 + n1 + n2, w0.shape[1] // 32, 8 * threads
-    scales = (g0 / s[0], g1 / s[0], g2 / s[0])
+def _gemv_many(xq, xsum, ws, scales, outs, threads) -> None:
+    """Decode (M = 1): outs[i] (1, N_i) = (ws[i] . x - xsum) * scales[i] for weights sharing one quantized input x,
+    in ONE parallel region: tasks split the concatenated rows."""
+    ends = np.empty(len(ws), np.int64)
+    total = 0
+    for i in range(len(ws)):
+        total += ws[i].shape[0]
+        ends[i] = total
+    nblk, tasks = ws[0].shape[1] // 32, 8 * threads
     counter = np.zeros(1, np.int64)
     for _worker in prange(threads):  # threads take tasks as they become free (cpu_dot.fetch_add)
         acc = np.empty((1, 1), np.int32)
         t = fetch_add(counter, 1)
         while t < tasks:
-            _gemv3_task(xq, xsum, w0, w1, w2, o0, o1, o2, scales, t * total // tasks, (t + 1) * total // tasks,
-                        nblk, acc)
+            _gemv_task(xq, xsum, ws, scales, outs, ends, t * total // tasks, (t + 1) * total // tasks, nblk, acc)
             t = fetch_add(counter, 1)
 
 
 @njit(cache=True)
-def _gemv3_task(xq, xsum, w0, w1, w2, o0, o1, o2, scales, lo, hi, nblk, acc) -> None:
-    """Rows lo..hi of the concatenated weights of _gemv3."""
-    n0, n1 = w0.shape[0], w1.shape[0]
-    i = lo
+def _gemv_task(xq, xsum, ws, scales, outs, ends, lo, hi, nblk, acc) -> None:
+    """Rows lo..hi of the concatenated weights of _gemv_many."""
+    i, j = lo, 0
     while i < hi:
-        if i < n0:
-            w, o, sc, base, end = w0, o0, scales[0], 0, min(hi, n0)
-        elif i < n0 + n1:
-            w, o, sc, base, end = w1, o1, scales[1], n0, min(hi, n0 + n1)
-        else:
-            w, o, sc, base, end = w2, o2, scales[2], n0 + n1, hi
+        while ends[j] <= i:
+            j += 1
+        w, o, sc = ws[j], outs[j], scales[j]
+        base = ends[j] - w.shape[0]
+        end = min(hi, ends[j])
         for r in range(i - base, end - base):  # one row at a time: sequential DRAM streams
             _dot_one(w, r, xq, 0, nblk, acc, 0)
             o[0, r] = np.float32(acc[0, 0] - xsum[0]) * sc
         i = end
-
-
-@njit(cache=True)
-def _project3(h, w0, w1, w2, g0, g1, g2, o0, o1, o2, threads, panel_bytes, gemm_rows) -> None:
-    """o_m = BitLinear(h, w_m) for the weights sharing input h: one parallel region when decoding (M = 1)."""
-    m, kp = h.shape[0], w0.shape[1] * 4
-    if m > 1:
-        _project(h, w0, g0, o0, threads, panel_bytes, gemm_rows)
-        _project(h, w1, g1, o1, threads, panel_bytes, gemm_rows)
-        if w2.shape[0]:
-            _project(h, w2, g2, o2, threads, panel_bytes, gemm_rows)
-        return
-    xq = np.zeros((1, kp), np.int8)
-    s = np.empty(1, np.float32)
-    xsum = np.empty(1, np.int32)
-    _quant_row(h, 0, xq, s, xsum)
-    _gemv3(xq, xsum, s, w0, w1, w2, np.float32(g0), np.float32(g1), np.float32(g2), o0, o1, o2, threads)
 
 
 @njit(cache=True)
@@ -171,25 +174,45 @@ def _attention(q, kc, vc, pos, n_head, out) -> None:
             out[r, b + j] = acc[j] / total
 
 
+class Weights(NamedTuple):
+    """A decoder's static arrays, built once by the caller (which keeps the packed weights alive). `forward` takes
+    it as a plain tuple (`tuple(weights)`): Numba types a plain tuple in C, a named one in Python (~10 us a call)."""
+
+    n_head: int
+    eps: float  # RMSNorm epsilon of the block and final norms
+    swiglu: bool  # SwiGLU MLP (else ReLU^2)
+    norm_attn: np.ndarray  # (L, C) fp32
+    norm_mlp: np.ndarray  # (L, C) fp32
+    norm_final: np.ndarray  # (C,) fp32
+    ptrs: np.ndarray  # (7, L) int64 addresses of the packed q, k, v, o, gate, up, down weights
+    shapes: np.ndarray  # (7, 2) int64: rows, bytes per row of each projection
+    gammas: np.ndarray  # (L, 7) fp32 weight scales
+    sub_o: np.ndarray  # (L, C) SubLN weights before o, or (L, 0): none
+    sub_d: np.ndarray  # (L, F) SubLN weights before down, or (L, 0): none
+    sub_eps: float
+    cos: np.ndarray  # (T, D / 2) RoPE tables
+    sin: np.ndarray
+
+
 @njit(cache=True)
-def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, shapes, gammas,
-            sub_o, sub_d, sub_eps, k_cache, v_cache, cos, sin, threads, panel_bytes, gemm_rows):
-    """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. and
-    return the final-normed hidden state of the last token (1, C). gammas (L, 7): q, k, v, o, gate, up, down
-    scales; sub_o / sub_d (L, C) / (L, F): SubLN weights before o / down (0 columns: none, eps sub_eps);
-    caches (L, H_kv, T, D); cos, sin (T, D / 2)."""
+def forward(x, pos, weights, k_cache, v_cache, tiling):
+    """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. with
+    caches (L, H_kv, T, D), and return the final-normed hidden state of the last token (1, C). weights:
+    tuple(Weights); tiling: (threads, panel_bytes, gemm_rows), the kernels.cpu tiling parameters."""
+    n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, shapes, gammas, sub_o, sub_d, sub_eps, cos, sin = \
+        weights
     m, c = x.shape
     n_layer, hkv, _, d = k_cache.shape
     h = np.empty_like(x)
-    none_w = np.empty((0, shapes[5, 1]), np.uint8)  # "no third weight" for _project3
     for layer in range(n_layer):
         g = gammas[layer]
-        wq, wk, wv = _weight(ptrs, shapes, 0, layer), _weight(ptrs, shapes, 1, layer), _weight(ptrs, shapes, 2, layer)
+        wq, wk, wv = _weight(ptrs, shapes, 0, layer), _weight(ptrs, shapes, 1, layer), \
+            _weight(ptrs, shapes, 2, layer)
         _rmsnorm(x, norm_attn[layer], eps, h)
         q = np.empty((m, n_head * d), np.float32)
         k = np.empty((m, hkv * d), np.float32)
         v = np.empty((m, hkv * d), np.float32)
-        _project3(h, wq, wk, wv, g[0], g[1], g[2], q, k, v, threads, panel_bytes, gemm_rows)
+        _project_many(h, (wq, wk, wv), (g[0], g[1], g[2]), (q, k, v), tiling)
         _rope(q, n_head, d, cos, sin, pos)
         _rope(k, hkv, d, cos, sin, pos)
         for r in range(m):
@@ -202,27 +225,26 @@ def forward(x, pos, n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, 
         if sub_o.shape[1]:
             _rmsnorm(a, sub_o[layer], sub_eps, a)
         o = np.empty_like(x)
-        _project(a, _weight(ptrs, shapes, 3, layer), g[3], o, threads, panel_bytes, gemm_rows)
+        _project(a, _weight(ptrs, shapes, 3, layer), g[3], o, tiling)
         x += o
         _rmsnorm(x, norm_mlp[layer], eps, h)
-        wg, wu, wd = _weight(ptrs, shapes, 4, layer), _weight(ptrs, shapes, 5, layer), _weight(ptrs, shapes, 6, layer)
+        wg, wu = _weight(ptrs, shapes, 4, layer), _weight(ptrs, shapes, 5, layer)
         f = wu.shape[0]
         up = np.empty((m, f), np.float32)
         if swiglu:
             gate = np.empty((m, f), np.float32)
-            _project3(h, wg, wu, none_w, g[4], g[5], g[5], gate, up, up, threads, panel_bytes,
-                      gemm_rows)
+            _project_many(h, (wg, wu), (g[4], g[5]), (gate, up), tiling)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = gate[r, j] / (np.float32(1.0) + np.exp(-gate[r, j])) * up[r, j]
         else:
-            _project(h, wu, g[5], up, threads, panel_bytes, gemm_rows)
+            _project(h, wu, g[5], up, tiling)
             for r in range(m):
                 for j in range(f):
                     up[r, j] = max(up[r, j], np.float32(0.0)) ** 2
         if sub_d.shape[1]:
             _rmsnorm(up, sub_d[layer], sub_eps, up)
-        _project(up, wd, g[6], o, threads, panel_bytes, gemm_rows)
+        _project(up, _weight(ptrs, shapes, 6, layer), g[6], o, tiling)
         x += o
     out = np.empty((1, c), np.float32)
     _rmsnorm(x[m - 1 :], norm_final, eps, out)
