@@ -22,9 +22,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# GEMM register tile (activation rows, weight rows) of the packed engine per ISA class (kernels/cpu_dot.py).
-GEMM_TILES: dict[str, tuple[int, int]] = {"vnni512": (4, 2), "vnni": (4, 2), "avx2": (4, 2), "portable": (4, 2)}
-
 # threads: 0 means min(torch.get_num_threads(), NUMBA_NUM_THREADS) at call time.
 # gemm_impl: engine for M > gemv_max_m: "numba" = the packed engine (every M), "int_mm" = unpack i2 tiles to
 #   int8 and call torch._int_mm (oneDNN; fast only with AVX-512 VNNI, see plan()).

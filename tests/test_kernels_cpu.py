@@ -237,7 +237,6 @@ def test_dispatch_plan_per_isa_class(isa, torch_vnni, engine, monkeypatch):
     assert caps == {"isa": isa, "int_mm_vnni": torch_vnni and isa == "vnni512"}
     plan = tuning.plan(caps)
     assert plan["gemm_impl"] == engine and tuning.validate(dict(plan)) == plan
-    assert tuning.GEMM_TILES[isa][0] >= 1 and tuning.GEMM_TILES[isa][1] >= 1
 
 
 @pytest.mark.parametrize("k", [2048, 2049, 2 * 2048 + 128, 3 * 2048 + 1])
