@@ -16,10 +16,12 @@ from collections.abc import Callable
 import click
 
 from .data import TOKENIZERS
+from .generate import ENGINES
 from .model import LINEARS, PRESETS
 from .plumbing import UserError
 from .train import DEVICES, TrainConfig, side_by_side, train_pair
 from .train import train as train_one
+from .wikitext import SPLITS as WIKITEXT_SPLITS
 
 
 class _Group(click.Group):
@@ -44,21 +46,45 @@ def main() -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
+@click.option("--valid", "valid_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file(s) for the valid split (repeatable) [default: hold out the end of INPUTS].")
+@click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="Fraction of the INPUTS' lines (the last) held out as valid without --valid.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
-              help="Reuse this tokenizer.json instead of training one on INPUTS.")
+              help="Reuse this tokenizer.json instead of training one on the train split.")
 @click.option("--kind", type=click.Choice(TOKENIZERS), default="bpe", show_default=True)
 @click.option("--vocab-size", type=click.IntRange(min=4), default=8192, show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=1 << 24, show_default=True)
-def prepare(inputs, out_dir, tokenizer_path, kind, vocab_size, shard_tokens) -> None:
-    """Tokenize text files INPUTS into checksummed binary token shards in --out."""
+def prepare(inputs, out_dir, valid_files, valid_fraction, tokenizer_path, kind, vocab_size, shard_tokens) -> None:
+    """Tokenize text files INPUTS into a train/valid split of checksummed token shards in --out (for train --data)."""
+    from .corpus import prepare_split
     from .data import load_tokenizer
-    from .data import prepare as prepare_corpus
 
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    manifest = prepare_corpus(inputs, out_dir, tok, kind, vocab_size, shard_tokens)
+    manifest = prepare_split(inputs, out_dir, valid_files, valid_fraction, tok, kind, vocab_size, shard_tokens)
     for name, s in manifest["splits"].items():
         click.echo(f"{name}: {s['tokens']:,} tokens ({s['words']:,} words) in {len(s['files'])} shard(s)")
-    click.echo(f"vocab {manifest['vocab_size']}; wrote {out_dir}/manifest.json")
+    click.echo(f"vocab {manifest['vocab_size']}; wrote {out_dir}/manifest.json; train on it with "
+               f"`bitnet-fast train --data {out_dir}`")
+
+
+@main.group(name="data")
+def data_() -> None:
+    """Datasets: download WikiText-2."""
+
+
+@data_.command(name="download")
+@click.argument("dataset", type=click.Choice(["wikitext-2"]), default="wikitext-2")
+@click.option("--split", "splits", multiple=True, type=click.Choice(WIKITEXT_SPLITS),
+              help="Only these splits (repeatable) [default: all three].")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="Folder for train.txt/valid.txt/test.txt [default: the default data dir].")
+def download(dataset, splits, dest) -> None:
+    """Fetch DATASET (WikiText-2 v1 from the Hugging Face hub, $HF_ENDPOINT honoured) as text files."""
+    from .download import default_dest, fetch_wikitext
+
+    out = fetch_wikitext(dest or default_dest(), splits or WIKITEXT_SPLITS, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"{dataset}: {', '.join(splits or WIKITEXT_SPLITS)} in {out}")
 
 
 def config_options(cls: type) -> Callable:
@@ -98,7 +124,10 @@ def config_options(cls: type) -> Callable:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
 @config_options(TrainConfig)
 def train(which, **kw) -> None:
-    """Train on WikiText-2; writes OUT/report.json (OUT/bitnet and OUT/fp with --model both)."""
+    """Train on WikiText-2 (or --data); writes OUT/report.json (OUT/bitnet and OUT/fp with --model both)."""
+    if kw["data"] is not None and kw["data_dir"] is not None:
+        raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each "
+                               "other; use one")
     if kw["device"] == "cuda":
         import torch
 
@@ -120,19 +149,54 @@ def train(which, **kw) -> None:
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="WikiText-2 folder.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="A prepared folder [default: the one the checkpoint was trained on with train --data].")
+@click.option("--offline", is_flag=True, help="Never download WikiText-2; fail when it is not found.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, split, data_dir, batch_size, device, as_json) -> None:
-    """Token- and word-level perplexity of a training CHECKPOINT on a WikiText-2 split."""
+def eval_(checkpoint, split, data_dir, data, offline, batch_size, device, as_json) -> None:
+    """Token- and word-level perplexity of a training CHECKPOINT on a split of WikiText-2 or of a prepared folder."""
     from .evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(checkpoint, split, data_dir, batch_size, device)
+    if data is not None and data_dir is not None:
+        raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each other")
+    r = evaluate_checkpoint(checkpoint, split, data_dir, batch_size, device, data, offline)
     if as_json:
         click.echo(json.dumps(r, indent=1))
     else:
         click.echo(f"{r['model']} step {r['step']} on {split}: ppl {r['ppl']:.3f} (token, {r['tokens']:,} tokens), "
                    f"word ppl {r['word_ppl']:.3f} ({r['words']:,} words)")
+
+
+@main.command(name="generate")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--prompt", required=True, help="Text to continue (a newline in it is a line break, as in training).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+              help="decoder: the packed Numba decoder (BitNet, CPU); torch: LM with its KV cache.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+def generate_(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, engine, device) -> None:
+    """Continue --prompt with the model of a training CHECKPOINT, streaming the text; then tokens/s on stderr."""
+    from .generate import Generator, Stats
+
+    if not prompt.strip():
+        raise click.UsageError("--prompt is empty; give some text to continue")
+    gen = Generator(checkpoint, device)
+    pieces = gen.stream(prompt, max_new_tokens, temperature, top_k, seed, engine,
+                        warn=lambda m: click.echo(m, err=True))
+    for i, piece in enumerate(pieces):
+        if i == 0:  # after the <unk> warning, if any
+            click.echo(prompt, nl=False)
+        if isinstance(piece, Stats):
+            click.echo()
+            click.echo(piece.summary(), err=True)
+        else:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
 
 
 @main.command(name="calibrate")

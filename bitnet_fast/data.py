@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .plumbing import UserError, atomic_path, atomic_write, cache_root, write_json
+from .wikitext import mismatch
 
 EOS, UNK = "<eos>", "<unk>"
 TOKENIZERS = ("bpe", "word")
@@ -29,10 +30,7 @@ SHARD_MAGIC, SHARD_VERSION = b"BNFTOKS\0", 1
 _HEADER = struct.Struct("<8sIIQ32s")  # 56 bytes, padded to 64
 HEADER_BYTES = 64
 _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
-WIKITEXT_SHA256 = {
-    "train.txt": "728c77e87e176af4730f9a80fc6008bcaff421a7202c1c048877c0eec3685f89",
-    "valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
-}
+WIKITEXT_REQUIRED = ("train.txt", "valid.txt")  # test.txt is optional
 WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext (config wikitext-2-v1)"
 
 
@@ -51,12 +49,13 @@ def find_wikitext(data_dir: str | os.PathLike | None = None) -> Path:
     else:
         root, origin = cache_root() / "data", "the default data dir"
     for cand in (root, root / "wikitext-2"):
-        if all((cand / name).is_file() for name in WIKITEXT_SHA256):
+        if all((cand / name).is_file() for name in WIKITEXT_REQUIRED):
             return cand
     raise DataError(
         f"WikiText-2 not found in {root} ({origin}): need train.txt and valid.txt there or in {root}/wikitext-2/. "
         f"Get WikiText-2 v1 ({WIKITEXT_URL}), save wiki.train.tokens / wiki.valid.tokens [/ wiki.test.tokens] as "
-        f"train.txt / valid.txt [/ test.txt] in one folder, and pass it with --data-dir or BITNET_FAST_DATA."
+        f"train.txt / valid.txt [/ test.txt] in one folder, and pass it with --data-dir or BITNET_FAST_DATA "
+        f"(without either, `bitnet-fast data download` fetches it into the default data dir)."
     )
 
 
@@ -69,13 +68,15 @@ def sha256_file(path: Path) -> str:
 
 
 def wikitext_split(root: Path, split: str) -> Path:
-    """Path of `split` ("train" | "valid" | "test") in root, sha256-checked where the hash is known."""
+    """Path of `split` ("train" | "valid" | "test") in root, recognized as WikiText-2 v1 by its content in any line
+    order (wikitext.mismatch)."""
     path = root / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"{path} not found; the {split} split needs {split}.txt in {root}")
-    want = WIKITEXT_SHA256.get(path.name)
-    if want is not None and (got := sha256_file(path)) != want:
-        raise DataError(f"{path} has sha256 {got}, expected {want} (WikiText-2 v1); re-download it")
+    problem = mismatch(split, path.read_bytes())
+    if problem is not None:
+        raise DataError(f"{path} is not the WikiText-2 v1 {split} split: {problem}. Re-download it "
+                        "(`bitnet-fast data download`) or use `bitnet-fast prepare` for other text")
     return path
 
 
@@ -188,14 +189,23 @@ def prepare(
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise DataError(f"input file(s) not found: {', '.join(missing)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per_file = {Path(p).stem: read_lines([p], max_lines) for p in inputs}
     if tokenizer is None:
         tokenizer = train_tokenizer([ln for lines in per_file.values() for ln in lines], kind, vocab_size)
+    return write_splits(per_file, out_dir, tokenizer, shard_tokens)
+
+
+def write_splits(splits: dict[str, Sequence[str]], out_dir: str | os.PathLike, tokenizer,
+                 shard_tokens: int = 1 << 24) -> dict:
+    """Write each split's lines (name -> lines) tokenized into `out_dir`: tokenizer.json, <name>-NNNNN.bin shards
+    and manifest.json (written last). Returns the manifest."""
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     manifest = {"version": SHARD_VERSION, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
-    for stem, lines in per_file.items():
+    for stem, lines in splits.items():
         tokens = encode_lines(tokenizer, lines)
         files = []
         for i, start in enumerate(range(0, max(tokens.size, 1), shard_tokens)):

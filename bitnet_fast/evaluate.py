@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import Split, count_words, encode_lines, eval_windows, find_wikitext, read_lines, wikitext_split
+from .corpus import load_corpus, same_tokenizer
+from .data import DataError, Split, count_words, encode_lines, eval_windows, read_lines, wikitext_split
+from .download import find_or_fetch
 
 
 @torch.no_grad()
@@ -44,14 +46,30 @@ def evaluate_checkpoint(
     data_dir: str | os.PathLike | None = None,
     batch_size: int = 16,
     device: str = "cpu",
+    data: str | os.PathLike | None = None,
+    offline: bool = False,
 ) -> dict:
-    """Perplexity of a training checkpoint on a WikiText-2 split, tokenized with the checkpoint's tokenizer."""
+    """Perplexity of a training checkpoint on a split of WikiText-2 (tokenized with the checkpoint's tokenizer) or of
+    a prepared folder (`data`; its shards must come from the checkpoint's tokenizer). Without `data` or `data_dir`,
+    a checkpoint trained with `train --data DIR` is evaluated on DIR."""
     from tokenizers import Tokenizer
 
+    if data is not None and data_dir is not None:
+        raise ValueError("data and data_dir both given: --data names a prepared folder, --data-dir the WikiText-2 "
+                         "folder; use one")
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, device)
     tok = Tokenizer.from_str(ckpt["tokenizer"])
-    lines = read_lines([wikitext_split(find_wikitext(data_dir), split)])
-    result = perplexity(model, Split(encode_lines(tok, lines), count_words(lines)),
-                        ckpt["train_config"]["seq_len"], batch_size, device)
-    return {"checkpoint": str(path), "split": split, "model": model.config.linear, "step": ckpt["step"], **result}
+    data = data if data is not None or data_dir is not None else ckpt["train_config"].get("data")
+    if data is not None:
+        corpus = load_corpus(data, (split,))
+        if not same_tokenizer(corpus.tokenizer, tok):
+            raise DataError(f"{data} was tokenized with another tokenizer than checkpoint {path} was trained with; "
+                            "evaluate on the folder it was trained on (or prepare with its tokenizer)")
+        tokens = corpus.splits[split]
+    else:
+        lines = read_lines([wikitext_split(find_or_fetch(data_dir, (split,), offline), split)])
+        tokens = Split(encode_lines(tok, lines), count_words(lines))
+    result = perplexity(model, tokens, ckpt["train_config"]["seq_len"], batch_size, device)
+    return {"checkpoint": str(path), "split": split, "model": model.config.linear, "step": ckpt["step"],
+            "data": str(data) if data is not None else "wikitext-2", **result}

@@ -14,6 +14,7 @@ tokens at positions p.. p + T - 1 against the cache (one call for the prompt, on
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -250,7 +251,15 @@ class LM(nn.Module):
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample `max_new_tokens` continuations of idx (B, T) with the KV cache; temperature 0 means greedy.
+        """idx (B, T) followed by `max_new_tokens` sampled tokens (see `stream`); temperature 0 means greedy."""
+        return torch.cat((idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator)), dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield `max_new_tokens` next tokens (B, 1) after idx (B, T), one at a time, with the KV cache.
 
         One forward for the prompt, then one per token. When the context fills up (max_seq_len), the window
         slides: the newest max_seq_len // 2 tokens are run again from position 0 and generation goes on.
@@ -264,6 +273,7 @@ class LM(nn.Module):
             pos = window.shape[1]
             for i in range(max_new_tokens):
                 nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+                yield nxt
                 tokens = torch.cat((tokens, nxt), dim=1)
                 if i == max_new_tokens - 1:
                     break
@@ -274,7 +284,6 @@ class LM(nn.Module):
                     logits, pos = self(nxt, pos=pos, last_logits=True)[0][:, -1], pos + 1
         finally:
             self.clear_cache()
-        return tokens
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None,

@@ -35,7 +35,9 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .corpus import load_corpus
 from .data import TOKENIZERS, Batches, wikitext
+from .download import find_or_fetch
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
 from .plumbing import UserError, git_commit, machine_info, peak_rss_bytes, write_json
@@ -79,7 +81,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = option(0, "Random seed (initialization and data order).")
     device: str = option("cpu", "Device to train on.", choices=DEVICES)
-    data_dir: str | None = option(None, "WikiText-2 folder.", path="dir")
+    data_dir: str | None = option(None, "WikiText-2 folder (default: $BITNET_FAST_DATA, else downloaded into the "
+                                  "cache dir).", path="dir")
+    data: str | None = option(None, "Train on a folder written by `bitnet-fast prepare` (its train and valid splits "
+                              "and tokenizer) instead of WikiText-2.", path="dir")
+    offline: bool = option(False, "Never download WikiText-2 (as HF_HUB_OFFLINE=1); fail when it is not found.")
     tokenizer: str = option("bpe", "Tokenizer trained on the train split.", choices=TOKENIZERS)
     vocab_size: int = option(8192, "Tokenizer vocabulary size.", min=16)
     max_lines: int | None = option(None, "Use only the first N lines per split.", min=1)
@@ -103,6 +109,9 @@ class TrainConfig:
             if "min" in rules and (value <= rules["min"] if rules.get("min_open") else value < rules["min"]):
                 raise ValueError(f"{f.name} must be {'>' if rules.get('min_open') else '>='} {rules['min']}, "
                                  f"got {value}")
+        if self.data is not None and self.data_dir is not None:
+            raise ValueError("data and data_dir both given: --data trains on a prepared folder, --data-dir names the "
+                             "WikiText-2 folder; use one")
         if self.out is None:
             self.out = f"runs/{self.preset}"
 
@@ -178,7 +187,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    corpus = wikitext(cfg.data_dir, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
+    if cfg.data is not None:
+        corpus = load_corpus(cfg.data)
+    else:
+        if rank > 0:  # rank 0 alone downloads WikiText-2 when it is missing; the others find it after the barrier
+            torch.distributed.barrier()
+        root = find_or_fetch(cfg.data_dir, offline=cfg.offline or rank > 0)
+        if rank == 0 and world > 1:
+            torch.distributed.barrier()
+        corpus = wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
     valid = corpus.splits["valid"]
     mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
     if cfg.seq_len > mcfg.max_seq_len:
@@ -201,7 +218,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         "train_config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world,
         "steps_per_epoch": steps_per_epoch,
-        "tokenizer": {"kind": cfg.tokenizer, "vocab_size": corpus.vocab_size,
+        "data": str(corpus.dir) if cfg.data is not None else "wikitext-2",
+        "tokenizer": {"kind": cfg.tokenizer if cfg.data is None else "prepared", "vocab_size": corpus.vocab_size,
                       "train_tokens": len(corpus.splits["train"].tokens), "valid_tokens": len(valid.tokens),
                       "valid_words": valid.words},
     }
