@@ -81,16 +81,17 @@ def fetch_wikitext(dest: str | os.PathLike, splits: Sequence[str] = SPLITS,
             continue
         echo(f"downloading WikiText-2 v1 {split}: {HF_FILES[split]} of dataset {HF_REPO} from {endpoint()} "
              f"(Hugging Face cache), written as {target}")
-        rows = _read_rows(_download(HF_FILES[split]))
+        path = _download(HF_FILES[split])
         try:
-            text = rows_to_text(rows)
+            data = rows_to_text(_read_rows(path)).encode("utf-8")
+            problem = mismatch(split, data)
         except ValueError as e:
-            raise DataError(f"{HF_FILES[split]} from {endpoint()}: {e}") from None
-        data = text.encode("utf-8")
-        problem = mismatch(split, data)
+            problem = str(e)
         if problem is not None:
-            raise DataError(f"{HF_FILES[split]} from {endpoint()} is not WikiText-2 v1 {split}: {problem}; check "
-                            "HF_ENDPOINT, or get the files yourself and pass --data-dir")
+            _evict(path)
+            raise DataError(f"{HF_FILES[split]} from {endpoint()} is not WikiText-2 v1 {split}: {problem}; removed it "
+                            "from the Hugging Face cache. Check HF_ENDPOINT, or get the files yourself and pass "
+                            "--data-dir")
         atomic_write(target, data)
     return dest
 
@@ -110,22 +111,27 @@ def _download(filename: str) -> Path:
     if blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):  # LFS files: the ETag is the content's sha256
         got = sha256_file(blob)
         if got != blob.name:
-            blob.unlink()
-            path.unlink(missing_ok=True)
+            _evict(path)
             raise DataError(f"{url} arrived corrupt (sha256 {got}, the server announced {blob.name}); removed it "
                             "from the Hugging Face cache: run again to download it afresh")
     return path
 
 
+def _evict(path: Path) -> None:
+    """Remove a downloaded file from the Hugging Face cache (its blob and the snapshot's link to it), so that the
+    next run downloads it again instead of reusing it."""
+    path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def _read_rows(path: Path) -> list[str | None]:
-    """The `text` column of a parquet file."""
+    """The `text` column of a parquet file; ValueError when it is not one."""
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path, columns=["text"]).column("text").to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, KeyError, ...
-        raise DataError(f"{path} is not a readable parquet file with a `text` column ({_reason(e)}); delete it "
-                        "and run again") from None
+        raise ValueError(f"not a readable parquet file with a `text` column ({_reason(e)})") from None
 
 
 def _reason(e: BaseException) -> str:
