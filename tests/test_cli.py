@@ -45,7 +45,8 @@ def test_train_options_come_from_train_config():
     flags = {opt for p in cmd.params for opt in p.opts}
     assert flags == {"--preset", "--model", "--epochs", "--max-steps", "--batch-size", "--seq-len", "--grad-accum",
                      "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
-                     "--ckpt-every", "--keep-last", "--resume", "--seed", "--device", "--distributed", "--no-progress"}
+                     "--ckpt-every", "--keep-last", "--resume", "--seed", "--device", "--distributed", "--no-progress",
+                     "--data", "--offline"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
     assert params.pop("which") == "both" and params.pop("out") is None
@@ -88,8 +89,9 @@ def test_prepare_writes_verified_shards(tmp_path):
     src.write_text("the cat sat on the mat .\n\nthe dog sat on the log .\n" * 30)
     result = _run("prepare", src, "--out", tmp_path / "out", "--vocab-size", "60", "--shard-tokens", "100")
     assert result.exit_code == 0, result.output
-    assert "a: " in result.output and (tmp_path / "out" / "a-00000.bin").is_file()
-    shard = tmp_path / "out" / "a-00001.bin"
+    assert "train: " in result.output and "valid: " in result.output
+    assert (tmp_path / "out" / "train-00000.bin").is_file()
+    shard = tmp_path / "out" / "train-00001.bin"
     shard.write_bytes(shard.read_bytes()[:-3])
     from bitnet_fast.data import load_prepared
 
@@ -98,7 +100,7 @@ def test_prepare_writes_verified_shards(tmp_path):
     _fails_cleanly(_run("prepare", tmp_path / "none.txt", "--out", tmp_path / "o"), 2, "does not exist")
 
 
-def test_train_both_then_eval(wikitext_dir, tmp_path):
+def test_train_both_then_eval(wikitext_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = _run("train", *TINY_TRAIN, "--data-dir", wikitext_dir, "--out", out)
     assert result.exit_code == 0, result.output
@@ -116,6 +118,11 @@ def test_train_both_then_eval(wikitext_dir, tmp_path):
         (data / name).symlink_to(wikitext_dir / name)
     lines = (wikitext_dir / "valid.txt").read_text().splitlines(keepends=True)[:60]
     (data / "test.txt").write_text("".join(lines))
+    _fails_cleanly(_run("eval", ckpt, "--data-dir", data, "--split", "test"), 1, "not the WikiText-2 v1 test split")
+    from bitnet_fast import wikitext  # the real test.txt is not on this machine: teach the check this one's hash
+
+    sha = wikitext.fingerprint("".join(lines).encode()).sha256
+    monkeypatch.setitem(wikitext.EXACT_SHA256, "test", frozenset({sha}))
     result = _run("eval", ckpt, "--data-dir", data, "--split", "test", "--json")
     assert result.exit_code == 0, result.output
     r = json.loads(result.output)

@@ -61,12 +61,13 @@ def test_missing_data_says_how_to_provide_it(tmp_path, monkeypatch):
         find_wikitext()
 
 
-def test_wrong_checksum_is_rejected(tmp_path):
+def test_other_text_is_rejected_saying_how_it_differs(tmp_path):
     folder = _fake_wikitext(tmp_path / "wikitext-2")
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError, match=r"not the WikiText-2 v1 train split: it has 1 lines and 4 words"):
         data.wikitext_split(folder, "train")
-    (folder / "test.txt").write_text("x y\n")  # test split: unknown hash is fine
-    assert data.wikitext_split(folder, "test").name == "test.txt"
+    (folder / "test.txt").write_text("x y\n")  # the test split is checked too (its exact sha256)
+    with pytest.raises(DataError, match=r"test split: it has 1 lines"):
+        data.wikitext_split(folder, "test")
     with pytest.raises(DataError, match="not found"):
         data.wikitext_split(tmp_path, "test")
 
