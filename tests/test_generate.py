@@ -91,7 +91,7 @@ def test_generate_streams_text_and_tokens_per_second(trained):
     assert "became <unk>: a, zebra" in r.output and r.output.count("warning") == 1
     assert r.output.splitlines()[1].startswith("the cat sees a zebra ")  # the prompt, then the continuation
     assert "[decoder] prompt 6 tokens at" in r.output and "decode 11 tokens at" in r.output
-    r = _run("generate", ckpt, "--prompt", "the dog", "--max-new-tokens", "300")  # beyond the context of 256
+    r = _run("generate", ckpt, "--prompt", "the dog", "--max-new-tokens", "300")  # beyond the context (tiny: 128)
     assert r.exit_code == 0 and "[torch]" in r.output and "decode 299 tokens" in r.output, r.output
     for bad, msg in (([" "], "--prompt is empty"), (["x", "--temperature", "-1"], "--temperature")):
         r = _run("generate", ckpt, "--prompt", *bad)
