@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,14 +30,14 @@ ENGINES = ("auto", "decoder", "torch")
 
 @dataclass
 class Stats:
-    """What `Generator.stream` measured: prompt (prefill) and decode token counts and seconds, and the engine."""
+    """What `Generator.stream` measured: prompt (prefill) and decode token counts and seconds, and the engine.
+    The seconds are the engine's alone (not detokenizing or printing)."""
 
     engine: str
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     new_tokens: int = 0
     decode_seconds: float = 0.0  # the tokens after the first (whose time is the prefill's)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         decoded = max(self.new_tokens - 1, 0)
@@ -154,7 +154,7 @@ class Generator:
                 stats.decode_seconds += now - t0
             out.append(tok)
             text = self.decode(out)
-            text = text if text.startswith("\n") else " " + text  # the prompt's last word ended
+            text = text if text.startswith("\n") or prompt.endswith("\n") else " " + text  # after the last word
             piece = text[_common_prefix(shown, text):]  # a BPE decode only ever appends, but be safe
             if piece:
                 yield piece
