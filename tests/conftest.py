@@ -1,9 +1,16 @@
-"""Shared test settings: hypothesis profiles (no deadlines: the first call JIT-compiles) and the data dir."""
+"""Shared test settings: hypothesis profiles (no deadlines: the first call JIT-compiles), the data dir, and no
+hidden state: the CPU kernel tuning file is pinned to an empty temporary folder before any test imports the
+kernels, so a user's `bitnet-fast calibrate` result cannot change which kernel path the tests exercise."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# Before anything imports bitnet_fast.kernels (kernels.cpu reads the tuning file on first use): the plan for this
+# machine's capabilities, nothing else. Subprocesses inherit it. Tests that exercise the file set their own path.
+os.environ["BITNET_FAST_TUNING"] = str(Path(tempfile.mkdtemp(prefix="bitnet-fast-tests-")) / "kernel_tuning.json")
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -17,12 +24,16 @@ _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
-    """Directory holding WikiText-2 (BITNET_FAST_DATA, else ../shared/data); skip when absent."""
+    """Directory holding WikiText-2 (BITNET_FAST_DATA, else ../shared/data); skip when absent, or fail when
+    BITNET_FAST_REQUIRE_DATA=1 (CI sets it: the data is always there, so a skip would hide a broken path)."""
     root = Path(os.environ.get("BITNET_FAST_DATA", _SHARED))
     for cand in (root, root / "wikitext-2"):
         if (cand / "train.txt").is_file() and (cand / "valid.txt").is_file():
             return cand
-    pytest.skip(f"WikiText-2 not found under {root}; set BITNET_FAST_DATA to the folder holding wikitext-2/")
+    msg = f"WikiText-2 not found under {root}; set BITNET_FAST_DATA to the folder holding wikitext-2/"
+    if os.environ.get("BITNET_FAST_REQUIRE_DATA") == "1":
+        pytest.fail(f"{msg} (BITNET_FAST_REQUIRE_DATA=1: data-dependent tests must run)", pytrace=False)
+    pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
