@@ -96,8 +96,23 @@ class GEMV(_BitLinearForward):
     rows = 1
 
 
-class GEMM(_BitLinearForward):
-    """M = 128: a prefill chunk; bound by arithmetic."""
+class GEMM256(_BitLinearForward):
+    """M = 256: the large-M (GEMM) engine that the CPU plan picks on each host class, bound by arithmetic.
 
-    rows = PREFILL_ROWS
+    M is above the plan's `gemv_max_m` (128), so AVX-512 VNNI hosts time `int_mm` (oneDNN) and every other
+    class the packed engine's MR x NR GEMM tile (kernels/tuning.py). It replaces `GEMM` (M = 128), which the
+    VNNI plan keeps on the packed engine, so that name never timed the GEMM engine there.
+    """
+
+    rows = 2 * PREFILL_ROWS
     repeat = (1, 5, 20.0)  # the reference backend takes seconds per call here
+
+    def setup(self, impl: str, shape: str) -> None:
+        if impl == "numba":  # fail loudly if a plan change moves M = 256 off the GEMM engine this class is named for
+            cpu = need("bitnet_fast.kernels.cpu", "params")
+            p = cpu.params()
+            if p.get("gemm_impl") == "int_mm" and self.rows <= p.get("gemv_max_m", 0):
+                raise RuntimeError(f"M={self.rows} stays on the packed GEMV/GEMM engine under {p}")
+            if self.rows < p.get("gemm_min_m", 1):
+                raise RuntimeError(f"M={self.rows} is below gemm_min_m: the packed engine's decode tile under {p}")
+        super().setup(impl, shape)

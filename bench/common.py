@@ -4,16 +4,22 @@ asv runs the *current* benchmark files against every commit it measures, so what
 the project is imported inside setup through `need()`: a module or function that does not exist yet at that
 commit becomes asv's skip (NotImplementedError), not a failure. Imports here stay cheap (asv imports every
 benchmark module just to discover the suite).
+
+The CPU kernel tuning file is pinned to none (BITNET_FAST_TUNING=/dev/null, never a file), so every machine times
+the plan for its capabilities (kernels/tuning.py), not whatever `bitnet-fast calibrate` last wrote there.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+os.environ["BITNET_FAST_TUNING"] = os.devnull  # set on import: before any benchmark's setup loads the kernels
 
 SEED = 1234
 THREADS = 2  # the suite's thread count for torch and numba: stable numbers on a shared machine
