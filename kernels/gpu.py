@@ -6,7 +6,10 @@ format is `i2g` (16 two-bit codes per int32 along K, natural order; see referenc
 registers, which feeds `tl.dot` (int8 -> int32) or, for M = 1, a multiply-reduce on the CUDA cores.
 
 Kernels run on CUDA tensors. When TRITON_INTERPRET=1 is set before this module is imported, `@triton.jit`
-builds interpreted kernels and CPU tensors are accepted too: that is how the tests run without a GPU.
+builds interpreted kernels and CPU tensors are accepted too: that is how the tests run without a GPU. The
+interpreter then runs the same kernel source, configs and flags as CUDA: `triton_interp.install()` makes it
+compute bf16 dots and casts as the GPU does and execute the one PTX instruction used (dp4a), and autotuning picks
+each kernel's first config (the interpreter cannot time them; the tests force every config in turn).
 """
 
 from __future__ import annotations
@@ -17,17 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, triton_interp
 from .packing import PackedWeight, get_format
 
 name = "triton"
 default_format = "i2g"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-AUTOTUNE = os.environ.get("BITNET_FAST_TRITON_AUTOTUNE", "1") != "0"  # 0: each kernel's first (default) config
+# 0: each kernel's first (default) config; the default under the interpreter, which has no clock to tune by.
+AUTOTUNE = os.environ.get("BITNET_FAST_TRITON_AUTOTUNE", "0" if INTERPRET else "1") != "0"
 GEMV_MAX_M = 16  # M <= this takes the bandwidth-bound GEMV kernel (decode); larger M the tiled GEMM
 CODES = reference.I2G_CODES  # 2-bit codes per int32 word
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-USE_DP4A = not INTERPRET and torch.version.hip is None  # PTX dp4a on NVIDIA; an exact emulation elsewhere
+USE_DP4A = torch.version.hip is None  # PTX dp4a on NVIDIA (and the interpreter); an exact emulation on ROCm
+if INTERPRET:
+    triton_interp.install()
 _EXACT = {"enable_fp_fusion": False}  # no FMA in the epilogue: acc * (gamma / s) + bias rounds like the reference
 
 
@@ -187,15 +193,28 @@ def _unpack_kernel(w_ptr, wt_ptr, K, KW, stride_wn, stride_ww, BLOCK_W: tl.const
 
 
 # ----------------------------------------------------------------------------------------------- matmul kernels
-def _gemv_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_KW": 4}, num_warps=4)]  # one small config: fast on CPU
-    shapes = [(64, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 4), (32, 16, 8), (64, 16, 8), (128, 8, 8)]  # none spill
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3)
-            for bn, bkw, w in shapes[: None if AUTOTUNE else 1]]
+# Every autotune config of each kernel (the first is the default). The autotuners get all of them, or only the first
+# when AUTOTUNE is off; tests/test_kernels_gpu.py runs each one (interpreter or GPU) and compiles each for sm_90.
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=3)  # none spill on sm_90
+                for bn, bkw, w in [(64, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 4), (32, 16, 8), (64, 16, 8),
+                                   (128, 8, 8)]]
+GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
+                for bm, bn, bkw, st, w in [(128, 128, 8, 3, 8), (128, 256, 4, 3, 8), (256, 128, 4, 3, 8),
+                                           (128, 128, 8, 4, 8), (64, 128, 8, 4, 4), (128, 64, 8, 4, 4),
+                                           (128, 128, 4, 4, 4), (64, 64, 8, 4, 4)]]  # none spill on sm_90
+# Backward: tensor-core tiles for bf16/fp16 grads, small tiles for IEEE fp32 (FMA dots spill on big tiles;
+# (64, 32, 4) spills on sm_90). _prune_grad_input keeps the right group per call.
+_GRAD_BIG = [(128, 128, 8, 3, 8), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4), (128, 128, 4, 4, 4)]
+_GRAD_IEEE = [(32, 32, 4, 2, 4), (64, 16, 4, 2, 4), (32, 16, 4, 2, 4)]
+GRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
+                for bm, bn, bkw, st, w in _GRAD_BIG + _GRAD_IEEE]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
+def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs if AUTOTUNE else configs[:1]
+
+
+@triton.autotune(configs=_tuned(GEMV_CONFIGS), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
 @triton.jit
 def _gemv1_kernel(xp_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, N, KW, stride_wn, stride_ww, stride_om,
                   SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DP4A: tl.constexpr,
@@ -231,7 +250,7 @@ def _gemv1_kernel(xp_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, N
         tl.atomic_add(acc_ptr + offs_n, dot, mask=offs_n < N, sem="relaxed")
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
+@triton.autotune(configs=_tuned(GEMV_CONFIGS), key=["N", "KW", "SPLIT_K"], reset_to_zero=["acc_ptr"])
 @triton.jit
 def _gemv_kernel(x_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KW,
                  stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
@@ -279,16 +298,7 @@ def _epilogue_kernel(acc_ptr, s_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, stride_
     _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, True, HAS_BIAS)
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_KW": 4, "GROUP_M": 2}, num_warps=4)]
-    shapes = [(128, 128, 8, 3, 8), (128, 256, 4, 3, 8), (256, 128, 4, 3, 8), (128, 128, 8, 4, 8),
-              (64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 4, 4, 4), (64, 64, 8, 4, 4)]  # none spill on sm_90
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
-            for bm, bn, bkw, st, w in shapes[: None if AUTOTUNE else 1]]
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KW"])
+@triton.autotune(configs=_tuned(GEMM_CONFIGS), key=["M_BUCKET", "N", "KW"])
 @triton.jit
 def _gemm_kernel(x_ptr, xsum_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M, N, K, KW, M_BUCKET,
                  stride_xm, stride_xk, stride_wn, stride_ww, stride_om,
@@ -322,23 +332,16 @@ def _gemm_kernel(x_ptr, xsum_ptr, s_ptr, w_ptr, gamma_ptr, bias_ptr, out_ptr, M,
     _store_epilogue(acc, offs_m, offs_n, M, N, s_ptr, gamma_ptr, bias_ptr, out_ptr, stride_om, EPILOGUE, HAS_BIAS)
 
 
-def _grad_input_configs() -> list[triton.Config]:
-    """Tensor-core tiles for bf16/fp16 grads; small tiles for IEEE fp32 (FMA dots spill on big tiles)."""
-    if INTERPRET:
-        return _gemm_configs()
-    big = [(128, 128, 8, 3, 8), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4), (128, 128, 4, 4, 4)]
-    ieee = [(32, 32, 4, 2, 4), (64, 16, 4, 2, 4), (32, 16, 4, 2, 4)]  # (64, 32, 4) spills on sm_90
-    if not AUTOTUNE:
-        big, ieee = big[:1], ieee[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_stages=st, num_warps=w)
-            for bm, bn, bkw, st, w in big + ieee]
+def _grad_configs() -> list[triton.Config]:
+    """GRAD_CONFIGS, or the first of each group (one per IEEE flag) when AUTOTUNE is off."""
+    return GRAD_CONFIGS if AUTOTUNE else [GRAD_CONFIGS[0], GRAD_CONFIGS[len(_GRAD_BIG)]]
 
 
 def _prune_grad_input(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_KW"] <= 256) == bool(kwargs["IEEE"])]
 
 
-@triton.autotune(configs=_grad_input_configs(), key=["M_BUCKET", "N", "KW", "IEEE"],
+@triton.autotune(configs=_grad_configs(), key=["M_BUCKET", "N", "KW", "IEEE"],
                  prune_configs_by={"early_config_prune": _prune_grad_input})
 @triton.jit
 def _grad_input_kernel(g_ptr, w_ptr, gamma_ptr, out_ptr, M, N, K, KW, M_BUCKET,
@@ -366,14 +369,14 @@ def _grad_input_kernel(g_ptr, w_ptr, gamma_ptr, out_ptr, M, N, K, KW, M_BUCKET,
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :], y, mask=mask)
 
 
-@triton.autotune(configs=_grad_input_configs(), key=["M_BUCKET", "N", "K", "IEEE"],
-                 prune_configs_by={"early_config_prune": _prune_grad_input})
+@triton.autotune(configs=_tuned(GRAD_CONFIGS[: len(_GRAD_BIG)]), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _grad_weight_kernel(g_ptr, xq_ptr, s_ptr, out_ptr, M, N, K, M_BUCKET, stride_gm, stride_gn, stride_xm, stride_xk,
-                        stride_on, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
     """dW (N, K) fp32 = sum_m (grad_y[m, :] / s[m])^T xq[m, :]: grad_y / s is formed in fp32 and rounded once to
-    grad_y's dtype so the product runs on tensor cores; xq is exact in bf16/fp16. Tiles: BLOCK_M output rows
+    grad_y's dtype so the product runs on tensor cores; xq is exact in bf16/fp16 (fp32 grads never come here:
+    grad_weight sends them to cuBLAS). Tiles: BLOCK_M output rows
     (over N), 16 * BLOCK_KW output columns (over K), BLOCK_N rows of the M reduction per step."""
     offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_KW * 16 + tl.arange(0, BLOCK_KW * 16)
@@ -386,10 +389,7 @@ def _grad_weight_kernel(g_ptr, xq_ptr, s_ptr, out_ptr, M, N, K, M_BUCKET, stride
         a = (g.to(tl.float32) / s[None, :]).to(g.dtype)
         x = tl.load(xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)  # (BN over M, BK)
-        if IEEE:
-            acc += tl.dot(a.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, x.to(g.dtype))
+        acc += tl.dot(a, x.to(g.dtype))
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], acc, mask=mask)
 
@@ -579,16 +579,14 @@ def bitlinear(x2d, pw, bias=None, out_dtype=torch.float32, split_k: int | None =
 
 
 def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """(M, N) float grad x ternary (N, K) * gamma -> (M, K) fp32; fp32 grads use IEEE fp32 dots (no TF32).
-
-    The interpreter multiplies raw bf16 bits in tl.dot, so interpreted bf16 runs take the fp32 path too."""
+    """(M, N) float grad x ternary (N, K) * gamma -> (M, K) fp32; fp32 grads use IEEE fp32 dots (no TF32)."""
     _check("grad_y", grad_y2d, FLOAT_DTYPES)
     _check_i2g(pw)
     (m, n), (k, kw) = grad_y2d.shape, (pw.in_features, pw.data.shape[1])
     out = torch.empty((m, k), dtype=torch.float32, device=grad_y2d.device)
     if m == 0:
         return out
-    ieee = grad_y2d.dtype == torch.float32 or (INTERPRET and grad_y2d.dtype == torch.bfloat16)
+    ieee = grad_y2d.dtype == torch.float32
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kw, meta["BLOCK_KW"]))  # noqa: E731
     _grad_input_kernel[grid](grad_y2d, pw.data, _gamma(pw), out, m, n, k, kw, triton.next_power_of_2(m),
                              grad_y2d.stride(0), grad_y2d.stride(1), pw.data.stride(0), pw.data.stride(1),
@@ -611,8 +609,7 @@ def grad_weight(grad_y2d: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> to
     out = torch.empty((n, k), dtype=torch.float32, device=xq.device)
     if m == 0:
         return out.zero_()
-    ieee = INTERPRET and grad_y2d.dtype == torch.bfloat16  # the interpreter cannot tl.dot bf16 (see grad_input)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(k, 16 * meta["BLOCK_KW"]))  # noqa: E731
     _grad_weight_kernel[grid](grad_y2d, xq, s, out, m, n, k, triton.next_power_of_2(m), grad_y2d.stride(0),
-                              grad_y2d.stride(1), xq.stride(0), xq.stride(1), out.stride(0), IEEE=ieee)
+                              grad_y2d.stride(1), xq.stride(0), xq.stride(1), out.stride(0))
     return out

@@ -1,11 +1,15 @@
-"""Triton backend (kernels/gpu.py): bit-exact against kernels/reference.py on random and edge-case shapes.
+"""Triton backend (kernels/gpu.py) against kernels/reference.py on random and edge-case shapes: integer and
+quantized results and forward epilogues compared with torch.equal, backward products to float tolerance.
 
 Why a subprocess: `@triton.jit` decides between compiled and interpreted kernels when the decorator runs,
 i.e. when gpu.py is imported, from TRITON_INTERPRET. Other test files may import bitnet_fast.kernels (or
 triton) first, and setting the variable in-process would leak interpreted kernels into them. So on a
 machine without CUDA one driver test (`test_interpreter_suite`) re-runs this file in a fresh Python with
 TRITON_INTERPRET=1, where the tests call gpu.py's functions directly on small CPU tensors. With CUDA the
-same tests run natively on CUDA tensors through the public dispatch (`bitnet_fast.kernels`).
+same tests run natively on CUDA tensors through the public dispatch (`bitnet_fast.kernels`). The interpreter
+runs the CUDA kernel source (kernels/triton_interp.py supplies dp4a and GPU-exact bf16 dots and casts, each tested
+here against its definition), each kernel's default config in the hypothesis tests and every config in
+`test_every_autotune_config_runs`; `test_kernels_compile_for_sm90` compiles every config for Hopper.
 """
 
 from __future__ import annotations
@@ -34,8 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 if CUDA:  # hypothesis draws many shapes: one default config per kernel instead of autotuning each (set before
     os.environ.setdefault("BITNET_FAST_TRITON_AUTOTUNE", "0")  # the backend's lazy import, when this file runs alone)
-kernel_test = pytest.mark.skipif(MODE == "outer", reason="runs in the TRITON_INTERPRET=1 subprocess (see module doc)")
+KERNEL_TESTS: list[str] = []  # what the interpreter subprocess must pass, every one of them
+
+
+def kernel_test(fn):
+    """A test of the kernels themselves: native on CUDA, else in the TRITON_INTERPRET=1 subprocess."""
+    KERNEL_TESTS.append(fn.__name__)
+    return pytest.mark.skipif(MODE == "outer", reason="runs in the TRITON_INTERPRET=1 subprocess (module doc)")(fn)
+
+
 if MODE != "outer":
+    import triton
+    import triton.language as tl
     from bitnet_fast.kernels import gpu as G
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -95,12 +109,10 @@ def rand_int8(g, m, k):
 
 
 def assert_epilogue_equal(y, yr):
-    """Bit-exact (div_rn, no FMA contraction, RNE casts), except that the Triton interpreter casts fp32 to bf16
-    by truncation, so interpreted bf16 outputs may sit one bf16 ulp below the reference."""
-    if MODE == "interpret" and y.dtype == torch.bfloat16:
-        torch.testing.assert_close(y.float(), yr.float(), rtol=2**-7, atol=0, equal_nan=True)
-    else:
-        torch.testing.assert_close(y, yr, rtol=0, atol=0, equal_nan=True)
+    """Equal under torch.equal (div_rn, no FMA contraction, RNE casts), NaN where the reference has NaN."""
+    assert y.dtype == yr.dtype and y.shape == yr.shape
+    nan = yr.isnan()
+    assert torch.equal(y.isnan(), nan) and torch.equal(y[~nan], yr[~nan])
 
 
 # M covers the M = 1 GEMV, the 16-row tl.dot GEMV (2..16) and the tiled GEMM (17+); K crosses block edges.
@@ -299,11 +311,130 @@ def test_grad_weight(m, n, k, dtype, seed):
     if dtype == torch.float32:
         torch.testing.assert_close(cpu(gw), R.grad_weight(gy, xq, s), rtol=1e-5, atol=1e-5)
     else:  # grad_y / s is rounded once to grad_y's dtype (documented), then accumulated in fp32
-        if not (MODE == "interpret" and dtype == torch.bfloat16):  # the interpreter truncates fp32 -> bf16
-            ref = R.grad_weight((gy.float() / s[:, None]).to(dtype), xq, torch.ones_like(s))
-            torch.testing.assert_close(cpu(gw), ref, rtol=1e-4, atol=1e-4)
+        ref = R.grad_weight((gy.float() / s[:, None]).to(dtype), xq, torch.ones_like(s))
+        torch.testing.assert_close(cpu(gw), ref, rtol=1e-4, atol=1e-4)
         bound = 2**-7 * (gy.float().abs() / s[:, None]).T @ xq.float().abs() + 1e-6  # one rounding per term
         assert ((cpu(gw) - R.grad_weight(gy, xq, s)).abs() <= bound).all()
+
+
+# ----------------------------------------------------------------------------------------- every config
+def _forced(kernel, config, monkeypatch):
+    """Make an autotuned kernel run `config` alone (a single config is launched without timing)."""
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+def _config_cases():
+    if MODE == "outer":
+        return []
+    cases = [("gemv1", i) for i in range(len(G.GEMV_CONFIGS))] + [("gemv", i) for i in range(len(G.GEMV_CONFIGS))]
+    cases += [("gemm", i) for i in range(len(G.GEMM_CONFIGS))] + [("grad", i) for i in range(len(G.GRAD_CONFIGS))]
+    return cases
+
+
+@kernel_test
+@pytest.mark.parametrize(("kernel", "index"), _config_cases())
+def test_every_autotune_config_runs(kernel, index, monkeypatch):
+    """Each autotune config of each kernel (the ones a GPU chooses among) on small shapes: integer products and
+    epilogues equal to the reference, with and without split-K where the kernel has it."""
+    g = torch.Generator().manual_seed(index)
+    n, k = 37, 200
+    wt, gamma = rand_ternary(g, n, k), torch.tensor(0.07)
+    pw = pack(wt.to(DEV), gamma.to(DEV))
+    if kernel == "grad":
+        config = G.GRAD_CONFIGS[index]
+        ieee = G._prune_grad_input([config], {}, IEEE=True) == [config]
+        _forced(G._grad_input_kernel, config, monkeypatch)
+        m = 21
+        gy = torch.randn(m, n, generator=g).to(torch.float32 if ieee else torch.bfloat16)
+        torch.testing.assert_close(cpu(G.grad_input(gy.to(DEV), pw)), R.grad_input(gy, wt, gamma), rtol=1e-5, atol=1e-5)
+        if not ieee:  # grad_weight's configs are the tensor-core group
+            _forced(G._grad_weight_kernel, config, monkeypatch)
+            xq, s = rand_int8(g, m, k), torch.rand(m, generator=g) * 50 + 0.5
+            ref = R.grad_weight((gy.float() / s[:, None]).to(gy.dtype), xq, torch.ones_like(s))
+            torch.testing.assert_close(cpu(G.grad_weight(gy.to(DEV), xq.to(DEV), s.to(DEV))), ref, rtol=1e-5, atol=1e-5)
+        return
+    configs = G.GEMM_CONFIGS if kernel == "gemm" else G.GEMV_CONFIGS
+    target = {"gemv1": G._gemv1_kernel, "gemv": G._gemv_kernel, "gemm": G._gemm_kernel}[kernel]
+    _forced(target, configs[index], monkeypatch)
+    m = {"gemv1": 1, "gemv": 5, "gemm": 33}[kernel]
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    y = G.bitlinear(x.to(DEV), pw, None, torch.bfloat16, split_k=1)  # quantize, product, fused epilogue
+    assert_epilogue_equal(cpu(y), R.matmul(*R.act_quant(x), wt, gamma, None, torch.bfloat16))
+    if kernel != "gemm":  # the split-K variant: int32 partials added atomically
+        xq = rand_int8(g, m, k)
+        assert torch.equal(cpu(G.matmul_int(xq.to(DEV), pw, split_k=2)), R.matmul_int(xq, wt))
+
+
+# ----------------------------------------------------------------------------------------- interpreter fidelity
+if MODE != "outer":
+    @triton.jit
+    def _dp4a_probe(a_ptr, b_ptr, c_ptr, out_ptr, USE_ASM: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, G._dp4a(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i), USE_ASM))
+
+    @triton.jit
+    def _bf16_probe(x_ptr, i_ptr, a_ptr, b_ptr, xo_ptr, io_ptr, do_ptr, N: tl.constexpr, D: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(xo_ptr + r, tl.load(x_ptr + r).to(tl.bfloat16))
+        tl.store(io_ptr + r, tl.load(i_ptr + r).to(tl.bfloat16))
+        d = tl.arange(0, D)
+        a = tl.load(a_ptr + d[:, None] * D + d[None, :])
+        b = tl.load(b_ptr + d[:, None] * D + d[None, :])
+        tl.store(do_ptr + d[:, None] * D + d[None, :], tl.dot(a, b))
+
+
+def _dp4a_definition(a: int, b: int, c: int) -> int:
+    """PTX ISA, dp4a.u32.s32: d = c + sum_i zext(a.byte[i]) * sext(b.byte[i]), in 32-bit two's complement."""
+    total = c
+    for i in range(4):
+        ua, sb = (a >> 8 * i) & 0xFF, (b >> 8 * i) & 0xFF
+        total += ua * (sb - 256 if sb >= 128 else sb)
+    return (total + 2**31) % 2**32 - 2**31
+
+
+@kernel_test
+def test_dp4a_matches_the_ptx_definition():
+    """Both dp4a paths of gpu._dp4a against the instruction's definition: the inline PTX (hardware on CUDA,
+    triton_interp's emulation under the interpreter) and the in-kernel emulation that ROCm runs."""
+    g = torch.Generator().manual_seed(7)
+    edge = [0, -1, 2**31 - 1, -(2**31), 0x7F7F7F7F, -0x7F7F7F80, 0x80808080 - 2**32, 0x00FF00FF, 0x01020304]
+    n = 256
+    a, b = (torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32) for _ in "ab")
+    c = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    pairs = torch.tensor([(ea, eb) for ea in edge for eb in edge], dtype=torch.int64).to(torch.int32)  # every pair
+    a[: len(pairs)], b[: len(pairs)] = pairs[:, 0], pairs[:, 1]
+    c[:4] = torch.tensor([2**31 - 1, -(2**31), 0, -1])  # wrap-around in both directions
+    want = torch.tensor([_dp4a_definition(*v) for v in zip(a.tolist(), b.tolist(), c.tolist(), strict=True)],
+                        dtype=torch.int32)
+    for use_asm in (True, False):
+        if use_asm and torch.version.hip is not None:
+            continue
+        out = torch.empty(n, dtype=torch.int32, device=DEV)
+        _dp4a_probe[(1,)](a.to(DEV), b.to(DEV), c.to(DEV), out, USE_ASM=use_asm, N=n)
+        assert torch.equal(cpu(out), want), use_asm
+
+
+@kernel_test
+def test_bf16_casts_and_dots_match_the_gpu():
+    """fp32 and int32 -> bf16 round to nearest even as on the GPU (and torch), and a bf16 tl.dot multiplies
+    values, exactly, with fp32 accumulation: on CUDA this checks the hardware, under the interpreter triton_interp."""
+    one = 1.0 + 2**-8  # halfway between two bf16 neighbours of 1.0: a tie to even (down)
+    x = torch.tensor([one, 1.0 + 3 * 2**-8, -one, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan"),
+                      -0.0, 1e-40, -1e-40, 1.0 + 2**-8 + 2**-20, 65505.0, 0.1, 2.5, 7.0 - 2**-6])
+    x = torch.cat([x, torch.randn(48, generator=torch.Generator().manual_seed(3)) * 1e3])
+    ints = torch.cat([torch.arange(-8, 8), torch.tensor([257, 259, -513, 2**24 - 1, 127, -128] * 8)[:48]]).int()
+    d = 16
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(d, d, generator=g).bfloat16() for _ in "ab")
+    xo, io = (torch.empty(64, dtype=torch.bfloat16, device=DEV) for _ in "xi")
+    do = torch.empty(d, d, dtype=torch.float32, device=DEV)
+    _bf16_probe[(1,)](x.to(DEV), ints.to(DEV), a.to(DEV), b.to(DEV), xo, io, do, N=64, D=d)
+    want = x.bfloat16()
+    assert torch.equal(cpu(xo).isnan(), want.isnan())
+    assert torch.equal(cpu(xo)[~want.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+    assert torch.equal(cpu(io), ints.bfloat16())
+    torch.testing.assert_close(cpu(do), a.float() @ b.float(), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -342,11 +473,11 @@ def test_interpreter_suite():
     """Run this file under TRITON_INTERPRET=1 in a fresh process (see the module doc for why)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", INNER_FLAG: "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreted GPU-kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 14, f"the interpreted suite ran too few tests:\n{proc.stdout[-3000:]}"
+    ran = set(re.findall(r"^PASSED \S+::(\w+)", proc.stdout, re.M))
+    assert KERNEL_TESTS and ran >= set(KERNEL_TESTS), f"not run or not passed: {set(KERNEL_TESTS) - ran}"
 
 
 def test_missing_triton_falls_back_to_reference(monkeypatch):
@@ -372,14 +503,19 @@ def test_cuda_dispatch_uses_triton():
 
 @pytest.mark.skipif(MODE == "interpret", reason="needs compiled (not interpreted) kernels: runs in the driver")
 def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles for Hopper with Triton's bundled ptxas (no GPU needed): this catches what the
-    interpreter cannot (shape/type rules of compiled tl.dot, reshape, div_rn...)."""
+    """Every kernel variant, in every autotune config, compiles for Hopper with Triton's bundled ptxas (no GPU
+    needed), and the M = 1 GEMV's PTX holds dp4a: this catches what the interpreter cannot (shape/type rules of
+    compiled tl.dot, reshape, div_rn, register spills...)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gpu.py"), "--compile-check", "90"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_gpu.py"), "--compile-check", "90", "--all-configs"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
-    assert "gemm" in proc.stdout and "FAILED" not in proc.stdout
+    assert "FAILED" not in proc.stdout and "sm_90: 0 failures" in proc.stdout
+    gpu = importlib.import_module("bitnet_fast.kernels.gpu")  # compiled (not interpreted) here: TRITON_INTERPRET unset
+    compiled = proc.stdout.splitlines()
+    for label, configs in (("gemv M=1 dp4a ", gpu.GEMV_CONFIGS), ("gemm ", gpu.GEMM_CONFIGS)):
+        assert sum(line.startswith(label + "{") for line in compiled) == len(configs), (label, proc.stdout[-3000:])
 
 
 @kernel_test

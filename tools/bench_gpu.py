@@ -105,9 +105,14 @@ _DIV16 = {"N", "K", "KW", "stride_xm", "stride_wn", "stride_om", "stride_gm", "s
 
 def _compile_cases(G, all_configs: bool):
     """(label, kernel, arg types/constants, num_warps, num_stages) for every kernel variant the backend launches."""
-    def tuned(kernel, label, types, consts, keep=lambda c: True):
-        configs = [c for c in kernel.configs if keep(c)]
-        for c in configs if all_configs else configs[:1]:
+    def tuned(kernel, label, types, consts, keep=lambda c: True, variant=False):
+        """Every config with all_configs, else the first; a `variant` (other flags of a kernel already compiled
+        in every config: only the split-K store differs) always in its first config."""
+        # the config lists themselves, not kernel.configs (which BITNET_FAST_TRITON_AUTOTUNE=0 cuts to the first)
+        every = {G._gemv1_kernel: G.GEMV_CONFIGS, G._gemv_kernel: G.GEMV_CONFIGS, G._gemm_kernel: G.GEMM_CONFIGS,
+                 G._grad_input_kernel: G.GRAD_CONFIGS, G._grad_weight_kernel: G.GRAD_CONFIGS}[kernel]
+        configs = [c for c in every if keep(c)]
+        for c in configs if all_configs and not variant else configs[:1]:
             spec = {**types, **consts, **c.kwargs}
             yield f"{label} {c.kwargs} w{c.num_warps} s{c.num_stages}", kernel, spec, c.num_warps, c.num_stages
 
@@ -116,10 +121,12 @@ def _compile_cases(G, all_configs: bool):
                  acc_ptr="*i32", N=_I, KW=_I, stride_wn=_I, stride_ww=1, stride_om=_I)
     flags1 = dict(SPLIT_K=1, EPILOGUE=True, HAS_BIAS=True, USE_DP4A=True)
     yield from tuned(G._gemv1_kernel, "gemv M=1 dp4a", gemv1, flags1)
-    yield from tuned(G._gemv1_kernel, "gemv M=1 dp4a split-K", gemv1, {**flags1, "SPLIT_K": 4, "EPILOGUE": False})
+    yield from tuned(G._gemv1_kernel, "gemv M=1 dp4a split-K", gemv1, {**flags1, "SPLIT_K": 4, "EPILOGUE": False},
+                     variant=True)
     yield ("pack_x (M=1 prologue, quantizing)", G._pack_x_kernel, dict(x_ptr="*bf16", s_ptr="*fp32", xp_ptr="*i32",
            K=_I, KW=_I, stride_xk=1, QUANT=True, BLOCK_K=4096, BLOCK_W=64), 8, 1)
-    yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "SPLIT_K": 4, "EPILOGUE": False})
+    yield from tuned(G._gemv_kernel, "gemv M<=16 split-K int", _GEMV, {**base, "SPLIT_K": 4, "EPILOGUE": False},
+                     variant=True)
     yield from tuned(G._gemv_kernel, "gemv M<=16 + bias", _GEMV, {**base, "HAS_BIAS": True})
     yield from tuned(G._gemm_kernel, "gemm", _GEMM, dict(EPILOGUE=True, HAS_BIAS=True))
     yield from tuned(G._grad_input_kernel, "grad_input bf16", _GRAD, dict(IEEE=False),
@@ -128,7 +135,7 @@ def _compile_cases(G, all_configs: bool):
                      lambda c: G._prune_grad_input([c], {}, IEEE=True))
     gw = dict(g_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", out_ptr="*fp32", M=_I, N=_I, K=_I, M_BUCKET=_I,
               stride_gm=_I, stride_gn=1, stride_xm=_I, stride_xk=1, stride_on=_I)
-    yield from tuned(G._grad_weight_kernel, "grad_weight bf16", gw, dict(IEEE=False),
+    yield from tuned(G._grad_weight_kernel, "grad_weight bf16", gw, {},
                      lambda c: not G._prune_grad_input([c], {}, IEEE=True))
     yield ("act_quant", G._act_quant_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", xsum_ptr="*i32",
            K=_I, stride_xm=_I,
@@ -188,6 +195,10 @@ def compile_check(arch: int = 90, all_configs: bool = False) -> int:
         except Exception as e:  # report every failing variant, then fail
             failures += 1
             print(f"{label:<84} FAILED: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+            continue
+        if spec.get("USE_DP4A") and "dp4a.u32.s32" not in cc.asm["ptx"]:  # the instruction the interpreter emulates
+            failures += 1
+            print(f"{label:<84} FAILED: no dp4a.u32.s32 in the PTX")
             continue
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cc.asm["cubin"])
