@@ -284,23 +284,34 @@ from bitnet_fast.kernels import cpu, reference
 assert cpu.ISA == {isa!r}
 g = torch.Generator().manual_seed(0)
 run = {run}
+# The packed engine's entry points: the fused quantizing forward (inference and training), the quantized-input
+# matmul with its epilogue, and the exact int32 product. Each compiles cpu._mm for its own output and scale types.
+ENTRIES = (cpu._bitlinear_packed, cpu._bitlinear_train_packed, cpu._matmul_packed, cpu._matmul_int_packed)
 for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     wt = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     x = torch.randn(m, k, generator=g)
     pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (n, k), "i2")  # no cpu_pack compile
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
-        xp, out = np.zeros((m, pw.data.shape[1] * 4), np.int8), np.zeros((m, n), np.float32)
-        args = (xp, np.zeros(m, np.int32), np.ones(m, np.float32), pw.data.numpy(), None, out, 2, 1 << 18, True)
-        cpu._mm.compile(tuple(numba.typeof(a) for a in args))
+        wp, tiling = pw.data.numpy(), (2, 1 << 18, True)
+        s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
+        for fn, args in zip(ENTRIES, [(x.numpy(), 0.5, wp, bias, *tiling), (x.numpy(), 0.5, wp, None, *tiling),
+                                      (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
+            fn.compile(tuple(numba.typeof(a) for a in args))
         continue
     for gemm_min_m in (1, 1 << 20):
         cpu.configure(gemm_impl="numba", gemm_min_m=gemm_min_m)
         assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt))
-        y = kernels.bitlinear(x, pw)
-        assert torch.equal(y, reference.matmul(*reference.act_quant(x), wt, torch.tensor(0.5)))
-asm = "".join(cpu._mm.inspect_asm(s) for s in cpu._mm.signatures)
-print(json.dumps(sorted(set(re.findall(r"\\b(vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpmovsxbd)\\b", asm)))))
+        xq_f, s_f = reference.act_quant(x)
+        want = reference.matmul(xq_f, s_f, wt, torch.tensor(0.5))
+        assert torch.equal(kernels.bitlinear(x, pw), want)
+        y, xq_t, s_t = kernels.bitlinear_train(x, pw, None)
+        assert torch.equal(y, want) and torch.equal(xq_t, xq_f) and torch.equal(s_t, s_f)
+        assert torch.equal(kernels.matmul(xq_f, s_f, pw, None, torch.float32), want)
+pat = r"\\b(vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpmovsxbd)\\b"
+per_mm = [sorted(set(re.findall(pat, cpu._mm.inspect_asm(sig)))) for sig in cpu._mm.signatures]
+every = sorted(set(re.findall(pat, "".join(f.inspect_asm(sig) for f in (cpu._mm, *ENTRIES) for sig in f.signatures))))
+print(json.dumps({{"mm_signatures": per_mm, "entries": [len(f.signatures) for f in ENTRIES], "all": every}}))
 """
 
 # The instructions each ISA path must contain: its multiply, and none of the slower class's (vnni paths must not
@@ -322,8 +333,9 @@ def _host_runs(isa: str) -> bool:
 
 @pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "portable"])
 def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa, tmp_path):
-    """Every ISA path is compiled on any x86 host (for a CPU of its class when the host is not one) and its
-    assembly checked; where the host can execute it, it also runs bit-exact against the reference."""
+    """Every ISA path is compiled on any x86 host (for a CPU of its class when the host is not one) through every
+    packed-engine entry point, the fused quantizing bitlinear included, and its assembly checked; where the host
+    can execute it, it also runs against the reference (torch.equal)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the ISA classes are x86 classes")
     run = _host_runs(isa)
@@ -333,9 +345,12 @@ def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa,
     code = textwrap.dedent(_ISA_RUN.format(isa=isa, run=run))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    found = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    got = json.loads(out.stdout.strip().splitlines()[-1])
     must, must_not = _ISA_ASM[isa]
-    assert must <= found and not (must_not & found), (isa, found)
+    assert len(got["mm_signatures"]) >= 2 and all(got["entries"]), got  # float and int32 outputs, every entry point
+    for found in got["mm_signatures"]:  # each compiled variant of the engine uses this ISA's multiply...
+        assert must <= set(found), (isa, got)
+    assert not (must_not & set(got["all"])), (isa, got)  # ...and no entry point uses the slower class's
 
 
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), path=st.sampled_from(sorted(PATHS)), use_bias=st.booleans())
