@@ -199,6 +199,25 @@ def generate_(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, engi
             sys.stdout.flush()
 
 
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["tq1", "i2"]), default="tq1", show_default=True,
+              help="tq1: ~1.6 bits/weight, the smallest file; i2: 2 bits/weight, the CPU compute layout.")
+def export_(checkpoint, out, fmt) -> None:
+    """Write the BitNet model of a training CHECKPOINT packed to OUT (safetensors; load with export.load_lm)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .export import save_packed
+
+    ckpt = load_checkpoint(checkpoint)
+    linear = ckpt["model_config"].get("linear")
+    if linear != "bitnet":
+        raise click.ClickException(f"{checkpoint} holds a model with linear={linear!r}; only BitNet checkpoints "
+                                   "export packed (train with --model bitnet)")
+    path = save_packed(model_from_checkpoint(ckpt), out, fmt)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {fmt}, step {ckpt['step']})")
+
+
 @main.command(name="calibrate")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress goes to stderr).")
 @click.option("--quick", is_flag=True, help="tiny/small presets, few repeats: under a minute.")

@@ -2,9 +2,11 @@
 
     save_packed(model, "m.safetensors", fmt="tq1")   # tq1: ~1.6 bits/weight, the smallest files; i2: 2 bits
     model = load_packed(lambda: MyModel(cfg), "m.safetensors")   # packed, in the compute format of its device
+    lm = load_lm("lm.safetensors")   # bitnet-fast's own LM: its ModelConfig is in the file (`bitnet-fast export`)
 
 A BitLinear named `blk.fc` is stored as `blk.fc.packed.{data,gamma,header}` (PackedWeight.state()); the file's
-metadata carries the layout version, checked at load. Writes are atomic and durable (plumbing.atomic_path).
+metadata carries the layout version, checked at load, and for bitnet-fast's own LM its ModelConfig (`lm_config`,
+JSON), so that `load_lm` needs nothing but the file. Writes are atomic and durable (plumbing.atomic_path).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from torch import nn
 
 from bitnet_fast import __version__, kernels
 from bitnet_fast.kernels import PackedWeight
+from bitnet_fast.model import LM, ModelConfig
 from bitnet_fast.nn import BitLinear, _to_compute, meta_parameters
 from bitnet_fast.plumbing import atomic_path
 
-__all__ = ["load_packed", "read_metadata", "save_packed"]
+__all__ = ["load_lm", "load_packed", "read_metadata", "save_packed"]
 
 FILE_KIND = "bitnet-fast-packed"
 
@@ -72,6 +75,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
     tensors, aliases = _dedupe(_packed_state(model, fmt))
     meta = {"kind": FILE_KIND, "layout_version": str(kernels.LAYOUT_VERSION), "format": fmt, "version": __version__,
             "aliases": json.dumps(aliases)}
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        meta["lm_config"] = json.dumps(model.config.to_dict())
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return path
@@ -198,6 +203,22 @@ def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
     if left:
         raise ValueError(f"{path}: the model has tensors the file does not fill: {left[:5]}")
     return model
+
+
+def load_lm(path: str | os.PathLike) -> LM:
+    """bitnet-fast's own LM from a file `save_packed` (or `bitnet-fast export`) wrote for one, built from the
+    ModelConfig in its metadata, packed and in eval mode: ready for `decode.PackedDecoder.from_model`."""
+    path = Path(path)
+    raw = read_metadata(path).get("lm_config")
+    if raw is None:
+        raise ValueError(f"{path}: holds no bitnet-fast LM config (saved from another kind of model); load it with "
+                         "load_packed(factory, path), the factory building that model")
+    try:
+        fields = json.loads(raw)
+        cfg = ModelConfig(**fields)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt lm_config in the metadata: {e}") from None
+    return load_packed(lambda: LM(cfg), path).eval()
 
 
 def _ensure_bitlinear(model: nn.Module, name: str) -> None:

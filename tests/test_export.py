@@ -145,3 +145,90 @@ def test_failed_write_keeps_old_file(tmp_path, model_and_output, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_packed(model_and_output[0], path, fmt="i2")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def _trained_lm(tie: bool):
+    """A small bitnet_fast LM with spread-out weights (as after training), unpacked like a training checkpoint."""
+    from bitnet_fast.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, hidden=96,
+                                    max_seq_len=32, tie_embeddings=tie)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize(("fmt", "tie"), [("tq1", True), ("i2", False)])
+def test_lm_round_trip_is_bit_identical_and_needs_only_the_file(tmp_path, fmt, tie):
+    from bitnet_fast.decode import PackedDecoder
+    from bitnet_fast.export import load_lm
+
+    model = _trained_lm(tie)
+    path = save_packed(model, tmp_path / "lm.safetensors", fmt=fmt)  # packs on the way out; model stays as is
+    loaded = load_lm(path)
+    assert loaded.config == model.config and not loaded.training
+    assert (loaded.head.weight is loaded.tok_emb.weight) == tie
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        want, got = pack_model(model)(ids)[0], loaded(ids)[0]
+    assert torch.equal(got, want)
+    logits = [PackedDecoder.from_model(m, head="fp32").forward(ids[0].tolist()) for m in (model, loaded)]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_load_lm_needs_an_lm_file(tmp_path, model_and_output):
+    from bitnet_fast.export import load_lm
+
+    path = save_packed(model_and_output[0], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="no bitnet-fast LM config"):
+        load_lm(path)
+    lm = save_packed(_trained_lm(True), tmp_path / "lm.safetensors")
+    _rewrite_header(lm, lambda h: h["__metadata__"].update(lm_config='{"n_layer": "two"'))
+    with pytest.raises(ValueError, match="corrupt lm_config"):
+        load_lm(lm)
+
+
+def test_llama_round_trip_logits_and_decoder_are_bit_identical(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from bitnet_fast.decode import PackedDecoder
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = convert(transformers.LlamaForCausalLM(cfg), pack=True).eval()
+    path = save_packed(model, tmp_path / "llama.safetensors", fmt="tq1")
+    assert "lm_config" not in read_metadata(path)
+    loaded = load_packed(lambda: transformers.LlamaForCausalLM(cfg).eval(), path)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    logits = [PackedDecoder.from_model(m).forward(ids[0].tolist()) for m in (model, loaded)]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_cli_export_writes_a_file_load_lm_reads(tmp_path):
+    from click.testing import CliRunner
+
+    from bitnet_fast.checkpoint import save_checkpoint
+    from bitnet_fast.cli import main
+    from bitnet_fast.export import load_lm
+
+    model = _trained_lm(True)
+    ckpt = {"model": model.state_dict(), "model_config": model.config.to_dict(), "train_config": {},
+            "tokenizer": "{}", "step": 7}
+    path = save_checkpoint(tmp_path / "run", ckpt, keep_last=1)
+    res = CliRunner().invoke(main, ["export", str(path), str(tmp_path / "lm.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "step 7" in res.output and read_metadata(tmp_path / "lm.safetensors")["format"] == "tq1"
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_lm(tmp_path / "lm.safetensors")(ids)[0], pack_model(model)(ids)[0])
+    fp = save_checkpoint(tmp_path / "fp", {**ckpt, "model_config": {**ckpt["model_config"], "linear": "fp"}}, 1)
+    res = CliRunner().invoke(main, ["export", str(fp), str(tmp_path / "fp.safetensors")])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "linear='fp'" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "fp.safetensors").exists()
