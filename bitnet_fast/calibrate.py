@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import kernels
+from . import kernels, tinyllama
 from .kernels import tuning
 from .model import LM, PRESETS, build_model, count_parameters, preset_config
 from .plumbing import describe_machine, fmt, machine_info, write_json
@@ -265,11 +265,14 @@ def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int,
 
 # ---------------------------------------------------------------------------------------------- the command
 def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[str, ...] | None = None,
-              seq_len: int | None = None, save: bool = True, echo: Echo = print) -> dict:
+              seq_len: int | None = None, save: bool = True, echo: Echo = print,
+              whole_model: bool | None = None) -> dict:
     """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`.
 
     `quick` keeps to the tiny/small presets with few repeats (under a minute); `presets` narrows the presets;
     `seq_len` is the training sequence length to size steps for (default 128, as `bitnet-fast train`; quick 64).
+    `whole_model` (default: not quick) also times the TinyLlama-shaped PackedDecoder with the tuned kernels, next
+    to llama.cpp's llama-bench when it is built (tinyllama.measure; 2 of 22 layers when quick).
     """
     if not target_seconds > 0:
         raise ValueError(f"target_seconds={target_seconds} must be > 0 (the wanted training step time in seconds)")
@@ -306,6 +309,12 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
             batches = (1, 4) if preset in QUICK_PRESETS else (1, 2)
             result["models"].append(model_throughput(preset, linear, seq_len, batches, 4 if quick else 8, 2,
                                                      0.1 if quick else 0.0, target_seconds))
+    if not quick if whole_model is None else whole_model:
+        echo("whole model: TinyLlama-1.1B-shaped PackedDecoder, and llama.cpp where built ...")
+        try:
+            result["whole_model"] = tinyllama.measure(quick=quick, variants=("decoder",), echo=echo)
+        except RuntimeError as e:  # the subprocess failed: report it, keep the kernel calibration
+            result["whole_model"] = {"error": str(e)}
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -355,5 +364,13 @@ def format_table(r: dict) -> str:
             for x in r["models"]]
     out += [f"model throughput (tokens/s) and training step sizing for a {r['target_seconds']:g} s step:",
             _table(["preset", "linear", "params", "decode", "prefill", "train", "batch x seq", "tokens/step",
-                    "step s"], rows), "", f"calibration took {r['seconds']:.0f} s"]
+                    "step s"], rows), ""]
+    if "whole_model" in r:
+        w = r["whole_model"]
+        what = (f"{w['layers']} of {w['total_layers']} layers: QUICK, not TinyLlama throughput" if w.get("quick")
+                else f"{w.get('layers')} layers") if "error" not in w else "failed"
+        out += [f"whole model (TinyLlama-1.1B shape, {what}):",
+                *(["  " + line for line in tinyllama.compare_lines(w)] if "error" not in w else [f"  {w['error']}"]),
+                ""]
+    out += [f"calibration took {r['seconds']:.0f} s"]
     return "\n".join(out)

@@ -227,12 +227,14 @@ def export_(checkpoint, out, fmt) -> None:
               help="Only these presets (repeatable).")
 @click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Training sequence length [128; quick 64].")
 @click.option("--no-save", is_flag=True, help="Measure only; leave the kernel tuning file alone.")
-def calibrate_(as_json, quick, target_seconds, presets, seq_len, no_save) -> None:
+@click.option("--whole-model/--no-whole-model", default=None,
+              help="TinyLlama-shaped PackedDecoder decode/prefill next to llama.cpp (if built) [default: not --quick].")
+def calibrate_(as_json, quick, target_seconds, presets, seq_len, no_save, whole_model) -> None:
     """Time and tune the kernels on this machine (saved for later runs); tokens/sec and batch sizes per preset."""
     from .calibrate import calibrate, format_table
 
     result = calibrate(quick=quick, target_seconds=target_seconds, presets=presets or None, seq_len=seq_len,
-                       save=not no_save, echo=lambda m: click.echo(m, err=True))
+                       save=not no_save, echo=lambda m: click.echo(m, err=True), whole_model=whole_model)
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 
 

@@ -277,6 +277,7 @@ def _tinyllama_html(tl: dict) -> str:
                  for v in vs if v is not base]
         parts += ["<p>Relative to fp32 (same process order, same machine):</p>",
                   _table(["variant", "decode speed", "prefill speed", "parameter bytes"], ratio)]
+    parts.append(_llamacpp_html(tl))
     bars = lambda k, u="": [(v["name"], _num(v.get(k)), col.get(v["key"], "#888")) for v in vs]  # noqa: E731
     parts += ['<div class="grid">', bar_chart("Decode tokens / s (M=1)", bars("decode_tokens_per_sec")),
               bar_chart("Prefill tokens / s", bars("prefill_tokens_per_sec")),
@@ -284,6 +285,32 @@ def _tinyllama_html(tl: dict) -> str:
               bar_chart("Peak RSS", bars("peak_rss_bytes"), "B"),
               "</div>"]
     return "\n".join(parts)
+
+
+def _llamacpp_html(tl: dict) -> str:
+    """The decoder variant next to llama.cpp's llama-bench on the same shape (tinyllama.measure_llamacpp), or one
+    line saying why llama.cpp's numbers are absent; empty when the decoder variant was not measured."""
+    ours = next((v for v in tl["variants"] if v["key"] == "decoder"), None)
+    peer = tl.get("llama_cpp")
+    if ours is None or peer is None:
+        return ""
+    head = "<h3>Whole-model decode: bitnet-fast PackedDecoder vs llama.cpp (same shape, same threads)</h3>"
+    if not peer["available"]:
+        return f'{head}<p class="note">{html.escape(peer["reason"])}</p>'
+    pp, tg = f"pp{peer['n_prompt']}", f"tg{peer['n_gen']}"
+    added = ours["peak_rss_bytes"] - ours["rss_before_bytes"]
+    rows = [[ours["name"], fmt(ours["decode_tokens_per_sec"]), fmt(ours["prefill_tokens_per_sec"]),
+             f"{fmt(added, 'B')} added to the Python process"],
+            [f"llama.cpp {peer['build_commit']} llama-bench, {peer['weights'].upper()} projections, "
+             f"{peer['head'].upper()} embedding + head", f"{fmt(peer[tg + '_tok_s'])} ± {fmt(peer[tg + '_std'])}",
+             f"{fmt(peer[pp + '_tok_s'])} ± {fmt(peer[pp + '_std'])}", f"{fmt(peer['peak_rss_bytes'], 'B')} peak"],
+            ["ours / llama.cpp", f"{ours['decode_tokens_per_sec'] / peer[tg + '_tok_s']:.2f}x",
+             f"{ours['prefill_tokens_per_sec'] / peer[pp + '_tok_s']:.2f}x", f"{added / peer['peak_rss_bytes']:.2f}x"]]
+    return "\n".join([head, _table(["engine", f"decode tok/s ({peer['n_gen']} tokens)",
+                                     f"prefill tok/s ({peer['n_prompt']} tokens)", "memory"], rows),
+                       f'<p class="note">llama.cpp: <code>{html.escape(peer["command"])}</code>; mean ± std of its '
+                       "repetitions. Memory: the RSS our model adds to a process that has imported torch and "
+                       "bitnet_fast, against llama-bench's whole-process peak RSS (its weights are mmapped).</p>"])
 
 
 def render_html(rep: dict) -> str:

@@ -196,17 +196,59 @@ def cache_path() -> Path:
 
 
 def _cache_key(quick: bool, sizes: dict) -> dict:
-    from . import __version__
+    """What the measurements depend on: machine, versions, tuning, and whether llama.cpp's peer can be run."""
+    import importlib.util
+
+    from . import __version__, peers
     from .kernels import tuning
 
     m = machine_info()
+    exe = peers.find_llama_bench()
     return {"quick": quick, **sizes, "cpu": m["cpu"], "isa": m["isa"], "threads": m["torch_threads"],
-            "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load()}
+            "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load(),
+            "llama_bench": str(exe) if exe else None, "gguf": importlib.util.find_spec("gguf") is not None}
+
+
+def measure_llamacpp(layers: int, prefill: int, decode: int, echo: Callable[[str], None] = print) -> dict:
+    """llama.cpp (llama-bench, TQ2_0 projections, Q8_0 embedding and head: the class of the decoder's int8 head) on
+    the same shape, token counts and thread count as the decoder variant; peers.measure's result. A peer that is
+    absent or fails is reported (available False, reason), never fatal: it is a comparison, not our measurement."""
+    from . import peers
+    from .kernels import cpu
+
+    shape = peers.Shape(CONFIG["hidden_size"], layers, CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"],
+                        CONFIG["intermediate_size"], CONFIG["vocab_size"])
+    try:
+        return peers.measure(shape, prefill, decode, threads=cpu.threads(1 << 30), echo=echo)
+    except (RuntimeError, ValueError, OSError) as e:
+        return {"available": False, "reason": f"llama-bench failed: {e}"}
+
+
+def compare_lines(result: dict) -> list[str]:
+    """Plain-text lines: the decoder variant next to llama.cpp (ratios), or why llama.cpp's numbers are absent."""
+    ours = next((v for v in result.get("variants", []) if v["key"] == "decoder"), None)
+    peer = result.get("llama_cpp")
+    if ours is None or peer is None:
+        return []
+    lines = [f"bitnet-fast PackedDecoder: decode {ours['decode_tokens_per_sec']:.1f} tok/s, prefill "
+             f"{ours['prefill_tokens_per_sec']:.1f} tok/s ({ours['prefill_tokens']} tokens), RSS added "
+             f"{(ours['peak_rss_bytes'] - ours['rss_before_bytes']) / 2**20:.0f} MiB"]
+    if not peer["available"]:
+        return [*lines, f"llama.cpp: {peer['reason']}"]
+    pp, tg = f"pp{peer['n_prompt']}", f"tg{peer['n_gen']}"
+    return [*lines,
+            f"llama.cpp {peer['build_commit']} ({peer['weights'].upper()} + {peer['head'].upper()} head): decode "
+            f"{peer[tg + '_tok_s']:.1f} tok/s, prefill {peer[pp + '_tok_s']:.1f} tok/s, peak RSS "
+            f"{peer['peak_rss_bytes'] / 2**20:.0f} MiB",
+            f"ours / llama.cpp: decode {ours['decode_tokens_per_sec'] / peer[tg + '_tok_s']:.2f}x, prefill "
+            f"{ours['prefill_tokens_per_sec'] / peer[pp + '_tok_s']:.2f}x, memory (our RSS added / their peak RSS) "
+            f"{(ours['peak_rss_bytes'] - ours['rss_before_bytes']) / peer['peak_rss_bytes']:.2f}x"]
 
 
 def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, ...] = tuple(VARIANTS),
             echo: Callable[[str], None] = print, layers: int | None = None) -> dict:
-    """Every variant in its own subprocess (so peak RSS is per variant); reuse the cached result when it matches."""
+    """Every variant in its own subprocess (so peak RSS is per variant), and llama.cpp next to the decoder variant
+    when its llama-bench is built (tinyllama.measure_llamacpp); reuse the cached result when it matches."""
     sizes = {**(QUICK if quick else FULL), **({"layers": layers} if layers else {})}
     key = _cache_key(quick, sizes) | {"variants": list(variants)}
     path = cache_path()
@@ -232,9 +274,13 @@ def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, .
         r = results[-1]
         echo(f"    decode {r['decode_tokens_per_sec']:.2f} tok/s, prefill {r['prefill_tokens_per_sec']:.1f} tok/s, "
              f"params {r['param_bytes'] / 2**20:.0f} MiB, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    peer = None
+    if "decoder" in variants:
+        peer = measure_llamacpp(sizes["layers"], sizes["prefill"], sizes["decode"], echo)
+        echo("    " + "\n    ".join(compare_lines({"variants": results, "llama_cpp": peer})[1:]))
     result = {
         "config": {**CONFIG, "num_hidden_layers": sizes["layers"]}, "quick": sizes["layers"] < FULL["layers"],
-        "layers": sizes["layers"], "total_layers": FULL["layers"], "variants": results,
+        "layers": sizes["layers"], "total_layers": FULL["layers"], "variants": results, "llama_cpp": peer,
         "machine": machine_info(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m bitnet_fast.tinyllama" + (" --quick" if quick else ""),

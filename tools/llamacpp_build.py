@@ -1,7 +1,8 @@
 """Build the llama.cpp / ggml CPU peer that our kernels are compared against.
 
 The source is the llama.cpp tree vendored in the llama-cpp-python sdist on PyPI, pinned by version
-(`LLAMA_CPP_PYTHON`), so the kernel-level comparison (tools/ggml_peer.py, our tools/ggml_mulmat.c against
+(`LLAMA_CPP_PYTHON` in bitnet_fast/peers.py, which also finds the built llama-bench for `bitnet-fast calibrate`
+and `bitnet-fast report`), so the kernel-level comparison (tools/ggml_peer.py, our tools/ggml_mulmat.c against
 libggml) and the whole-model comparison (tools/bench_llamacpp.py, `llama-bench`) use one and the same ggml.
 Everything lives in a cache folder (default ~/.cache/bitnet-fast/peers, or $BITNET_FAST_PEERS, or --dir),
 never in the repository:
@@ -30,9 +31,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-LLAMA_CPP_PYTHON = "0.3.36"
+from bitnet_fast.peers import ISAS, LLAMA_CPP_PYTHON, build_dir, cache_dir  # one place for versions and paths
+
 TARGETS = ["ggml", "llama-bench", "llama-quantize"]
-ISAS = ("native", "avx2")
 _HERE = Path(__file__).resolve().parent
 _C_SRC = _HERE / "ggml_mulmat.c"
 LIB_NAME = "libggml_mulmat.so"
@@ -65,19 +66,6 @@ _FLAVOURS = {
     + [f"-DGGML_{o}=ON" for o in ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2")]
     + [f"-DGGML_{o}=OFF" for o in _OFF_X86],
 }
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The peers cache folder: `override`, else $BITNET_FAST_PEERS, else ~/.cache/bitnet-fast/peers."""
-    d = override or os.environ.get("BITNET_FAST_PEERS") or Path.home() / ".cache" / "bitnet-fast" / "peers"
-    return Path(d).expanduser().resolve()
-
-
-def build_dir(isa: str = "native", root: str | os.PathLike | None = None) -> Path:
-    """Where flavour `isa` is (or would be) built; the version is in the name so a bump never reuses a stale build."""
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    return cache_dir(root) / f"build-{isa}-{LLAMA_CPP_PYTHON}"
 
 
 def find_build(isa: str = "native", root: str | os.PathLike | None = None) -> Path | None:
