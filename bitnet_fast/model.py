@@ -304,5 +304,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LM:
-    """A freshly initialised LM on `device`."""
-    return LM(cfg).to(device)
+    """A freshly initialised LM on `device` (built under `nn.meta_parameters()`, its parameters stay on the meta
+    device for a loader to fill, and `device` must be the CPU)."""
+    model = LM(cfg)
+    return model if torch.device(device).type == "cpu" else model.to(device)
