@@ -2,7 +2,7 @@
 prints. The options of `train` are built from the fields of `TrainConfig`, where their defaults live.
 
 Errors users can fix (bad flags, missing data, corrupt checkpoints or shards) print one line on stderr and
-exit non-zero (2 for usage errors, 1 otherwise, 130 after Ctrl-C); no traceback.
+exit non-zero (2 for usage errors, 1 otherwise, 130 after Ctrl-C, 143 after SIGTERM); no traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 import click
 
 from .data import TOKENIZERS
+from .distributed import is_main
 from .generate import ENGINES
 from .model import LINEARS, PRESETS
 from .plumbing import UserError
@@ -135,11 +136,13 @@ def train(which, **kw) -> None:
             raise click.UsageError("--device cuda but no CUDA GPU is available; use --device cpu")
     cfg = TrainConfig(**kw)
     reports = train_pair(cfg) if which == "both" else {which: train_one(dataclasses.replace(cfg, linear=which))}
+    if not is_main():  # under torchrun rank 0 alone reports
+        return
     last = list(reports.values())[-1]
     if last["interrupted"]:
-        click.echo(f"interrupted: checkpoint saved in {last['train_config']['out']}/checkpoints; continue with "
-                   "--resume", err=True)
-        sys.exit(130)
+        click.echo(f"interrupted ({last['stop_signal'] or 'by another rank'}): checkpoint saved in "
+                   f"{last['train_config']['out']}/checkpoints; continue with --resume", err=True)
+        sys.exit(143 if last["stop_signal"] == "SIGTERM" else 130)  # 128 + the signal, as the shell reports it
     if which == "both":
         click.echo(side_by_side(reports))
     click.echo(f"report: {cfg.out}/" + ("{bitnet,fp}/report.json" if which == "both" else "report.json"))

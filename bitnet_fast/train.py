@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from .checkpoint import (
 )
 from .corpus import load_corpus
 from .data import TOKENIZERS, Batches, wikitext
+from .distributed import COMPRESSIONS, Comm, StopSignals, global_batch, init_process_group
 from .download import find_or_fetch
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
@@ -93,9 +92,13 @@ class TrainConfig:
     ckpt_every: int = option(200, "Optimizer steps between checkpoints (one is also written at each epoch end).",
                              min=1)
     keep_last: int = option(2, "Checkpoints kept.", min=1)
-    log_every: int = option(10, min=1)  # optimizer steps between "step" events in metrics.jsonl
+    log_every: int = option(10, "Optimizer steps between step events in OUT/metrics.jsonl.", min=1)
     resume: bool = option(False, "Continue from the newest valid checkpoint in --out.")
     distributed: bool = option(False, "Use torch.distributed (DDP) when launched by torchrun.")
+    grad_compression: str = option("none", "All-reduce gradients as int8 with error feedback (--distributed).",
+                                   choices=COMPRESSIONS)
+    sync_every: int = option(1, "Local SGD: average the ranks' weights every N steps instead of all-reducing "
+                             "gradients every step (--distributed).", min=1)
     progress: bool = option(True, "No tqdm bar (logs still go to metrics.jsonl).")
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields that replace the preset's
 
@@ -182,7 +185,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
     """
     # ---- set up: ranks, data, model, optimizer and schedule
-    rank, world = _init_distributed(cfg)
+    rank, world = init_process_group(cfg.distributed, cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -201,14 +204,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds preset {cfg.preset}'s max_seq_len {mcfg.max_seq_len}")
     model = build_model(mcfg, cfg.device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batches = Batches(corpus.splits["train"].tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     steps_per_epoch = len(batches) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the {len(batches)} batches per epoch")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = max(1, int(cfg.warmup_frac * total))
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    gbatch = global_batch(cfg.batch_size, cfg.grad_accum, world, cfg.seq_len)
+    tokens_per_step = gbatch["tokens"]
+    comm = Comm(model, rank, world, cfg.grad_compression, cfg.sync_every, start_local_step=warmup)
+    ddp = comm.module
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                             fused=cfg.device.startswith("cuda") or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -216,7 +221,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     report = {
         "model": cfg.linear, "preset": cfg.preset, "parameters": count_parameters(model), "config": mcfg.to_dict(),
         "train_config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world,
+        "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world, "global_batch": gbatch,
         "steps_per_epoch": steps_per_epoch,
         "data": str(corpus.dir) if cfg.data is not None else "wikitext-2",
         "tokenizer": {"kind": cfg.tokenizer if cfg.data is None else "prepared", "vocab_size": corpus.vocab_size,
@@ -233,11 +238,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if rank == 0:
         print(f"[{cfg.linear}] preset {cfg.preset}: {report['parameters']:,} parameters, {steps_per_epoch} steps/epoch"
-              f" x {cfg.epochs} epochs ({total} steps), {tokens_per_step} tokens/step"
+              f" x {cfg.epochs} epochs ({total} steps), global batch {cfg.batch_size} x {cfg.grad_accum} accum x "
+              f"{world} ranks = {gbatch['sequences']} sequences = {tokens_per_step} tokens/step"
               + (f", resuming at step {ckpt['step']}" if ckpt else ""), flush=True)
     if ckpt is not None:
         if ckpt["model_config"] != mcfg.to_dict():
             raise TrainingError(f"checkpoint in {out} is for another model ({ckpt['model_config']}); use a new --out")
+        comm.load_state(ckpt, gbatch)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -252,11 +259,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     n_batches = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a tail too short for a step is skipped
     tokenizer = corpus.tokenizer.to_str()
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=state.step, desc=cfg.linear, disable=not cfg.progress, mininterval=2,
+    bar = tqdm(total=total, initial=state.step, desc=cfg.linear, disable=not cfg.progress or rank != 0, mininterval=2,
                dynamic_ncols=True)
     data = None
-    stop = _StopFlag()
-    prev_handler = signal.signal(signal.SIGINT, stop) if rank == 0 else None
+    stop = StopSignals().install()
     try:
         while not stop.requested:
             # -- end of an epoch (its batches used up, or the step budget): evaluate, log, begin the next one
@@ -276,8 +282,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                     sys.stdout.flush()
                 state.next_epoch()
                 data = None
-                if rank == 0:
-                    _save(cfg, model, opt, sched, tokenizer, state)
+                _save(cfg, model, opt, sched, tokenizer, state, comm.state_dict(gbatch), rank)
             if state.epoch >= cfg.epochs or state.step >= total:
                 break
             if data is None:
@@ -303,8 +308,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             opt.param_groups[0]["weight_decay"] = (
                 weight_decay_factor(state.step, total, warmup, cfg.schedule) * cfg.weight_decay)
             opt.step()
+            comm.after_optimizer_step(model.parameters())
             sched.step()
             opt.zero_grad(set_to_none=True)
+            step_loss, stop.requested = comm.step_end(step_loss, stop.requested)  # every rank stops at one step
             dt = time.perf_counter() - t0
             state.step += 1
             state.batch += cfg.grad_accum
@@ -321,20 +328,21 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             # -- log every log_every steps; checkpoint every ckpt_every steps (an epoch's end has its own) and on Ctrl-C
             if log is not None and state.step % cfg.log_every == 0:
                 log.write(json.dumps({"event": "step", "step": state.step, "epoch": state.epoch + 1, "loss": step_loss,
-                                      "lr": sched.get_last_lr()[0], "tokens_per_sec": tokens_per_step / dt}) + "\n")
+                                      "lr": sched.get_last_lr()[0], "tokens_per_sec": tokens_per_step / dt,
+                                      **comm.log_fields()}) + "\n")
                 log.flush()
             interval = state.step % cfg.ckpt_every == 0 and not state.epoch_done(n_batches, total)
-            if rank == 0 and (stop.requested or interval):
-                _save(cfg, model, opt, sched, tokenizer, state)
+            if stop.requested or interval:
+                _save(cfg, model, opt, sched, tokenizer, state, comm.state_dict(gbatch), rank)
     finally:
         bar.close()
-        if prev_handler is not None:
-            signal.signal(signal.SIGINT, prev_handler)
+        stop.restore()
         if log is not None:
             log.close()
 
     # ---- report
-    report.update(interrupted=stop.requested, steps=state.step, epochs=state.epochs, peak_rss_bytes=peak_rss_bytes())
+    report.update(interrupted=stop.requested, stop_signal=stop.name, steps=state.step, epochs=state.epochs,
+                  peak_rss_bytes=peak_rss_bytes(), comm=comm.report())
     if state.initial_eval is not None:
         report.update({f"initial_valid_{k}": state.initial_eval[k] for k in ("loss", "ppl", "word_ppl")})
     if state.epochs:
@@ -348,12 +356,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
 
 
 def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, tokenizer: str,
-          state: TrainState) -> None:
-    """Checkpoint everything an exact resume needs (see checkpoint.py for the layout)."""
+          state: TrainState, ranks: dict, rank: int) -> None:
+    """Checkpoint everything an exact resume needs (see checkpoint.py for the layout); only rank 0 writes,
+    `ranks` is `Comm.state_dict()`: the part that differs between ranks (error-feedback residuals)."""
+    if rank != 0:
+        return
     save_checkpoint(cfg.out, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "model_config": model.config.to_dict(), "train_config": asdict(cfg), "tokenizer": tokenizer,
-        "state": asdict(state), "rng": rng_state(), "step": state.step}, cfg.keep_last)
+        "state": asdict(state), "rng": rng_state(), "step": state.step, "distributed": ranks}, cfg.keep_last)
 
 
 # ------------------------------------------------------------------------------------------------ side by side
@@ -380,31 +391,3 @@ def side_by_side(reports: dict[str, dict]) -> str:
         rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]) for r in rows)
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
-    if not cfg.distributed:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but distributed "
-                             "is off; add --distributed so the ranks share one run")
-        return 0, 1
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()

@@ -46,7 +46,7 @@ def test_train_options_come_from_train_config():
     assert flags == {"--preset", "--model", "--epochs", "--max-steps", "--batch-size", "--seq-len", "--grad-accum",
                      "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
                      "--ckpt-every", "--keep-last", "--resume", "--seed", "--device", "--distributed", "--no-progress",
-                     "--data", "--offline"}
+                     "--data", "--offline", "--log-every", "--grad-compression", "--sync-every"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
     assert params.pop("which") == "both" and params.pop("out") is None

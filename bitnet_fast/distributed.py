@@ -1,0 +1,285 @@
+"""Multi-rank training on torch.distributed: process-group setup, the DDP wrapper with its communication hooks,
+the per-step agreement between ranks, stop signals, and the part of a checkpoint that belongs to the ranks.
+
+The training loop (train.py) calls into one `Comm` object and stays the same at every world size:
+
+* `init_process_group()` joins the process group torchrun describes (gloo on CPU, nccl on CUDA): (rank, world).
+* `Comm(model, ...)` wraps the model in DistributedDataParallel and registers at most one communication hook:
+  `--grad-compression int8` (`int8_ef_hook`: int8 payload with one scale per bucket, error feedback per tensor) or
+  `--sync-every H` (torch's post-local-SGD hook plus its `PeriodicModelAverager`: gradients stay local, parameters
+  are averaged every H optimizer steps). The two together are refused.
+* `Comm.step_end(loss, stop)` all-reduces the step loss (so rank 0 logs the global mean) together with the stop
+  flags, so that every rank stops at the same step after a SIGINT/SIGTERM reaches any of them.
+* `Comm.state_dict()` (a collective: every rank calls it) gathers the per-rank error-feedback residuals to rank 0,
+  which writes them into the checkpoint; `Comm.load_state(ckpt)` gives each rank its own residual back, and refuses
+  a resume at another global batch (a resume at another world size with the same global batch continues exactly
+  where the data order stood: micro-batch b of all ranks together covers the same windows at every world size).
+* `StopSignals` turns the first SIGINT or SIGTERM (what torchrun, SLURM and Kubernetes send before a kill) into a
+  request to finish the step, checkpoint and exit; a second one aborts.
+
+torch.distributed's rendezvous and its collectives have no authentication: run it on a private network.
+
+No `from __future__ import annotations` here: DDP checks that a hook's `bucket` annotation *is* dist.GradBucket.
+"""
+
+import os
+import signal
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .plumbing import UserError
+
+COMPRESSIONS = ("none", "int8")
+
+
+class DistributedError(UserError):
+    """A distributed setting that cannot work (a resume at another global batch, refused combinations)."""
+
+
+# ------------------------------------------------------------------------------------------------ process group
+def init_process_group(distributed: bool, device: str) -> tuple[int, int]:
+    """(rank, world size). With `distributed` and torchrun's WORLD_SIZE set, join the process group (gloo on CPU,
+    nccl on CUDA); otherwise a single process (0, 1). torchrun without `distributed` is refused, as N copies of
+    the same run writing into one folder would be."""
+    if not distributed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but distributed "
+                             "is off; add --distributed so the ranks share one run")
+        return 0, 1
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """Whether this process is the one that prints and writes: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def global_batch(batch_size: int, grad_accum: int, world: int, seq_len: int) -> dict[str, int]:
+    """The batch one optimizer step sees across all ranks (what report.json records as `global_batch`)."""
+    seqs = batch_size * grad_accum * world
+    return {"batch_size": batch_size, "grad_accum": grad_accum, "world_size": world, "sequences": seqs,
+            "tokens": seqs * seq_len}
+
+
+# ------------------------------------------------------------------------------------------------ int8 + error feedback
+class Int8ErrorFeedback:
+    """State of `int8_ef_hook`: one fp32 residual per parameter (keyed by name, so it survives DDP rebuilding its
+    buckets after the first step), and the payload bytes this rank handed to the collective."""
+
+    def __init__(self, model: torch.nn.Module, world: int, group: Any = None) -> None:
+        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        self.world, self.group = world, group
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.payload_bytes = 0  # int8 payload + scale, summed over the buckets of all steps so far
+        self.dense_bytes = 0  # what the fp32 all-reduce would have handed over for the same buckets
+
+    def flat_residual(self) -> torch.Tensor:
+        """All residuals in parameter order as one fp32 vector (zeros where none yet)."""
+        return torch.cat([self.residuals.get(n, torch.zeros(s)).reshape(-1).float() for n, s in self.shapes.items()])
+
+    def set_flat_residual(self, flat: torch.Tensor) -> None:
+        """Inverse of `flat_residual`."""
+        out, i = {}, 0
+        for n, s in self.shapes.items():
+            k = s.numel()
+            out[n] = flat[i:i + k].reshape(s).clone()
+            i += k
+        if i != flat.numel():
+            raise DistributedError(f"checkpoint residual has {flat.numel()} values, the model {i}; use a new --out")
+        self.residuals = out
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization with one scale for the whole tensor: (q int8, scale fp32 0-d); x ~ q * scale."""
+    scale = (x.abs().max().float() / 127).clamp_min(1e-30)
+    return (x / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_ef_hook(state: Int8ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: add each tensor's residual to its gradient, quantize the bucket to int8 with one
+    scale, keep what the int8 value does not carry as the new residual, all-gather the int8 payloads (+ 4 scale
+    bytes) and return the mean of the dequantized gradients of all ranks. ~4x fewer bytes than the fp32
+    all-reduce; what is not sent this step is sent in a later one (error feedback), so nothing is lost on average."""
+    buf = bucket.buffer()  # flat fp32 gradient of this bucket; bucket.gradients() are views into it
+    views = list(zip(bucket.parameters(), bucket.gradients(), strict=True))
+    for p, g in views:
+        r = state.residuals.get(state.names[id(p)])
+        if r is not None:
+            g.add_(r.view_as(g))
+    q, scale = quantize_int8(buf)
+    buf.sub_(q.float() * scale)  # the buffer now holds the residual ...
+    for p, g in views:  # ... which each tensor keeps for the next step
+        state.residuals[state.names[id(p)]] = g.detach().clone()
+    payload = torch.cat([q, scale.reshape(1).view(torch.int8)])  # n int8 values, then the fp32 scale's 4 bytes
+    state.payload_bytes += payload.numel()
+    state.dense_bytes += buf.numel() * buf.element_size()
+    n = q.numel()
+    gathered = [torch.empty_like(payload) for _ in range(state.world)]
+    fut = dist.all_gather(gathered, payload, group=state.group, async_op=True).get_future()
+
+    def decode(_: Any) -> torch.Tensor:
+        total = torch.zeros(n, dtype=torch.float32, device=buf.device)
+        for p in gathered:  # rank order: the same sum, in the same order, on every rank
+            total += p[:n].float() * p[n:].view(torch.float32)
+        return buf.copy_(total / state.world)
+
+    return fut.then(decode)
+
+
+# ------------------------------------------------------------------------------------------------ the wrapper
+class Comm:
+    """What the training loop needs from torch.distributed (a no-op shell at world size 1)."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, world: int, grad_compression: str = "none",
+                 sync_every: int = 1, start_local_step: int = 0) -> None:
+        if grad_compression not in COMPRESSIONS:
+            raise ValueError(f"grad_compression={grad_compression!r}; use one of {COMPRESSIONS}")
+        if grad_compression != "none" and sync_every > 1:
+            raise DistributedError("--grad-compression and --sync-every > 1 do not combine (local SGD sends no "
+                                   "gradients to compress); use one of them")
+        self.rank, self.world = rank, world
+        self.compression, self.sync_every = grad_compression, sync_every
+        self.ef: Int8ErrorFeedback | None = None
+        self.averager = None
+        self.since_average = 0  # optimizer steps since the parameters of all ranks were last averaged
+        self.steps = 0  # optimizer steps this process has taken (the bytes below are per step of these)
+        self.dense_bytes_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if world == 1:
+            self.module = model
+            return
+        self.module = torch.nn.parallel.DistributedDataParallel(model)
+        if grad_compression == "int8":
+            self.ef = Int8ErrorFeedback(model, world)
+            self.module.register_comm_hook(self.ef, int8_ef_hook)
+        elif sync_every > 1:
+            from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+                PostLocalSGDState,
+                post_localSGD_hook,
+            )
+            from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+            # Global gradient all-reduce for the first start_local_step steps (the lr warmup), then none at all:
+            # each rank steps on its own gradients and the averager all-reduces the parameters every H steps.
+            hook_state = PostLocalSGDState(None, None, start_local_step, post_local_gradient_allreduce=False)
+            self.module.register_comm_hook(hook_state, post_localSGD_hook)
+            self.averager = PeriodicModelAverager(period=sync_every, warmup_steps=start_local_step)
+            self.hook_state = hook_state
+
+    # -- every step
+    def step_end(self, loss: float, stop: bool) -> tuple[float, bool]:
+        """(mean loss over the ranks, whether any rank asked to stop): one all-reduce of two numbers."""
+        self.steps += 1
+        if self.world == 1:
+            return loss, stop
+        t = torch.tensor([loss, float(stop)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t[0].item() / self.world, t[1].item() > 0
+
+    def after_optimizer_step(self, params: Any) -> None:
+        """Local SGD: let the averager average the parameters when the period is up."""
+        if self.averager is None:
+            return
+        before = self.averager.step
+        averages = before >= self.averager.warmup_steps and (before - self.averager.warmup_steps) % self.sync_every == 0
+        self.averager.average_parameters(params)
+        self.since_average = 0 if averages or before < self.averager.warmup_steps else self.since_average + 1
+
+    # -- checkpoints (collective: every rank calls state_dict at the same step)
+    def state_dict(self, global_batch: dict[str, int]) -> dict:
+        """The ranks' part of a checkpoint; on rank 0 it holds every rank's residual, elsewhere only its own."""
+        out: dict[str, Any] = {"world_size": self.world, "global_sequences": global_batch["sequences"],
+                               "grad_compression": self.compression, "sync_every": self.sync_every,
+                               "averager_step": None if self.averager is None else self.averager.step,
+                               "since_average": self.since_average, "residuals": None}
+        if self.ef is not None:
+            flat = self.ef.flat_residual()
+            parts = [torch.empty_like(flat) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(flat, parts, dst=0)
+            out["residuals"] = parts
+        return out
+
+    def load_state(self, ckpt: dict, global_batch: dict[str, int]) -> None:
+        """Check that `ckpt` can continue at this world size and restore this rank's part. A checkpoint from
+        another world size continues when the global batch is the same: the position in the epoch is converted
+        (it counts this rank's micro-batches) and the residuals are spread evenly over the new ranks."""
+        saved = ckpt.get("distributed") or {"world_size": 1, "residuals": None, "averager_step": None,
+                                            "since_average": 0}
+        tc = ckpt["train_config"]
+        old_world = saved["world_size"]
+        old_seqs = saved.get("global_sequences", tc["batch_size"] * tc["grad_accum"] * old_world)
+        if old_seqs != global_batch["sequences"]:
+            raise DistributedError(
+                f"the checkpoint was trained with a global batch of {old_seqs} sequences ({tc['batch_size']} x "
+                f"{tc['grad_accum']} x {old_world} ranks), this run has {global_batch['sequences']} "
+                f"({global_batch['batch_size']} x {global_batch['grad_accum']} x {self.world}); choose --batch-size "
+                f"and --grad-accum with batch x grad-accum x ranks = {old_seqs}, or start a new --out")
+        if old_world != self.world or tc["batch_size"] != global_batch["batch_size"]:
+            done = ckpt["state"]["batch"] * tc["batch_size"] * old_world  # windows of this epoch used by all ranks
+            ckpt["state"]["batch"] = done // (global_batch["batch_size"] * self.world)
+        if self.ef is not None and saved.get("residuals") is not None:
+            parts = saved["residuals"]
+            if len(parts) == self.world:
+                self.ef.set_flat_residual(parts[self.rank])
+            else:
+                self.ef.set_flat_residual(sum(parts) / len(parts))
+        if self.averager is not None and saved.get("averager_step") is not None:
+            self.averager.step = saved["averager_step"]
+            self.hook_state.iter = saved["averager_step"]
+            self.since_average = saved.get("since_average", 0)
+
+    def log_fields(self) -> dict:
+        """Extra fields of a metrics.jsonl step event: under local SGD, the steps since the last average."""
+        return {"since_average": self.since_average} if self.averager is not None else {}
+
+    def report(self) -> dict:
+        """What report.json records about the communication (bytes are per optimizer step of this process)."""
+        steps = self.steps
+        out: dict[str, Any] = {"grad_compression": self.compression, "sync_every": self.sync_every,
+                               "fp32_allreduce_bytes_per_step": self.dense_bytes_per_step if self.world > 1 else 0}
+        if self.ef is not None and steps:
+            out["payload_bytes_per_step"] = self.ef.payload_bytes / steps
+            out["measured_fp32_bytes_per_step"] = self.ef.dense_bytes / steps
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class StopSignals:
+    """The first SIGINT or SIGTERM sets `requested` (the loop finishes the step, checkpoints and
+    stops; `signum` says which); a second one aborts (KeyboardInterrupt). Installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    @property
+    def name(self) -> str | None:
+        """"SIGINT" / "SIGTERM" once a stop was requested by a signal here, else None."""
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def install(self) -> "StopSignals":
+        """Catch SIGINT and SIGTERM from now on (main thread only; elsewhere Python cannot); returns self."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
