@@ -3,9 +3,10 @@ the per-step agreement between ranks, stop signals, and the part of a checkpoint
 
 The training loop (train.py) calls into one `Comm` object and stays the same at every world size:
 
-* `init_process_group()` joins the process group torchrun describes (gloo on CPU, nccl on CUDA): (rank, world).
+* `init_process_group()` joins the process group torchrun describes (gloo on CPU, nccl on CUDA): (rank, world);
+  `rank0_first` prepares the corpus on rank 0 before the others read it, `check_same` proves they agree.
 * `Comm(model, ...)` wraps the model in DistributedDataParallel and registers at most one communication hook:
-  `--grad-compression int8` (`int8_ef_hook`: int8 payload with one scale per bucket, error feedback per tensor) or
+  `--grad-compression int8` (`int8_ef_hook`: int8 payload, one scale and one error-feedback residual per tensor) or
   `--sync-every H` (torch's post-local-SGD hook plus its `PeriodicModelAverager`: gradients stay local, parameters
   are averaged every H optimizer steps). The two together are refused.
 * `Comm.step_end(loss, stop)` all-reduces the step loss (so rank 0 logs the global mean) together with the stop
@@ -22,10 +23,12 @@ torch.distributed's rendezvous and its collectives have no authentication: run i
 No `from __future__ import annotations` here: DDP checks that a hook's `bucket` annotation *is* dist.GradBucket.
 """
 
+import hashlib
 import os
 import signal
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,7 @@ import torch.distributed as dist
 from .plumbing import UserError
 
 COMPRESSIONS = ("none", "int8")
+T = TypeVar("T")
 
 
 class DistributedError(UserError):
@@ -52,13 +56,51 @@ def init_process_group(distributed: bool, device: str) -> tuple[int, int]:
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=_store(),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _store() -> dist.Store:
+    """torchrun's key-value store, with a prefix per restart attempt. torchrun keeps one store across
+    `--max-restarts` attempts; without the prefix the new workers read the addresses of the killed ones and
+    gloo waits forever to connect to them."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts)
+    return dist.PrefixStore(f"bitnet-fast/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_main() -> bool:
     """Whether this process is the one that prints and writes: rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank0_first(fn: Callable[[], T], rank: int, world: int) -> T:
+    """`fn()` on rank 0 first, then on the other ranks: a cold cache (the tokenized corpus) is filled once and the
+    others read it, instead of every rank training its own tokenizer (BPE training is not deterministic)."""
+    if world == 1:
+        return fn()
+    if rank == 0:
+        out = fn()
+        dist.barrier()
+        return out
+    dist.barrier()
+    return fn()
+
+
+def check_same(text: str, what: str, world: int) -> None:
+    """Refuse to go on unless `text` (e.g. the tokenizer) is byte-identical on every rank: ranks on several machines
+    each read their own cache, and a tokenizer trained separately on each would give the same text other ids."""
+    if world == 1:
+        return
+    mine = torch.frombuffer(bytearray(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise DistributedError(f"the {what} differs between ranks (each machine prepared its own); put "
+                               "BITNET_FAST_CACHE on storage all machines share, or copy rank 0's cache to the others")
 
 
 def global_batch(batch_size: int, grad_accum: int, world: int, seq_len: int) -> dict[str, int]:
@@ -104,31 +146,37 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_ef_hook(state: Int8ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: add each tensor's residual to its gradient, quantize the bucket to int8 with one
-    scale, keep what the int8 value does not carry as the new residual, all-gather the int8 payloads (+ 4 scale
-    bytes) and return the mean of the dequantized gradients of all ranks. ~4x fewer bytes than the fp32
-    all-reduce; what is not sent this step is sent in a later one (error feedback), so nothing is lost on average."""
-    buf = bucket.buffer()  # flat fp32 gradient of this bucket; bucket.gradients() are views into it
-    views = list(zip(bucket.parameters(), bucket.gradients(), strict=True))
-    for p, g in views:
-        r = state.residuals.get(state.names[id(p)])
+    """DDP communication hook: add each tensor's residual to its gradient, quantize it to int8 with one scale per
+    tensor, keep what the int8 value does not carry as the tensor's new residual, all-gather the int8 payloads
+    (+ 4 bytes per tensor for its scale) and return the mean of the dequantized gradients of all ranks.
+
+    ~4x fewer bytes than the fp32 all-reduce; what is not sent this step is sent in a later one (error feedback).
+    Scales per tensor rather than per bucket make the result independent of how DDP groups tensors into buckets
+    (it regroups them after the first step, and again after a restart), so a resumed run is bit-identical."""
+    buf = bucket.buffer()  # flat fp32 gradient of this bucket; bucket.gradients() are consecutive views into it
+    qs, scales, sizes = [], [], []
+    for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+        name = state.names[id(p)]
+        r = state.residuals.get(name)
         if r is not None:
             g.add_(r.view_as(g))
-    q, scale = quantize_int8(buf)
-    buf.sub_(q.float() * scale)  # the buffer now holds the residual ...
-    for p, g in views:  # ... which each tensor keeps for the next step
-        state.residuals[state.names[id(p)]] = g.detach().clone()
-    payload = torch.cat([q, scale.reshape(1).view(torch.int8)])  # n int8 values, then the fp32 scale's 4 bytes
+        q, scale = quantize_int8(g)
+        state.residuals[name] = (g - q.float() * scale).detach()
+        qs.append(q.reshape(-1))
+        scales.append(scale)
+        sizes.append(g.numel())
+    payload = torch.cat([*qs, torch.stack(scales).view(torch.int8)])  # int8 values, then the fp32 scales' bytes
     state.payload_bytes += payload.numel()
     state.dense_bytes += buf.numel() * buf.element_size()
-    n = q.numel()
+    n = sum(sizes)
+    per_value = torch.tensor(sizes, device=buf.device)
     gathered = [torch.empty_like(payload) for _ in range(state.world)]
     fut = dist.all_gather(gathered, payload, group=state.group, async_op=True).get_future()
 
     def decode(_: Any) -> torch.Tensor:
         total = torch.zeros(n, dtype=torch.float32, device=buf.device)
         for p in gathered:  # rank order: the same sum, in the same order, on every rank
-            total += p[:n].float() * p[n:].view(torch.float32)
+            total += p[:n].float() * p[n:].view(torch.float32).repeat_interleave(per_value)
         return buf.copy_(total / state.world)
 
     return fut.then(decode)

@@ -35,7 +35,15 @@ from .checkpoint import (
 )
 from .corpus import load_corpus
 from .data import TOKENIZERS, Batches, wikitext
-from .distributed import COMPRESSIONS, Comm, StopSignals, global_batch, init_process_group
+from .distributed import (
+    COMPRESSIONS,
+    Comm,
+    StopSignals,
+    check_same,
+    global_batch,
+    init_process_group,
+    rank0_first,
+)
 from .download import find_or_fetch
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
@@ -190,15 +198,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if cfg.data is not None:
-        corpus = load_corpus(cfg.data)
-    else:
-        if rank > 0:  # rank 0 alone downloads WikiText-2 when it is missing; the others find it after the barrier
-            torch.distributed.barrier()
+
+    def get_corpus():  # rank 0 alone downloads WikiText-2 when it is missing
+        if cfg.data is not None:
+            return load_corpus(cfg.data)
         root = find_or_fetch(cfg.data_dir, offline=cfg.offline or rank > 0)
-        if rank == 0 and world > 1:
-            torch.distributed.barrier()
-        corpus = wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
+        return wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
+
+    corpus = rank0_first(get_corpus, rank, world)  # rank 0 fetches and tokenizes, then the others read its cache
+    check_same(corpus.tokenizer.to_str(), "tokenizer", world)
     valid = corpus.splits["valid"]
     mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
     if cfg.seq_len > mcfg.max_seq_len:

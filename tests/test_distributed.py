@@ -39,19 +39,37 @@ def launch(env: dict, out: Path, *args: str, nproc: int = 2, restarts: int = 0) 
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", str(restarts),
            "-m", "bitnet_fast.cli", "train", "--distributed", "--data-dir", env["DATA"], "--out", str(out),
            *TINY, *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = open(out.parent / f"{out.name}.log", "w")  # a file, not a pipe: a stray worker cannot block the reader
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = Path(log.name)  # type: ignore[attr-defined]
+    log.close()
+    return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 50) -> tuple[int, str]:
-    """Wait for a launch; past `timeout` kill its whole process group and fail."""
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
+    import psutil
+
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
+        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 55) -> tuple[int, str]:
+    """Wait for a launch; past `timeout` kill everything it started and fail."""
+    try:
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"launch overran {timeout} s and was killed; output:\n{out[-3000:]}")
+        kill_tree(proc)
+        pytest.fail(f"launch overran {timeout} s and was killed; output:\n{proc.log.read_text()[-3000:]}")
+    return proc.returncode, proc.log.read_text()
 
 
 def run(env: dict, out: Path, *args: str, **kw) -> dict:
@@ -76,8 +94,9 @@ def wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     stop = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None or time.monotonic() > stop:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"condition not reached (rc {proc.poll()}): {proc.communicate()[0][-3000:]}")
+            rc = proc.poll()
+            kill_tree(proc)
+            pytest.fail(f"condition not reached (rc {rc}): {proc.log.read_text()[-3000:]}")
         time.sleep(0.02)
 
 
@@ -127,7 +146,7 @@ def test_int8_hook_carries_the_residual(group, one_thread):
         r = state.residuals[n]
         assert r.abs().max() > 0
         torch.testing.assert_close(acc + r, k * g, rtol=1e-5, atol=1e-6)
-    assert state.payload_bytes * 4 == pytest.approx(state.dense_bytes, rel=0.01)
+    assert state.payload_bytes == sum(p.numel() + 4 for p in model.parameters()) * k  # int8 + a scale each
     flat = state.flat_residual()  # the checkpointed form round-trips
     state.set_flat_residual(flat * 2)
     assert torch.equal(state.residuals[names[0]], 2 * flat[: model[0].weight.numel()].reshape(32, 16))
@@ -141,31 +160,145 @@ def test_compression_and_local_sgd_are_refused_together():
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks vs 1 rank
+def one_rank_cfg(env: dict, out: Path, linear: str, **kw) -> TrainConfig:
+    """The in-process twin of a `launch`: one rank with the whole global batch (8 = 2 ranks x 4)."""
+    base = dict(preset="tiny", linear=linear, out=str(out), batch_size=8, seq_len=32, lr=3e-3, max_lines=60,
+                vocab_size=256, data_dir=env["DATA"], progress=False, log_every=1, ckpt_every=1000, max_steps=20)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(env, tmp_path_factory):
+    """Lazily made, shared runs of 20 steps: ("two", model) under torchrun, ("int8", model) the same with
+    --grad-compression int8, ("one", model) in this process."""
+    made: dict[tuple[str, str], Path] = {}
+    base = tmp_path_factory.mktemp("runs")
+
+    def get(kind: str, linear: str) -> Path:
+        if (kind, linear) not in made:
+            out = base / kind / linear
+            if kind in ("two", "int8"):
+                extra = ("--grad-compression", "int8") if kind == "int8" else ()
+                run(env, out, "--model", linear, "--max-steps", "20", *extra)
+            else:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("BITNET_FAST_CACHE", env["BITNET_FAST_CACHE"])
+                    mp.delenv("WORLD_SIZE", raising=False)
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)  # the ranks of a launch may still run: do not fight them for cores
+                    try:
+                        train(one_rank_cfg(env, out, linear))
+                    finally:
+                        torch.set_num_threads(threads)
+            made[kind, linear] = out
+        return made[kind, linear]
+
+    return get
+
+
 @pytest.mark.slow
-def test_two_ranks_match_one_rank(env, tmp_path, monkeypatch, capsys):
-    """20 steps at global batch 8: 2 ranks x 4 under torchrun vs 1 process x 8, per-step losses of both models."""
-    two = tmp_path / "two"
-    proc = launch(env, two, "--model", "both", "--max-steps", "20")
-    monkeypatch.setenv("BITNET_FAST_CACHE", env["BITNET_FAST_CACHE"])
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    one = {m: train(TrainConfig(preset="tiny", linear=m, out=str(tmp_path / "one" / m), batch_size=8, seq_len=32,
-                                lr=3e-3, max_lines=60, vocab_size=256, data_dir=env["DATA"], progress=False,
-                                log_every=1, ckpt_every=1000, max_steps=20)) for m in ("bitnet", "fp")}
+@pytest.mark.parametrize("linear, tol", [("fp", 1e-4), ("bitnet", 1e-2)])
+def test_two_ranks_match_one_rank(runs, linear, tol):
+    """20 steps at global batch 8: 2 ranks x 4 under torchrun vs 1 process x 8: every step's loss agrees."""
+    two, one = runs("two", linear), runs("one", linear)
+    report = json.loads((two / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 20
+    assert report["global_batch"] == {"batch_size": 4, "grad_accum": 1, "world_size": 2, "sequences": 8,
+                                      "tokens": 256}
+    a, b = step_losses(two), step_losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    worst = max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
+    print(f"{linear}: largest relative step-loss difference 2 ranks vs 1 rank over 20 steps: {worst:.2e}")
+    assert worst <= tol, (linear, worst)
+    assert report["final_valid_ppl"] == pytest.approx(json.loads((one / "report.json").read_text())[
+        "final_valid_ppl"], rel=tol)
+    # rank 0 alone writes: one epoch event, one checkpoint (of step 20, the run's end)
+    assert sum('"event": "epoch"' in line for line in (two / "metrics.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-0000020.pt", "step-0000020.pt.sha256"]
+
+
+@pytest.mark.slow
+def test_int8_compression_converges_with_a_quarter_of_the_bytes(runs):
+    out = runs("int8", "fp")
+    report = json.loads((out / "report.json").read_text())
+    dense = json.loads((runs("two", "fp") / "report.json").read_text())
+    c = report["comm"]
+    assert c["grad_compression"] == "int8" and c["measured_fp32_bytes_per_step"] == c["fp32_allreduce_bytes_per_step"]
+    ratio = c["fp32_allreduce_bytes_per_step"] / c["payload_bytes_per_step"]
+    assert 3.9 < ratio <= 4, ratio
+    a, b = step_losses(out), step_losses(runs("two", "fp"))
+    assert a[20] < 0.95 * a[1]  # it learns
+    print(f"int8 vs fp32 all-reduce, 20 steps: final step loss {a[20]:.4f} vs {b[20]:.4f}, valid loss "
+          f"{report['epochs'][-1]['valid_loss']:.4f} vs {dense['epochs'][-1]['valid_loss']:.4f}, "
+          f"bytes/step {ratio:.2f}x fewer")
+    final, final_dense = report["epochs"][-1]["valid_loss"], dense["epochs"][-1]["valid_loss"]
+    assert final == pytest.approx(final_dense, rel=0.03)  # the issue's bar: within 3% of the uncompressed loss
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_resumes_exactly(env, runs, tmp_path):
+    """kill -9 of rank 1 after the step-5 checkpoint: torchrun restarts both ranks with the same command (which
+    carries --resume); they continue from step 5 with the int8 residuals of each rank, so the run ends with
+    exactly the weights of a run that was never killed: no data repeated or skipped after the checkpoint."""
+    ref = runs("int8", "fp")  # checkpoint intervals and --resume on a fresh folder change nothing in the trajectory
+    out = tmp_path / "killed"
+    proc = launch(env, out, "--model", "fp", "--max-steps", "20", "--grad-compression", "int8", "--ckpt-every", "5",
+                  "--resume", restarts=1)
+    wait_for(lambda: logged_step(out, 7), 45, proc)
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "bitnet_fast.cli" in " ".join(
+        p.cmdline())]
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.kill()  # SIGKILL: no handler, no checkpoint
     rc, text = finish(proc)
     assert rc == 0, text[-3000:]
-    for model, tol in (("fp", 1e-4), ("bitnet", 1e-2)):
-        report = json.loads((two / model / "report.json").read_text())
-        assert report["world_size"] == 2 and report["steps"] == 20
-        assert report["global_batch"] == {"batch_size": 4, "grad_accum": 1, "world_size": 2, "sequences": 8,
-                                          "tokens": 256}
-        a, b = step_losses(two / model), step_losses(tmp_path / "one" / model)
-        assert sorted(a) == sorted(b) == list(range(1, 21))
-        worst = max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
-        print(f"{model}: largest relative step-loss difference 2 ranks vs 1 rank over 20 steps: {worst:.2e}")
-        assert worst <= tol, (model, worst)
-        assert report["final_valid_ppl"] == pytest.approx(one[model]["final_valid_ppl"], rel=tol)
-    # rank 0 alone prints, evaluates and writes: one banner and one epoch line per model, one run folder each
-    assert text.count("global batch 4 x 1 accum x 2 ranks = 8 sequences") == 2, text
-    assert text.count("epoch 1: train loss") == 2, text
-    assert sorted(p.name for p in (two / "fp" / "checkpoints").iterdir()) == ["step-0000020.pt",
-                                                                             "step-0000020.pt.sha256"]
+    assert "resuming at step" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 20 and not report["interrupted"]
+    a, b = weights(out), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(out) == step_losses(ref)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_a_resume_at_another_world_size_continues(env, runs, tmp_path, monkeypatch,
+                                                                          one_thread):
+    """SIGTERM to torchrun (as SLURM or Kubernetes would send): every rank finishes its step, rank 0 writes a
+    verified checkpoint and the launch exits non-zero. That checkpoint then resumes in one process with the same
+    global batch (8 x 1 instead of 4 x 2) and ends where the 1-rank run ends; another global batch is refused."""
+    out = tmp_path / "term"
+    proc = launch(env, out, "--model", "fp", "--max-steps", "20")
+    wait_for(lambda: logged_step(out, 3), 45, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, text = finish(proc)
+    assert rc != 0, text[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] and report["stop_signal"] == "SIGTERM" and 3 <= report["steps"] < 20, report
+    from bitnet_fast.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    assert ckpt["step"] == report["steps"] and ckpt["distributed"]["world_size"] == 2
+    monkeypatch.setenv("BITNET_FAST_CACHE", env["BITNET_FAST_CACHE"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(DistributedError, match="global batch of 8 sequences"):
+        train(one_rank_cfg(env, out, "fp", batch_size=4, resume=True))
+    resumed = train(one_rank_cfg(env, out, "fp", resume=True))
+    assert resumed["steps"] == 20
+    a, b = step_losses(out), step_losses(runs("one", "fp"))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in range(report["steps"] + 1, 21))
+
+
+@pytest.mark.slow
+def test_local_sgd_averages_every_h_steps(env, runs, tmp_path):
+    out = tmp_path / "local"
+    report = run(env, out, "--model", "fp", "--max-steps", "20", "--sync-every", "4")
+    assert report["comm"]["sync_every"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    since = [r["since_average"] for r in rows if r["event"] == "step"]
+    # warmup (1 step) all-reduces gradients; then 4 local steps per average, the average after the 4th
+    assert since == [0] + [0, 1, 2, 3] * 4 + [0, 1, 2], since
+    a = step_losses(out)
+    assert a[20] < 0.95 * a[1]
+    dense = json.loads((runs("two", "fp") / "report.json").read_text())
+    print(f"local SGD H=4: valid ppl {report['final_valid_ppl']:.2f} vs {dense['final_valid_ppl']:.2f} synced")
