@@ -39,6 +39,7 @@ def launch(env: dict, out: Path, *args: str, nproc: int = 2, restarts: int = 0) 
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", str(restarts),
            "-m", "bitnet_fast.cli", "train", "--distributed", "--data-dir", env["DATA"], "--out", str(out),
            *TINY, *args]
+    out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")  # a file, not a pipe: a stray worker cannot block the reader
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log = Path(log.name)  # type: ignore[attr-defined]
