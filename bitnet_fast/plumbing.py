@@ -1,5 +1,6 @@
-"""Shared plumbing of the application layer, one place for each: atomic file writes, the cache root, peak memory,
-the machine and commit a measurement ran on, and human-readable numbers.
+"""Shared plumbing of the application layer, one place for each: atomic file writes, the run folder's lock, the
+cache root, warnings, the child-Python command, peak memory, the machine and commit a measurement ran on, and
+human-readable numbers.
 
 Every file the project writes (checkpoints, shards, manifests, reports, the kernel tuning file, cached
 measurements, packed models) goes through `atomic_path` / `atomic_write`: after a crash the target holds either
@@ -16,8 +17,10 @@ import os
 import platform
 import resource
 import secrets
+import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,16 @@ class UserError(Exception):
     The CLI prints it as one `Error: ...` line without a traceback."""
 
 
+class BitnetFastWarning(UserWarning):
+    """Something the user should know that does not stop the work (an unverified legacy file, a stale lock taken
+    over). Issued with `warn`; Python prints warnings on stderr, the CLI as one `warning: ...` line."""
+
+
+def warn(message: str) -> None:
+    """Issue a BitnetFastWarning (stderr, never stdout)."""
+    warnings.warn(message, BitnetFastWarning, stacklevel=2)
+
+
 # ------------------------------------------------------------------------------------------------ writing files
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -36,9 +49,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the folder so the rename itself is durable. If the body raises, the temp file is removed and `path` is
     untouched. The temp file is created with the usual permissions (umask applies), like a plain open()."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDWR)
@@ -47,6 +63,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -64,9 +83,94 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return Path(path)
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` with a message that names the file being written (a bare "[Errno 28] No space left" does not)."""
+    if e.errno is None or str(path) in str(e):
+        return e
+    return type(e)(e.errno, f"cannot write {path}: {e.strerror}")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 1, **kw: Any) -> Path:
     """`obj` as JSON (`json.dumps` options in kw), written atomically; returns the path."""
     return atomic_write(path, json.dumps(obj, indent=indent, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ run lock
+class LockedError(UserError):
+    """Another live process holds the folder's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold `folder/.lock` (JSON: pid, host) while the body runs, so that two processes never write one run folder.
+
+    The lock file appears complete or not at all (written under a name of its own, then hard-linked into place,
+    which fails if it exists). A lock whose process is gone (same host, pid not alive: a run killed with kill -9,
+    a torchrun restart) or that is unreadable is stale: it is taken over with a warning. A live holder, or one on
+    another host (whose pid cannot be checked), is a LockedError naming it and the file to delete if wrong."""
+    folder = Path(folder)
+    lock = folder / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            mine = folder / f".lock.{me['pid']}.{secrets.token_hex(4)}"
+            mine.write_text(json.dumps(me))
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                pass
+            finally:
+                mine.unlink(missing_ok=True)
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (OSError, ValueError, KeyError, TypeError):
+                warn(f"{lock} is unreadable; taking it over")
+                lock.unlink(missing_ok=True)
+                continue
+            if host != me["host"]:
+                raise LockedError(f"{folder} is locked by pid {pid} on host {host}; if no {what} is using it, "
+                                  f"delete {lock}")
+            if _alive(pid):
+                raise LockedError(f"{folder} is in use by another {what} (pid {pid}); wait for it or use another "
+                                  f"folder (delete {lock} if that process is not a bitnet-fast {what})")
+            warn(f"taking over the stale lock of pid {pid} (no longer running) in {folder}")
+            lock.unlink(missing_ok=True)
+        else:
+            raise LockedError(f"could not take the lock {lock}; another {what} is starting there")
+    except OSError as e:
+        raise UserError(f"cannot lock {folder}: {e.strerror or e} (is it writable?)") from None
+    try:
+        yield lock
+    finally:
+        try:
+            if json.loads(lock.read_text()) == me:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ child Pythons
+def python_module_command(module: str, *args: str) -> list[str]:
+    """The command that runs `python -m module args` with the current directory off sys.path, so that a
+    `./bitnet_fast/...` in the working directory is never imported instead of the installed package (what
+    `python -P` does on Python >= 3.11, done by hand so that 3.10 is covered and PYTHONPATH still applies)."""
+    boot = f"import runpy, sys; sys.path.pop(0); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-c", boot, *args]
 
 
 # ------------------------------------------------------------------------------------------------ places

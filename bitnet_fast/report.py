@@ -332,18 +332,28 @@ def render_html(rep: dict) -> str:
 
 def write_report(dirs: list[str | Path], out: str | Path, tinyllama: dict | None = None) -> tuple[Path, Path]:
     """Load the runs in `dirs`, write `out` (HTML) and `out` with a .json suffix; return both paths."""
+    out = _check_out(out)
     rep = build_report(load_runs(dirs), tinyllama)
+    atomic_write(out, render_html(rep))
+    return out, write_json(out.with_suffix(".json"), rep, indent=2)
+
+
+def _check_out(out: str | Path) -> Path:
+    """--out as a path for the HTML whose JSON twin (.json beside it) is a different file."""
     out = Path(out)
     if out.is_dir():
         raise ReportError(f"--out {out} is a directory; give a file path such as {out / 'report.html'}")
-    atomic_write(out, render_html(rep))
-    return out, write_json(out.with_suffix(".json"), rep, indent=2)
+    if out.suffix.lower() == ".json":
+        raise ReportError(f"--out {out} would be overwritten by the report's JSON; give the HTML path, such as "
+                          f"{out.with_suffix('.html')} (the JSON goes beside it)")
+    return out
 
 
 def make_report(dirs: list[str | Path], out: str | Path, tinyllama: bool = True, quick: bool = False,
                 remeasure: bool = False, echo=print) -> tuple[Path, Path]:
     """What `bitnet-fast report` does: check the run dirs first (fast), then measure (or reuse) TinyLlama, then
     write the HTML and JSON. Failures are ReportError with one line."""
+    _check_out(out)
     load_runs(dirs)
     tl = None
     if tinyllama:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plumbing import machine_info, peak_rss_bytes, write_json
+from .plumbing import machine_info, peak_rss_bytes, python_module_command, write_json
 
 # TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json).
 CONFIG = {
@@ -264,8 +264,8 @@ def measure(quick: bool = False, remeasure: bool = False, variants: tuple[str, .
     for i, v in enumerate(variants, 1):
         echo(f"tinyllama [{i}/{len(variants)}] {VARIANTS[v]}: {sizes['layers']} layers, prefill {sizes['prefill']}, "
              f"decode {sizes['decode']} ...")
-        cmd = [sys.executable, "-m", "bitnet_fast.tinyllama", "--variant", v, "--layers", str(sizes["layers"]),
-               "--prefill", str(sizes["prefill"]), "--decode", str(sizes["decode"])]
+        cmd = python_module_command("bitnet_fast.tinyllama", "--variant", v, "--layers", str(sizes["layers"]),
+                                    "--prefill", str(sizes["prefill"]), "--decode", str(sizes["decode"]))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
