@@ -25,6 +25,8 @@ from .plumbing import UserError, atomic_path, atomic_write, cache_root, write_js
 from .wikitext import mismatch
 
 EOS, UNK = "<eos>", "<unk>"
+WORD_START = "\u2581"  # "▁": BPE's word-start marker
+TOKENIZER_RECIPE = 2  # part of the cache key: bumped when train_tokenizer changes (2: deterministic BPE)
 TOKENIZERS = ("bpe", "word")
 SHARD_MAGIC, SHARD_VERSION = b"BNFTOKS\0", 1
 _HEADER = struct.Struct("<8sIIQ32s")  # 56 bytes, padded to 64
@@ -84,8 +86,11 @@ def read_lines(paths: Sequence[str | os.PathLike], max_lines: int | None = None)
     """Lines of the text files (stripped), optionally only the first `max_lines` of each file."""
     lines: list[str] = []
     for p in paths:
-        with open(p, encoding="utf-8") as f:
-            file_lines = [line.strip() for line in f]
+        try:
+            with open(p, encoding="utf-8") as f:
+                file_lines = [line.strip() for line in f]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
         lines += file_lines[:max_lines] if max_lines is not None else file_lines
     return lines
 
@@ -97,23 +102,28 @@ def count_words(lines: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 def train_tokenizer(lines: Sequence[str], kind: str = "bpe", vocab_size: int = 8192):
-    """A `tokenizers.Tokenizer` trained on `lines`: "bpe" (subwords, whitespace-split) or "word" (one id per word)."""
+    """A `tokenizers.Tokenizer` trained on `lines`: "bpe" (subwords, whitespace-split) or "word" (one id per word).
+
+    The same lines and settings give the same tokenizer.json in any process. BPE marks a word's start with "▁"
+    (the SentencePiece convention) rather than an end-of-word suffix: the pinned `tokenizers` assigns ids to
+    suffixed symbols ("t</w>") in hash-map order, which made merges and ids differ from process to process; with
+    the marker every initial symbol is a plain character, which the trainer orders deterministically."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = [EOS, UNK]
     if kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, end_of_word_suffix="</w>", show_progress=False
-        )
-        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        marker = pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), marker])
+        tok.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True)
     elif kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.decoder = decoders.WordPiece(prefix="\0", cleanup=False)  # joins words with spaces
     else:
         raise ValueError(f"tokenizer kind={kind!r}; use one of {TOKENIZERS}")
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(lines, trainer=trainer)
     return tok
 
@@ -189,6 +199,12 @@ def prepare(
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise DataError(f"input file(s) not found: {', '.join(missing)}")
+    stems: dict[str, str] = {}
+    for p in inputs:
+        if Path(p).stem in stems:
+            raise DataError(f"inputs {stems[Path(p).stem]} and {p} would both be split {Path(p).stem!r} (splits are "
+                            "named after the file name); rename one")
+        stems[Path(p).stem] = str(p)
     per_file = {Path(p).stem: read_lines([p], max_lines) for p in inputs}
     if tokenizer is None:
         tokenizer = train_tokenizer([ln for lines in per_file.values() for ln in lines], kind, vocab_size)
@@ -201,6 +217,9 @@ def write_splits(splits: dict[str, Sequence[str]], out_dir: str | os.PathLike, t
     and manifest.json (written last). Returns the manifest."""
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if tokenizer.token_to_id(EOS) is None:
+        raise DataError(f"the tokenizer has no {EOS} token, which ends every line; add it as a special token or let "
+                        "`prepare` train one (drop --tokenizer)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
@@ -241,12 +260,13 @@ def load_prepared(out_dir: str | os.PathLike) -> Corpus:
     out = Path(out_dir)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{out}/manifest.json unreadable ({e}); re-run `bitnet-fast prepare`") from e
-    splits = {
-        name: Split(np.concatenate([read_shard(out / f) for f in s["files"]]).astype(np.int64), s["words"])
-        for name, s in manifest["splits"].items()
-    }
+        splits = {
+            name: Split(np.concatenate([read_shard(out / f) for f in s["files"]]).astype(np.int64), int(s["words"]))
+            for name, s in manifest["splits"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{out}/manifest.json unreadable or incomplete ({type(e).__name__}: {e}); re-run "
+                        "`bitnet-fast prepare`") from None
     return Corpus(out, load_tokenizer(out / "tokenizer.json"), splits)
 
 
@@ -256,20 +276,28 @@ def wikitext(
     vocab_size: int = 8192,
     max_lines: int | None = None,
     splits: Sequence[str] = ("train", "valid"),
+    tokenizer_json: str | None = None,
 ) -> Corpus:
-    """WikiText-2 tokenized (tokenizer trained on train) and cached as shards under plumbing.cache_root()."""
+    """WikiText-2 tokenized (tokenizer trained on train, or the given one: a resumed run brings its checkpoint's)
+    and cached as shards under plumbing.cache_root()."""
     root = find_wikitext(data_dir)
     files = {s: wikitext_split(root, s) for s in splits}
-    key = hashlib.sha256(
-        json.dumps([kind, vocab_size, max_lines, sorted((s, sha256_file(p)) for s, p in files.items())]).encode()
-    ).hexdigest()[:16]
+    given = hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json is not None else None
+    key = hashlib.sha256(json.dumps(
+        [kind, vocab_size, max_lines, sorted((s, sha256_file(p)) for s, p in files.items()), TOKENIZER_RECIPE, given]
+    ).encode()).hexdigest()[:16]
     out = cache_root() / "wikitext-2" / f"{kind}{vocab_size}-{key}"
     if (out / "manifest.json").is_file():
         try:
             return load_prepared(out)
         except DataError:
             pass  # a corrupt cache is rebuilt below
-    tok = train_tokenizer(read_lines([files["train"]], max_lines), kind, vocab_size)
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tokenizer_json)
+    else:
+        tok = train_tokenizer(read_lines([files["train"]], max_lines), kind, vocab_size)
     prepare([files[s] for s in splits], out, tokenizer=tok, max_lines=max_lines)
     return load_prepared(out)
 
