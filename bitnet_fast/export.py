@@ -5,13 +5,18 @@
     lm = load_lm("lm.safetensors")   # bitnet-fast's own LM: its ModelConfig is in the file (`bitnet-fast export`)
 
 A BitLinear named `blk.fc` is stored as `blk.fc.packed.{data,gamma,header}` (PackedWeight.state()); the file's
-metadata carries the layout version, checked at load, and for bitnet-fast's own LM its ModelConfig (`lm_config`,
-JSON), so that `load_lm` needs nothing but the file. Writes are atomic and durable (plumbing.atomic_path).
+metadata carries the layout version, checked at load, for bitnet-fast's own LM its ModelConfig (`lm_config`,
+JSON), so that `load_lm` needs nothing but the file, and a sha256 over every tensor (name, dtype, shape, bytes)
+and the rest of the metadata, verified at load (`verify=False` skips it; a file from before checksums loads
+with a warning that it is unverified). Loaded packed weights are validated: a finite, non-negative gamma and
+no byte that is not a ternary code (i2/i2g code 3, tq1 byte > 242). Writes are atomic and durable
+(plumbing.atomic_path).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,7 +31,7 @@ from bitnet_fast import __version__, kernels
 from bitnet_fast.kernels import PackedWeight
 from bitnet_fast.model import LM, ModelConfig
 from bitnet_fast.nn import BitLinear, _to_compute, meta_parameters
-from bitnet_fast.plumbing import atomic_path
+from bitnet_fast.plumbing import atomic_path, warn
 
 __all__ = ["load_lm", "load_packed", "read_metadata", "save_packed"]
 
@@ -77,6 +82,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
             "aliases": json.dumps(aliases)}
     if isinstance(getattr(model, "config", None), ModelConfig):
         meta["lm_config"] = json.dumps(model.config.to_dict())
+    names = {v: k for k, v in _DTYPES.items()}
+    meta["sha256"] = _file_digest(meta, {k: (names[t.dtype], list(t.shape), _digest(t)) for k, t in tensors.items()})
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return path
@@ -85,6 +92,31 @@ def save_packed(model: nn.Module, path: str | os.PathLike, fmt: str = "tq1") -> 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's bytes."""
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _file_digest(meta: dict[str, str], tensors: dict[str, tuple[str, list[int], str]]) -> str:
+    """The checksum a packed file carries: over {name: (dtype, shape, sha256 of bytes)} and the other metadata."""
+    body = json.dumps([sorted((k, v) for k, v in meta.items() if k != "sha256"),
+                       sorted((k, d, [int(x) for x in s], h) for k, (d, s, h) in tensors.items())])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _check_codes(pw: PackedWeight, where: str) -> None:
+    """ValueError when a loaded packed weight holds what no save writes: a non-finite or negative gamma, an
+    i2/i2g code 3 (bits 11, which would decode to an effective weight of +2) or a tq1 byte above 3**5 - 1."""
+    gamma = float(pw.gamma)
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"{where}: gamma is {gamma}, not a finite non-negative scale; the file is corrupt")
+    b = pw.data.reshape(-1).view(torch.uint8)
+    bad = (b > 242) if pw.format == "tq1" else (b & (b >> 1) & 0x55) != 0
+    if pw.format in ("i2", "i2g", "tq1") and bool(bad.any()):
+        raise ValueError(f"{where}: {int(bad.sum())} byte(s) hold codes that are not ternary weights "
+                         f"({pw.format}); the file is corrupt")
 
 
 def _header(f, path: Path) -> tuple[dict, int]:
@@ -127,37 +159,50 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def _read(f, path: Path, start: int, name: str, info: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+def _read(f, path: Path, start: int, name: str, info: dict, out: torch.Tensor | None = None,
+          digests: dict | None = None) -> torch.Tensor:
     """One tensor of an open safetensors file, read with a plain read into fresh memory (or into `out`, a scratch
-    buffer of at least its size): unlike a memory map, the file's pages never count toward this process's RSS."""
+    buffer of at least its size): unlike a memory map, the file's pages never count toward this process's RSS.
+    With `digests`, records {name: (dtype, shape, sha256 of its bytes)}."""
     dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
     nbytes = math.prod(shape) * dtype.itemsize
     t = torch.empty(shape, dtype=dtype) if out is None else out[:nbytes].view(dtype).view(shape)
     f.seek(start + int(info["data_offsets"][0]))
     if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
         raise ValueError(f"{path}: truncated while reading tensor {name!r}")
+    if digests is not None:
+        digests[name] = (info["dtype"], shape, _digest(t))
     return t
 
 
-def _load_state(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The file's state dict with every packed layer in the CPU compute format. Packed data in another format
-    (tq1) is read into one scratch buffer and decoded layer by layer, so the load holds no second encoding of
-    the model and leaves no heap holes behind; tied weights are restored from their aliases."""
+def _load_state(path: Path, meta: dict[str, str], verify: bool = True) -> dict[str, torch.Tensor]:
+    """The file's state dict with every packed layer validated and in the CPU compute format. Packed data in
+    another format (tq1) is read into one scratch buffer and decoded layer by layer, so the load holds no second
+    encoding of the model and leaves no heap holes behind; tied weights are restored from their aliases. With
+    `verify`, the bytes read are checked against the file's sha256 before the state is returned."""
+    digests = {} if verify and "sha256" in meta else None
     with open(path, "rb") as f:
         header, start = _header(f, path)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         packed = [k for k in entries if k.endswith("packed.data")]
-        state = {k: _read(f, path, start, k, v) for k, v in entries.items() if k not in packed}
+        state = {k: _read(f, path, start, k, v, digests=digests) for k, v in entries.items() if k not in packed}
         sizes = [int(entries[k]["data_offsets"][1]) - int(entries[k]["data_offsets"][0]) for k in packed]
         scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
         for key in packed:
             prefix = key[: -len("data")]
-            parts = {"data": _read(f, path, start, key, entries[key], scratch)}
+            parts = {"data": _read(f, path, start, key, entries[key], scratch, digests)}
             parts |= {k: state.get(prefix + k, torch.empty(0)) for k in ("gamma", "header")}
-            pw = _to_compute(PackedWeight.from_state(parts, prefix[:-1]), torch.device("cpu"))
+            stored = PackedWeight.from_state(parts, prefix[:-1])
+            _check_codes(stored, f"{path}: {prefix[:-1]}")
+            pw = _to_compute(stored, torch.device("cpu"))
             if pw.data.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
                 pw = dataclasses.replace(pw, data=pw.data.clone())  # stored in the compute format already
             state.update({prefix + k: t for k, t in pw.state().items()})
+    if digests is not None and _file_digest(meta, digests) != meta["sha256"]:
+        raise ValueError(f"{path}: fails its sha256 checksum (corrupt); re-export it, or pass verify=False to load "
+                         "it anyway")
+    if verify and "sha256" not in meta:
+        warn(f"{path} carries no checksum (saved before checksums): loaded unverified")
     try:
         aliases = json.loads(meta.get("aliases", "{}"))
         for alias, stored in aliases.items():  # tied weights are stored once
@@ -167,13 +212,14 @@ def _load_state(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike) -> nn.Module:
+def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike,
+                verify: bool = True) -> nn.Module:
     """Load a file from `save_packed` into a model (or the model a zero-argument factory builds), in place.
 
     Every layer stored packed becomes a packed BitLinear (a plain nn.Linear there is converted first), decoded
     to the compute format of the device the layer lives on. A factory's model is built with its parameters on
     the meta device and takes the file's tensors as they load, so no fp32 copy of the model is ever allocated.
-    Returns the model.
+    The file's sha256 is verified unless `verify=False` (ValueError when it fails). Returns the model.
     """
     built = not isinstance(model_or_factory, nn.Module)
     if not built:
@@ -187,7 +233,7 @@ def load_packed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
         raise TypeError(f"model_or_factory must be an nn.Module or a callable, got {type(model_or_factory).__name__}")
     path = Path(path)
     meta = read_metadata(path)
-    state = _load_state(path, meta)
+    state = _load_state(path, meta, verify)
     aliases = json.loads(meta.get("aliases", "{}"))
     for key in state:
         if key.endswith("packed.header"):
