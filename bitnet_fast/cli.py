@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
+import warnings
 from collections.abc import Callable
 
 import click
+from click.core import ParameterSource
 
 from .data import TOKENIZERS
 from .distributed import is_main
@@ -26,16 +29,31 @@ from .wikitext import SPLITS as WIKITEXT_SPLITS
 
 
 class _Group(click.Group):
-    """Turns library errors (UserError, ValueError, OSError) into one-line ClickExceptions."""
+    """Turns library errors (UserError, ValueError, OSError, MemoryError) into one-line ClickExceptions; prints
+    warnings as one `warning: ...` line on stderr."""
 
     def invoke(self, ctx: click.Context):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except (UserError, ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(" ".join(str(e).split())) from None
+        except MemoryError:
+            raise click.ClickException("out of memory; use a smaller --batch-size (or a smaller model)") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Callback of every float option: inf and nan pass click's FloatRange but are never meant."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
 
 
 @click.group(cls=_Group)
@@ -103,13 +121,13 @@ def config_options(cls: type) -> Callable:
             ptype = click.Choice(rules["choices"])
         elif rules.get("path") == "dir":
             ptype = click.Path(file_okay=False)
-        elif kind in (int, float) and "min" in rules:
-            ptype = (click.IntRange if kind is int else click.FloatRange)(min=rules["min"],
-                                                                          min_open=rules.get("min_open", False))
+        elif kind in (int, float) and ("min" in rules or "max" in rules):
+            ptype = (click.IntRange if kind is int else click.FloatRange)(
+                min=rules.get("min"), max=rules.get("max"), min_open=rules.get("min_open", False))
         else:
             ptype = kind
         return click.option(flag, f.name, type=ptype, default=f.default, show_default=f.default is not None,
-                            help=rules["help"])
+                            help=rules["help"], callback=_finite if kind is float else None)
 
     def decorate(command: Callable) -> Callable:
         for f in reversed([f for f in dataclasses.fields(cls) if f.metadata.get("help")]):
@@ -125,17 +143,19 @@ def config_options(cls: type) -> Callable:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
 @config_options(TrainConfig)
 def train(which, **kw) -> None:
-    """Train on WikiText-2 (or --data); writes OUT/report.json (OUT/bitnet and OUT/fp with --model both)."""
-    if kw["data"] is not None and kw["data_dir"] is not None:
-        raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each "
-                               "other; use one")
-    if kw["device"] == "cuda":
-        import torch
+    """Train on WikiText-2 (or --data); writes OUT/report.json (OUT/bitnet and OUT/fp with --model both).
 
-        if not torch.cuda.is_available():
-            raise click.UsageError("--device cuda but no CUDA GPU is available; use --device cpu")
+    With --resume the run continues with the settings and tokenizer of its checkpoint; a flag given here that
+    conflicts with them is an error (defaults never conflict)."""
+    _need_cuda(kw["device"])
+    ctx = click.get_current_context()
+    explicit = {n for n in kw if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT,
+                                                                      ParameterSource.DEFAULT_MAP)}
+    if ctx.get_parameter_source("which") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+        explicit.add("linear")
     cfg = TrainConfig(**kw)
-    reports = train_pair(cfg) if which == "both" else {which: train_one(dataclasses.replace(cfg, linear=which))}
+    reports = (train_pair(cfg, explicit) if which == "both"
+               else {which: train_one(dataclasses.replace(cfg, linear=which), explicit=explicit)})
     if not is_main():  # under torchrun rank 0 alone reports
         return
     last = list(reports.values())[-1]
@@ -164,6 +184,7 @@ def eval_(checkpoint, split, data_dir, data, offline, batch_size, device, as_jso
 
     if data is not None and data_dir is not None:
         raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each other")
+    _need_cuda(device)
     r = evaluate_checkpoint(checkpoint, split, data_dir, batch_size, device, data, offline)
     if as_json:
         click.echo(json.dumps(r, indent=1))
@@ -225,7 +246,7 @@ def export_(checkpoint, out, fmt) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress goes to stderr).")
 @click.option("--quick", is_flag=True, help="tiny/small presets, few repeats: under a minute.")
 @click.option("--target-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Training step time to size the recommended batch for.")
+              callback=_finite, help="Training step time to size the recommended batch for.")
 @click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
               help="Only these presets (repeatable).")
 @click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Training sequence length [128; quick 64].")
@@ -255,6 +276,14 @@ def report_(dirs, out, tinyllama, quick, remeasure) -> None:
 
     html_path, json_path = make_report(dirs, out, tinyllama, quick, remeasure, echo=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {html_path} and {json_path}")
+
+
+def _need_cuda(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda but no CUDA GPU is available; use --device cpu")
 
 
 if __name__ == "__main__":  # `python -m bitnet_fast.cli` (e.g. under torchrun)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,27 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .corpus import load_corpus, same_tokenizer
 from .data import DataError, Split, count_words, encode_lines, eval_windows, read_lines, wikitext_split
 from .download import find_or_fetch
+from .plumbing import UserError, fmt
+
+# Bytes per (row, position, vocab entry) an eval batch holds at its peak: the logits (fp32), their float() copy
+# and cross_entropy's log-softmax; the activations (width << vocab) fit in the same slack.
+_LOGIT_COPIES = 3
+
+
+def check_eval_memory(n_tokens: int, seq_len: int, batch_size: int, vocab_size: int,
+                      device: str | torch.device = "cpu") -> None:
+    """Refuse, before anything is allocated, an eval batch whose logits cannot fit in the memory available on
+    `device` (the kernel may kill a process that overcommits instead of raising MemoryError)."""
+    rows = min(batch_size, max(1, (n_tokens - 1) // seq_len))  # eval_windows never makes more rows than that
+    need = rows * seq_len * vocab_size * 4 * _LOGIT_COPIES
+    if torch.device(device).type == "cuda":
+        have = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        have = psutil.virtual_memory().available
+    if need > have:
+        fit = max(1, int(have // (seq_len * vocab_size * 4 * _LOGIT_COPIES)))
+        raise UserError(f"--batch-size {batch_size} needs about {fmt(need, 'B')} for its logits but {fmt(have, 'B')} "
+                        f"is available on {device}; use --batch-size {min(fit, batch_size - 1)} or less")
 
 
 @torch.no_grad()
@@ -23,6 +45,9 @@ def perplexity(
     model: torch.nn.Module, split: Split, seq_len: int, batch_size: int = 16, device: str | torch.device = "cpu"
 ) -> dict:
     """NLL over every token of `split` after the first, in non-overlapping windows of seq_len."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        check_eval_memory(len(split.tokens), seq_len, batch_size, vocab, device)
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0

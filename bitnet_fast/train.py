@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -25,15 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    remove_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .corpus import load_corpus
+from .checkpoint import list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .corpus import load_corpus, same_tokenizer
 from .data import TOKENIZERS, Batches, wikitext
 from .distributed import (
     COMPRESSIONS,
@@ -47,7 +40,8 @@ from .distributed import (
 from .download import find_or_fetch
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
-from .plumbing import UserError, git_commit, machine_info, peak_rss_bytes, write_json
+from .plumbing import UserError, folder_lock, git_commit, machine_info, peak_rss_bytes, write_json
+from .resume import open_run
 
 SCHEDULES = ("cosine", "two_stage")
 DEVICES = ("cpu", "cuda")
@@ -62,8 +56,8 @@ class TrainingError(UserError):
 def option(default: Any, help: str | None = None, **rules: Any) -> Any:
     """A TrainConfig field. With `help` it is an option of `bitnet-fast train`: the CLI derives the flag's name, type,
     default and range from the field (a bool that defaults to True becomes --no-NAME, and `help` describes that
-    flag). `rules` are checked by TrainConfig itself: min (with min_open: strictly above), choices; path="dir"
-    tells the CLI the value is a folder."""
+    flag). `rules` are checked by TrainConfig itself: min (with min_open: strictly above), max, choices; every
+    float must be finite; path="dir" tells the CLI the value is a folder."""
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -86,7 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    seed: int = option(0, "Random seed (initialization and data order).")
+    seed: int = option(0, "Random seed (initialization and data order).", min=0, max=2**32 - 1)
     device: str = option("cpu", "Device to train on.", choices=DEVICES)
     data_dir: str | None = option(None, "WikiText-2 folder (default: $BITNET_FAST_DATA, else downloaded into the "
                                   "cache dir).", path="dir")
@@ -101,7 +95,8 @@ class TrainConfig:
                              min=1)
     keep_last: int = option(2, "Checkpoints kept.", min=1)
     log_every: int = option(10, "Optimizer steps between step events in OUT/metrics.jsonl.", min=1)
-    resume: bool = option(False, "Continue from the newest valid checkpoint in --out.")
+    resume: bool = option(False, "Continue the run in --out from its newest valid checkpoint, with its settings.")
+    overwrite: bool = option(False, "Start a new run in --out, deleting the checkpoints of the run there.")
     distributed: bool = option(False, "Use torch.distributed (DDP) when launched by torchrun.")
     grad_compression: str = option("none", "All-reduce gradients as int8 with error feedback (--distributed).",
                                    choices=COMPRESSIONS)
@@ -117,9 +112,16 @@ class TrainConfig:
                 continue
             if "choices" in rules and value not in rules["choices"]:
                 raise ValueError(f"{f.name}={value!r}; use one of {rules['choices']}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
             if "min" in rules and (value <= rules["min"] if rules.get("min_open") else value < rules["min"]):
                 raise ValueError(f"{f.name} must be {'>' if rules.get('min_open') else '>='} {rules['min']}, "
                                  f"got {value}")
+            if "max" in rules and value > rules["max"]:
+                raise ValueError(f"{f.name} must be <= {rules['max']}, got {value}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: --resume continues the run in --out, "
+                             "--overwrite deletes it")
         if self.data is not None and self.data_dir is not None:
             raise ValueError("data and data_dir both given: --data trains on a prepared folder, --data-dir names the "
                              "WikiText-2 folder; use one")
@@ -187,26 +189,41 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
+          explicit: Collection[str] | None = None) -> dict:
     """Train one model as configured; returns the report (rank 0 also writes it to cfg.out/report.json).
 
+    Rank 0 holds cfg.out's lock for the whole run. With cfg.resume the run continues from its newest valid
+    checkpoint with the checkpoint's settings and tokenizer; `explicit` names the fields the caller set on
+    purpose (the CLI: the flags given), which must not conflict with them (resume.py; None: all fields).
     `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
     """
-    # ---- set up: ranks, data, model, optimizer and schedule
     rank, world = init_process_group(cfg.distributed, cfg.device)
+    with folder_lock(cfg.out, "training run") if rank == 0 else nullcontext():
+        return _train(cfg, rank, world, on_step, explicit)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, float], None] | None,
+           explicit: Collection[str] | None) -> dict:
+    # ---- set up: the run folder (fresh, resumed or refused), data, model, optimizer and schedule
+    opening = open_run(cfg, rank, world, explicit)
+    cfg, ckpt = opening.cfg, opening.ckpt
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    def get_corpus():  # rank 0 alone downloads WikiText-2 when it is missing
+    def get_corpus():  # rank 0 alone downloads WikiText-2 when it is missing; a resumed run brings its tokenizer
         if cfg.data is not None:
             return load_corpus(cfg.data)
         root = find_or_fetch(cfg.data_dir, offline=cfg.offline or rank > 0)
-        return wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines)
+        return wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines,
+                        tokenizer_json=ckpt["tokenizer"] if ckpt else None)
 
     corpus = rank0_first(get_corpus, rank, world)  # rank 0 fetches and tokenizes, then the others read its cache
     check_same(corpus.tokenizer.to_str(), "tokenizer", world)
+    if ckpt is not None and not same_tokenizer(corpus.tokenizer, type(corpus.tokenizer).from_str(ckpt["tokenizer"])):
+        raise TrainingError(f"--data {cfg.data} was tokenized with another tokenizer than the run in {out} was "
+                            "trained with; resume on the folder it was trained on")
     valid = corpus.splits["valid"]
     mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
     if cfg.seq_len > mcfg.max_seq_len:
@@ -228,7 +245,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.min_lr_ratio))
     report = {
         "model": cfg.linear, "preset": cfg.preset, "parameters": count_parameters(model), "config": mcfg.to_dict(),
-        "train_config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
+        "train_config": asdict(cfg), "run_id": opening.run_id, "git_commit": git_commit(),
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": machine_info(), "world_size": world, "global_batch": gbatch,
         "steps_per_epoch": steps_per_epoch,
         "data": str(corpus.dir) if cfg.data is not None else "wikitext-2",
@@ -241,9 +259,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
 
         report["kernel_backend"] = backend_for(cfg.device)
 
-    # ---- state: resume from the newest checkpoint that verifies, or start fresh and evaluate the untrained model
+    # ---- state: resume from the checkpoint open_run chose, or start fresh and evaluate the untrained model
     state = TrainState()
-    ckpt = latest_checkpoint(out) if cfg.resume else None
     if rank == 0:
         print(f"[{cfg.linear}] preset {cfg.preset}: {report['parameters']:,} parameters, {steps_per_epoch} steps/epoch"
               f" x {cfg.epochs} epochs ({total} steps), global batch {cfg.batch_size} x {cfg.grad_accum} accum x "
@@ -259,14 +276,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         set_rng_state(ckpt["rng"])
         state = TrainState.from_checkpoint(ckpt)
     elif rank == 0:
-        remove_checkpoints(out)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         state.initial_eval = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
 
     # ---- the loop: one optimizer step per iteration
     n_batches = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a tail too short for a step is skipped
-    tokenizer = corpus.tokenizer.to_str()
+    tokenizer = ckpt["tokenizer"] if ckpt else corpus.tokenizer.to_str()
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    if log is not None and ckpt is not None:  # what this resume changed (RESUME_SAFE settings only)
+        log.write(json.dumps({"event": "resume", "step": state.step, "changed": opening.changed}) + "\n")
+    saved = {"run_id": opening.run_id, "tokenizer": tokenizer, "known": {}}
     bar = tqdm(total=total, initial=state.step, desc=cfg.linear, disable=not cfg.progress or rank != 0, mininterval=2,
                dynamic_ncols=True)
     data = None
@@ -290,7 +309,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                     sys.stdout.flush()
                 state.next_epoch()
                 data = None
-                _save(cfg, model, opt, sched, tokenizer, state, comm.state_dict(gbatch), rank)
+                _save(cfg, model, opt, sched, state, saved, comm.state_dict(gbatch), rank)
             if state.epoch >= cfg.epochs or state.step >= total:
                 break
             if data is None:
@@ -308,8 +327,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                         ckpts = list_checkpoints(out)
                         raise TrainingError(
                             f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); stopped. "
-                            f"Last good checkpoint: {ckpts[-1] if ckpts else 'none'}. "
-                            "Lower --lr or raise warmup, then --resume.")
+                            f"Last good checkpoint: {ckpts[-1] if ckpts else 'none'}. Train again with a lower "
+                            "--lr (into another --out, or with --overwrite); --resume keeps the run's lr.")
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
@@ -341,7 +360,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                 log.flush()
             interval = state.step % cfg.ckpt_every == 0 and not state.epoch_done(n_batches, total)
             if stop.requested or interval:
-                _save(cfg, model, opt, sched, tokenizer, state, comm.state_dict(gbatch), rank)
+                _save(cfg, model, opt, sched, state, saved, comm.state_dict(gbatch), rank)
     finally:
         bar.close()
         stop.restore()
@@ -363,27 +382,29 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     return report
 
 
-def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, tokenizer: str,
-          state: TrainState, ranks: dict, rank: int) -> None:
-    """Checkpoint everything an exact resume needs (see checkpoint.py for the layout); only rank 0 writes,
-    `ranks` is `Comm.state_dict()`: the part that differs between ranks (error-feedback residuals)."""
+def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, state: TrainState,
+          saved: dict, ranks: dict, rank: int) -> None:
+    """Checkpoint everything an exact resume needs (see checkpoint.py for the layout); only rank 0 writes.
+    `saved` holds the run's id, tokenizer JSON and the pruning cache; `ranks` is `Comm.state_dict()`: the part
+    that differs between ranks (error-feedback residuals)."""
     if rank != 0:
         return
     save_checkpoint(cfg.out, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "model_config": model.config.to_dict(), "train_config": asdict(cfg), "tokenizer": tokenizer,
-        "state": asdict(state), "rng": rng_state(), "step": state.step, "distributed": ranks}, cfg.keep_last)
+        "model_config": model.config.to_dict(), "train_config": asdict(cfg), "tokenizer": saved["tokenizer"],
+        "state": asdict(state), "rng": rng_state(), "step": state.step, "distributed": ranks,
+        "run_id": saved["run_id"]}, cfg.keep_last, saved["known"])
 
 
 # ------------------------------------------------------------------------------------------------ side by side
-def train_pair(cfg: TrainConfig) -> dict[str, dict]:
+def train_pair(cfg: TrainConfig, explicit: Collection[str] | None = None) -> dict[str, dict]:
     """Train BitNet and its fp twin with the same config, one after the other, in cfg.out/bitnet and cfg.out/fp,
     and write cfg.out/summary.json. Returns {linear: report}; stops after a run that was interrupted (Ctrl-C),
     without a summary, so that `--resume` continues where it stopped."""
     out = Path(cfg.out)
     reports = {}
     for linear in LINEARS:
-        reports[linear] = train(replace(cfg, linear=linear, out=str(out / linear)))
+        reports[linear] = train(replace(cfg, linear=linear, out=str(out / linear)), explicit=explicit)
         if reports[linear]["interrupted"]:
             return reports
     write_json(out / "summary.json", {m: {k: r.get(k) for k in SUMMARY_KEYS} for m, r in reports.items()})

@@ -3,6 +3,7 @@ schedules, grad accumulation and the torch.distributed path at world size 1."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -86,7 +87,9 @@ def test_resume_after_ctrl_c_is_bit_identical(full_run, wikitext_dir, tmp_path, 
 def test_checkpoints_hold_only_tensors_and_plain_types(full_run):
     out, report = full_run
     path = sorted((out / "checkpoints").glob("*.pt"))[-1]
-    ckpt = torch.load(path, weights_only=True)  # no pickled classes: loadable without executing code
+    envelope = torch.load(path, weights_only=True)  # no pickled classes: loadable without executing code
+    ckpt = torch.load(io.BytesIO(envelope["payload"].numpy().tobytes()), weights_only=True)
+    assert ckpt.keys() == load_checkpoint(path).keys()
     state = TrainState(**ckpt["state"])
     assert state.step == ckpt["step"] == report["steps"] and state.epoch == 3 and state.batch == 0
     assert state.epochs == report["epochs"] and state.initial_eval["ppl"] == report["initial_valid_ppl"]
