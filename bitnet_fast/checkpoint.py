@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -133,11 +134,13 @@ def _unpickle(data: bytes, path: Path, what: str = "checkpoint") -> object:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        needs = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the callable it blocked
+        if needs:
             raise CheckpointError(
-                f"{what} {path} holds pickled objects other than tensors and plain types; refused, because loading "
-                "it could run code. Only load it if you trust its source, and re-save it as plain tensors") from None
-        raise CheckpointError(f"{what} {path} is not a readable bitnet-fast checkpoint ({e})") from None
+                f"{what} {path} holds pickled objects other than tensors and plain types (it needs "
+                f"{needs.group(1)}); refused, because loading it could run code") from None
+        raise CheckpointError(f"{what} {path} is not a readable bitnet-fast checkpoint (not a torch.save file of "
+                              "tensors and plain types)") from None
     except Exception as e:  # zip/format errors come in many types
         raise CheckpointError(f"{what} {path} is not a readable bitnet-fast checkpoint ({type(e).__name__})") from e
 

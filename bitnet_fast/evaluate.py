@@ -13,7 +13,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import load_corpus, same_tokenizer
 from .data import DataError, Split, count_words, encode_lines, eval_windows, read_lines, wikitext_split
 from .download import find_or_fetch
@@ -84,7 +84,11 @@ def evaluate_checkpoint(
                          "folder; use one")
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, device)
-    tok = Tokenizer.from_str(ckpt["tokenizer"])
+    try:
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
+        seq_len = int(ckpt["train_config"]["seq_len"])
+    except Exception as e:  # tokenizers raises its own Exception type on bad JSON
+        raise CheckpointError(f"checkpoint {path} has no usable tokenizer or train_config.seq_len ({e})") from None
     data = data if data is not None or data_dir is not None else ckpt["train_config"].get("data")
     if data is not None:
         corpus = load_corpus(data, (split,))
@@ -95,6 +99,6 @@ def evaluate_checkpoint(
     else:
         lines = read_lines([wikitext_split(find_or_fetch(data_dir, (split,), offline), split)])
         tokens = Split(encode_lines(tok, lines), count_words(lines))
-    result = perplexity(model, tokens, ckpt["train_config"]["seq_len"], batch_size, device)
+    result = perplexity(model, tokens, seq_len, batch_size, device)
     return {"checkpoint": str(path), "split": split, "model": model.config.linear, "step": ckpt["step"],
             "data": str(data) if data is not None else "wikitext-2", **result}
