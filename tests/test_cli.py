@@ -45,8 +45,8 @@ def test_train_options_come_from_train_config():
     flags = {opt for p in cmd.params for opt in p.opts}
     assert flags == {"--preset", "--model", "--epochs", "--max-steps", "--batch-size", "--seq-len", "--grad-accum",
                      "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
-                     "--ckpt-every", "--keep-last", "--resume", "--seed", "--device", "--distributed", "--no-progress",
-                     "--data", "--offline", "--log-every", "--grad-compression", "--sync-every"}
+                     "--ckpt-every", "--keep-last", "--resume", "--overwrite", "--seed", "--device", "--distributed",
+                     "--no-progress", "--data", "--offline", "--log-every", "--grad-compression", "--sync-every"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
     assert params.pop("which") == "both" and params.pop("out") is None
