@@ -7,10 +7,11 @@
                   deleted); if there are none at all it starts fresh, saying so (a torchrun restart can keep
                   `--resume` in its command from the first launch on).
 
-A resumed run continues with the checkpoint's settings: every TrainConfig field that changes the result
-(everything but RESUME_SAFE) is taken from the checkpoint. A value that the caller set explicitly and that
-differs is an error naming it; the CLI passes the flags given on the command line as `explicit` (defaults never
-conflict), a library call without `explicit` counts every field as explicit.
+A resumed run continues with the checkpoint's settings: every TrainConfig field but this launch's INVOCATION
+settings is taken from the checkpoint. RESUME_SAFE ones (how long, how often to write) may be changed
+explicitly; any other value that the caller set explicitly and that differs is an error naming it. The CLI
+passes the flags given on the command line as `explicit` (defaults never conflict); a library call without
+`explicit` counts every field as explicit.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Any
 from .checkpoint import list_checkpoints, newest_checkpoint, remove_checkpoints, set_aside
 from .plumbing import UserError, warn
 
-# Settings a resumed run may change: how long it runs, how often it writes, where it reads and writes, and how
-# it reports. Changing epochs/max_steps re-plans the lr schedule's remaining steps; the change is recorded.
-RESUME_SAFE = frozenset({"epochs", "max_steps", "ckpt_every", "keep_last", "log_every", "progress", "resume",
-                         "overwrite", "out", "data_dir", "eval_batch_size", "distributed"})
+# Settings of this launch, never taken from the checkpoint: where it reads and writes, how it shows progress.
+INVOCATION = frozenset({"resume", "overwrite", "out", "data_dir", "progress", "distributed"})
+# Settings a resumed run may change when asked explicitly (else the checkpoint's are kept): how long it runs and
+# how often it writes. Changing epochs/max_steps re-plans the lr schedule's remaining steps; changes are recorded.
+RESUME_SAFE = INVOCATION | {"epochs", "max_steps", "ckpt_every", "keep_last", "log_every", "eval_batch_size"}
 
 
 class ResumeError(UserError):
@@ -57,15 +59,18 @@ def _plain(v: Any) -> Any:
 
 
 def resume_config(cfg: Any, saved: dict, explicit: Collection[str] | None = None) -> tuple[Any, dict[str, tuple]]:
-    """`cfg` with every result-changing field taken from the checkpoint's train_config `saved`; ResumeError naming
-    each explicit field that conflicts. Returns (config, {safe field changed: (old, new)})."""
+    """`cfg` with the fields of the checkpoint's train_config `saved`, except this launch's INVOCATION settings and
+    the RESUME_SAFE ones given explicitly; ResumeError naming each other explicit field that differs. Returns
+    (config, {safe field changed: (old, new)})."""
     given = {f.name for f in fields(cfg)} if explicit is None else set(explicit)
     taken, conflicts, changed = {}, [], {}
     for f in fields(cfg):
         if f.name not in saved or _plain(saved[f.name]) == _plain(getattr(cfg, f.name)):
             continue
         old, new = saved[f.name], getattr(cfg, f.name)
-        if f.name in RESUME_SAFE:
+        if f.name in INVOCATION:
+            continue
+        if f.name in RESUME_SAFE and f.name in given:
             changed[f.name] = (old, new)
         elif f.name in given:
             conflicts.append(f"{flag(f.name, cfg)} {new!r} (the run has {old!r})")

@@ -152,7 +152,9 @@ def test_4_resume_takes_the_runs_settings_and_refuses_explicit_conflicts(tmp_pat
     cfg = TrainConfig(resume=True, out=str(tmp_path), max_steps=50, ckpt_every=7)
     merged, changed = resume_config(cfg, saved, explicit={"max_steps", "ckpt_every", "out", "resume"})
     assert (merged.lr, merged.batch_size, merged.seed, merged.max_steps) == (1e-3, 8, 3, 50)
-    assert changed["max_steps"] == (None, 50) and changed["ckpt_every"] == (200, 7)
+    assert changed == {"max_steps": (None, 50), "ckpt_every": (200, 7)}
+    kept, changed = resume_config(TrainConfig(resume=True), {**saved, "max_steps": 9}, explicit={"resume"})
+    assert kept.max_steps == 9 and not changed  # not given: the run keeps its own length
     with pytest.raises(ResumeError, match=r"--seq-len 64 \(the run has 128\); --lr 0\.002 \(the run has 0\.001\)"):
         resume_config(dataclasses.replace(cfg, lr=2e-3, seq_len=64), saved, explicit={"lr", "seq_len"})
     with pytest.raises(ResumeError, match="--batch-size"):  # a library call: every field counts as explicit
