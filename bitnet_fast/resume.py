@@ -27,7 +27,7 @@ from .checkpoint import list_checkpoints, newest_checkpoint, remove_checkpoints,
 from .plumbing import UserError, warn
 
 # Settings of this launch, never taken from the checkpoint: where it reads and writes, how it shows progress.
-INVOCATION = frozenset({"resume", "overwrite", "out", "data_dir", "progress", "distributed"})
+INVOCATION = frozenset({"resume", "overwrite", "out", "data_dir", "offline", "progress", "distributed"})
 # Settings a resumed run may change when asked explicitly (else the checkpoint's are kept): how long it runs and
 # how often it writes. Changing epochs/max_steps re-plans the lr schedule's remaining steps; changes are recorded.
 RESUME_SAFE = INVOCATION | {"epochs", "max_steps", "ckpt_every", "keep_last", "log_every", "eval_batch_size"}

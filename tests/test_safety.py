@@ -165,12 +165,19 @@ def test_4_resume_takes_the_runs_settings_and_refuses_explicit_conflicts(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------ 5: prepare
-def test_5_prepare_refuses_two_inputs_with_the_same_name(tmp_path):
-    for d in ("a", "b"):
+def test_5_inputs_with_the_same_name_are_never_dropped(tmp_path):
+    from bitnet_fast.data import DataError, prepare
+
+    for d, word in (("a", "alpha"), ("b", "beta")):
         (tmp_path / d).mkdir()
-        (tmp_path / d / "x.txt").write_text("some words here\n")
-    _one_error_line(_run("prepare", tmp_path / "a" / "x.txt", tmp_path / "b" / "x.txt", "--out", tmp_path / "o"),
-                    "would both be split 'x'")
+        (tmp_path / d / "x.txt").write_text(f"{word} words here\n" * 40)
+    inputs = [tmp_path / "a" / "x.txt", tmp_path / "b" / "x.txt"]
+    with pytest.raises(DataError, match="would both be split 'x'"):  # the library names splits after files
+        prepare(inputs, tmp_path / "lib")
+    result = _run("prepare", *inputs, "--out", tmp_path / "o", "--vocab-size", "40")  # the CLI pools its inputs
+    assert result.exit_code == 0, result.output
+    splits = json.loads((tmp_path / "o" / "manifest.json").read_text())["splits"]
+    assert sum(s["words"] for s in splits.values()) == 80 * 4  # both files: 3 words + <eos> per line
 
 
 # ------------------------------------------------------------------------------------------------ 6: sidecars
@@ -282,7 +289,7 @@ def test_8_bad_inputs_are_one_error_line(tmp_path):
     tok = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tok.json"))
-    (tmp_path / "t.txt").write_text("a a\n")
+    (tmp_path / "t.txt").write_text("a a\n" * 40)
     _one_error_line(_run("prepare", tmp_path / "t.txt", "--tokenizer", tmp_path / "tok.json", "--out", tmp_path / "p"),
                     "no <eos> token")
     with pytest.raises(plumbing.UserError, match="--batch-size 1000000 needs about"):
