@@ -147,6 +147,9 @@ def train(which, **kw) -> None:
 
     With --resume the run continues with the settings and tokenizer of its checkpoint; a flag given here that
     conflicts with them is an error (defaults never conflict)."""
+    if kw["data"] is not None and kw["data_dir"] is not None:
+        raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each "
+                               "other; use one")
     _need_cuda(kw["device"])
     ctx = click.get_current_context()
     explicit = {n for n in kw if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT,
