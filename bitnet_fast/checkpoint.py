@@ -17,7 +17,7 @@ load, with a warning when no sidecar vouches for them. The checkpoint dict:
     rng                            rng_state(): {"torch": uint8 tensor, "python": random.getstate() tuple}
     step                           optimizer steps taken (= state["step"]), for tools that want only that
     run_id                         the run the checkpoint belongs to (pruning deletes only its own run's files)
-    world_size                     processes that trained it (a resume must use as many)
+    distributed                    the ranks' part (distributed.Comm.state_dict: world size, global batch, residuals)
 """
 
 from __future__ import annotations

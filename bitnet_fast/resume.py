@@ -30,7 +30,10 @@ from .plumbing import UserError, warn
 INVOCATION = frozenset({"resume", "overwrite", "out", "data_dir", "offline", "progress", "distributed"})
 # Settings a resumed run may change when asked explicitly (else the checkpoint's are kept): how long it runs and
 # how often it writes. Changing epochs/max_steps re-plans the lr schedule's remaining steps; changes are recorded.
-RESUME_SAFE = INVOCATION | {"epochs", "max_steps", "ckpt_every", "keep_last", "log_every", "eval_batch_size"}
+# batch_size and grad_accum may change with the number of ranks as long as the global batch stays the same, which
+# distributed.Comm.load_state checks (a resume at another world size).
+RESUME_SAFE = INVOCATION | {"epochs", "max_steps", "ckpt_every", "keep_last", "log_every", "eval_batch_size",
+                            "batch_size", "grad_accum"}
 
 
 class ResumeError(UserError):
@@ -83,7 +86,7 @@ def resume_config(cfg: Any, saved: dict, explicit: Collection[str] | None = None
     return replace(cfg, **taken), changed
 
 
-def open_run(cfg: Any, rank: int = 0, world: int = 1, explicit: Collection[str] | None = None) -> Opening:
+def open_run(cfg: Any, rank: int = 0, explicit: Collection[str] | None = None) -> Opening:
     """Decide how the run in cfg.out starts (see the module docstring). Only rank 0 renames or deletes files."""
     out = Path(cfg.out)
     if cfg.resume:
@@ -98,9 +101,6 @@ def open_run(cfg: Any, rank: int = 0, world: int = 1, explicit: Collection[str] 
         if ckpt is None:
             warn(f"--resume: no checkpoint in {out}/checkpoints to resume from; starting a new run")
         else:
-            if ckpt.get("world_size", 1) != world:
-                raise ResumeError(f"the run in {out} was trained by {ckpt.get('world_size', 1)} process(es), this "
-                                  f"launch has {world}; resume with the same number, or train into another --out")
             new_cfg, changed = resume_config(cfg, ckpt["train_config"], explicit)
             return Opening(new_cfg, ckpt, ckpt.get("run_id") or uuid.uuid4().hex, changed)
     elif list_checkpoints(out) and rank == 0:

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
 def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, float], None] | None,
            explicit: Collection[str] | None) -> dict:
     # ---- set up: the run folder (fresh, resumed or refused), data, model, optimizer and schedule
-    opening = open_run(cfg, rank, world, explicit)
+    opening = open_run(cfg, rank, explicit)
     cfg, ckpt = opening.cfg, opening.ckpt
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
