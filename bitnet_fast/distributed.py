@@ -79,7 +79,7 @@ def is_main() -> bool:
 
 def rank0_first(fn: Callable[[], T], rank: int, world: int) -> T:
     """`fn()` on rank 0 first, then on the other ranks: a cold cache (the tokenized corpus) is filled once and the
-    others read it, instead of every rank training its own tokenizer (BPE training is not deterministic)."""
+    others read it, instead of every rank tokenizing the corpus (and racing to write the same cache files)."""
     if world == 1:
         return fn()
     if rank == 0:
