@@ -202,11 +202,19 @@ def test_state_round_trip():
 
 
 def test_respects_torch_thread_count():
+    """Above the serial threshold the packer runs on torch's thread count (capped by NUMBA_NUM_THREADS); below it
+    on one thread."""
+    from bitnet_fast.kernels import tuning
+
     before = torch.get_num_threads()
+    big = torch.randn(1024, tuning.SERIAL_WORK // 1024 + 1)
     try:
-        torch.set_num_threads(1)
-        cpu_pack.quantize_weight(torch.randn(4, 8))
-        assert numba.get_num_threads() == 1
+        for want in (2, 1):
+            torch.set_num_threads(want)
+            cpu_pack.quantize_weight(big)
+            assert numba.get_num_threads() == min(want, numba.config.NUMBA_NUM_THREADS)
+            cpu_pack.quantize_weight(torch.randn(4, 8))
+            assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
