@@ -23,6 +23,7 @@ from .distributed import is_main
 from .generate import ENGINES
 from .model import LINEARS, PRESETS
 from .plumbing import UserError
+from .recipe import PER_MODEL_FIELDS
 from .train import DEVICES, TrainConfig, side_by_side, train_pair
 from .train import train as train_one
 from .wikitext import SPLITS as WIKITEXT_SPLITS
@@ -69,18 +70,23 @@ def main() -> None:
               help="Text file(s) for the valid split (repeatable) [default: hold out the end of INPUTS].")
 @click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Fraction of the INPUTS' lines (the last) held out as valid without --valid.")
+@click.option("--test", "test_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file(s) for an optional test split (repeatable), reported after training.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
               help="Reuse this tokenizer.json instead of training one on the train split.")
 @click.option("--kind", type=click.Choice(TOKENIZERS), default="bpe", show_default=True)
 @click.option("--vocab-size", type=click.IntRange(min=4), default=8192, show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=1 << 24, show_default=True)
-def prepare(inputs, out_dir, valid_files, valid_fraction, tokenizer_path, kind, vocab_size, shard_tokens) -> None:
-    """Tokenize text files INPUTS into a train/valid split of checksummed token shards in --out (for train --data)."""
+def prepare(inputs, out_dir, valid_files, valid_fraction, test_files, tokenizer_path, kind, vocab_size,
+            shard_tokens) -> None:
+    """Tokenize text files INPUTS into train/valid (and --test) splits of checksummed token shards in --out (for
+    train --data)."""
     from .corpus import prepare_split
     from .data import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    manifest = prepare_split(inputs, out_dir, valid_files, valid_fraction, tok, kind, vocab_size, shard_tokens)
+    manifest = prepare_split(inputs, out_dir, valid_files, valid_fraction, tok, kind, vocab_size, shard_tokens,
+                             test_files)
     for name, s in manifest["splits"].items():
         click.echo(f"{name}: {s['tokens']:,} tokens ({s['words']:,} words) in {len(s['files'])} shard(s)")
     click.echo(f"vocab {manifest['vocab_size']}; wrote {out_dir}/manifest.json; train on it with "
@@ -151,6 +157,11 @@ def train(which, **kw) -> None:
         raise click.UsageError("--data (a prepared folder) and --data-dir (the WikiText-2 folder) exclude each "
                                "other; use one")
     _need_cuda(kw["device"])
+    stray = [f"--{n}-{m}" for n in PER_MODEL_FIELDS for m in LINEARS if which not in ("both", m)
+             and kw[f"{n}_{m}"] is not None]
+    if stray:
+        raise click.UsageError(f"{', '.join(stray)} set(s) a model that --model {which} does not train; use "
+                               f"{', '.join('--' + f.split('-')[2] for f in stray)} for it (or --model both)")
     ctx = click.get_current_context()
     explicit = {n for n in kw if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT,
                                                                       ParameterSource.DEFAULT_MAP)}

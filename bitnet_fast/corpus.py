@@ -26,11 +26,13 @@ def prepare_split(
     kind: str = "bpe",
     vocab_size: int = 8192,
     shard_tokens: int = 1 << 24,
+    test: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Tokenize `inputs` (train) and `valid` files, or the held-out last `valid_fraction` of the inputs' lines, into
-    `out_dir` as the splits "train" and "valid". Without `tokenizer` one is trained on the train lines. Returns the
-    manifest (tokens and words per split)."""
-    missing = [str(p) for p in (*inputs, *valid) if not Path(p).is_file()]
+    `out_dir` as the splits "train" and "valid", and the optional `test` files as "test" (reported after training,
+    never trained or tuned on). Without `tokenizer` one is trained on the train lines. Returns the manifest (tokens
+    and words per split)."""
+    missing = [str(p) for p in (*inputs, *valid, *test) if not Path(p).is_file()]
     if missing:
         raise DataError(f"input file(s) not found: {', '.join(missing)}")
     if not inputs:
@@ -50,7 +52,8 @@ def prepare_split(
         raise DataError("the train split has no words; give text files with content")
     if tokenizer is None:
         tokenizer = train_tokenizer(train, kind, vocab_size)
-    return write_splits({"train": train, "valid": held_out}, out_dir, tokenizer, shard_tokens)
+    splits = {"train": train, "valid": held_out, **({"test": read_lines(test)} if test else {})}
+    return write_splits(splits, out_dir, tokenizer, shard_tokens)
 
 
 def load_corpus(data: str | os.PathLike, splits: Sequence[str] = TRAIN_SPLITS) -> Corpus:

@@ -5,6 +5,8 @@ transformer blocks (q, k, v, o, gate, up, down) is a `bitnet_fast.nn.BitLinear` 
 `nn.Linear` for "fp". Embedding, RMSNorms and the output head stay full precision in both, as in the BitNet
 b1.58 recipe. The output head is tied to the token embedding by default (fewer parameters at small scale).
 No biases anywhere; RoPE positions; SwiGLU (default) or ReLU^2 MLP; grouped-query attention when n_kv_head < n_head.
+With `subln` both twins put an RMSNorm on the inputs of the attention output and MLP down projections (SubLN, as
+in BitNet b1.58 2B4T): BitLinear's own `subln` norm for BitNet, the same norm before nn.Linear for fp.
 
 Inference keeps a static per-layer key/value cache (`setup_cache`, as in gpt-fast): `forward(idx, pos=p)` runs the
 tokens at positions p.. p + T - 1 against the cache (one call for the prompt, one per generated token) and
@@ -39,6 +41,7 @@ class ModelConfig:
     mlp: str = "swiglu"  # "swiglu" | "relu2"
     linear: str = "bitnet"  # "bitnet" | "fp"
     tie_embeddings: bool = True
+    subln: bool = False  # RMSNorm before the o and down projections (both twins)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
@@ -84,10 +87,26 @@ def preset_config(name: str, **overrides) -> ModelConfig:
 
 def _linear_cls(kind: str) -> type[nn.Module]:
     if kind == "fp":
-        return nn.Linear
+        return _fp_linear
     from .nn import BitLinear  # imported lazily: the fp twin needs no kernels
 
     return BitLinear
+
+
+def _fp_linear(in_features: int, out_features: int, bias: bool = True, subln: bool = False) -> nn.Linear:
+    return SubLNLinear(in_features, out_features, bias) if subln else nn.Linear(in_features, out_features, bias)
+
+
+class SubLNLinear(nn.Linear):
+    """nn.Linear after an RMSNorm of its input: BitLinear(subln=True)'s norm (eps 1e-6, same parameter names), so
+    that the fp twin of a SubLN model has exactly the BitNet model's architecture."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.norm = nn.RMSNorm(in_features, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(x))
 
 
 class RMSNorm(nn.Module):
@@ -138,7 +157,7 @@ class Attention(nn.Module):
         self.wq = lin(cfg.n_embd, cfg.n_embd, bias=False)
         self.wk = lin(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.wv = lin(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.wo = lin(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wo = lin(cfg.n_embd, cfg.n_embd, bias=False, subln=cfg.subln)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int | None = None) -> torch.Tensor:
@@ -169,7 +188,7 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         self.up = lin(cfg.n_embd, cfg.hidden, bias=False)
         self.gate = lin(cfg.n_embd, cfg.hidden, bias=False) if cfg.mlp == "swiglu" else None
-        self.down = lin(cfg.hidden, cfg.n_embd, bias=False)
+        self.down = lin(cfg.hidden, cfg.n_embd, bias=False, subln=cfg.subln)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:

@@ -19,7 +19,8 @@ from .plumbing import atomic_write, describe_machine, fmt, write_json
 COLORS = {"bitnet": "#d9480f", "fp": "#1c7ed6"}
 PALETTE = ["#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#5c940d", "#c2255c"]
 REQUIRED = ("model", "epochs")
-RATIO_KEYS = ("final_valid_ppl", "final_valid_word_ppl", "mean_tokens_per_sec", "total_seconds", "peak_rss_bytes")
+RATIO_KEYS = ("final_valid_ppl", "final_valid_word_ppl", "final_test_ppl", "final_test_word_ppl", "mean_tokens_per_sec",
+              "total_seconds", "peak_rss_bytes")
 
 # Published figures we quote next to our measurements; never mixed with them.
 PUBLISHED = [
@@ -139,6 +140,8 @@ def summarize(run: Run) -> dict:
         "initial_valid_ppl": _num(r.get("initial_valid_ppl")),
         "final_valid_ppl": _num(r.get("final_valid_ppl", last.get("valid_ppl"))),
         "final_valid_word_ppl": _num(r.get("final_valid_word_ppl", last.get("valid_word_ppl"))),
+        "final_test_ppl": _num(r.get("final_test_ppl")),  # only when the data has a test split
+        "final_test_word_ppl": _num(r.get("final_test_word_ppl")),
         "mean_tokens_per_sec": sum(tps) / len(tps) if tps else None,
         "total_seconds": sum(secs) if secs else None,
         "peak_rss_bytes": _num(r.get("peak_rss_bytes")),
@@ -219,14 +222,16 @@ def _training_html(rep: dict) -> str:
     colors = _colors(runs)
     pairs = list(zip(runs, colors, strict=True))
     rows = [[r["label"], r["status"], r["preset"], fmt(r["parameters"]), r["epochs"], fmt(r["initial_valid_ppl"]),
-             fmt(r["final_valid_ppl"]), fmt(r["final_valid_word_ppl"]), fmt(r["mean_tokens_per_sec"]),
+             fmt(r["final_valid_ppl"]), fmt(r["final_valid_word_ppl"]), fmt(r["final_test_ppl"]),
+             fmt(r["final_test_word_ppl"]), fmt(r["mean_tokens_per_sec"]),
              fmt(r["total_seconds"], "s"), fmt(r["peak_rss_bytes"], "B")] for r in runs]
     parts = ["<h2>Training runs</h2>",
              _table(["run", "status", "preset", "params", "epochs", "initial valid ppl", "final valid ppl",
-                     "final word ppl", "tokens/s (mean)", "train time", "peak RSS"], rows)]
+                     "final word ppl", "test ppl", "test word ppl", "tokens/s (mean)", "train time", "peak RSS"], rows)]
     if rep["comparison"]:
         parts += ["<h3>BitNet / fp ratios (same preset)</h3>",
-                  _table(["preset", "valid ppl", "word ppl", "tokens/s", "train time", "peak RSS"],
+                  _table(["preset", "valid ppl", "word ppl", "test ppl", "test word ppl", "tokens/s", "train time",
+                          "peak RSS"],
                          [[c["preset"], *(f"{c[k + '_bitnet_over_fp']:.3f}x" if c[k + "_bitnet_over_fp"] else "—"
                                           for k in RATIO_KEYS)] for c in rep["comparison"]])]
     step_series = [{"label": r["label"], "color": c, "points": r["train_loss_steps"]} for r, c in pairs]

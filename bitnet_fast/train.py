@@ -41,12 +41,12 @@ from .download import find_or_fetch
 from .evaluate import perplexity
 from .model import LINEARS, PRESETS, build_model, count_parameters, preset_config
 from .plumbing import UserError, folder_lock, git_commit, machine_info, peak_rss_bytes, write_json
+from .recipe import RECIPES, SCHEDULES, lr_factor, param_groups, weight_decay_factor, with_recipe
 from .resume import open_run
 
-SCHEDULES = ("cosine", "two_stage")
 DEVICES = ("cpu", "cuda")
-SUMMARY_KEYS = ("parameters", "initial_valid_ppl", "final_valid_ppl", "final_valid_word_ppl", "mean_tokens_per_sec",
-                "total_seconds", "peak_rss_bytes")
+SUMMARY_KEYS = ("parameters", "initial_valid_ppl", "final_valid_ppl", "final_valid_word_ppl", "final_test_ppl",
+                "final_test_word_ppl", "mean_tokens_per_sec", "total_seconds", "peak_rss_bytes")
 
 
 class TrainingError(UserError):
@@ -61,6 +61,11 @@ def option(default: Any, help: str | None = None, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
+def _recipe(name: str) -> str:
+    """The recipes' values of a field, for a help text: "bitnet 0.004, fp 0.002"."""
+    return ", ".join(f"{m} {r[name]}" for m, r in RECIPES.items())
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run depends on; the single home of every training default."""
@@ -68,15 +73,23 @@ class TrainConfig:
     preset: str = option("small", "Model size preset.", choices=tuple(sorted(PRESETS)))
     linear: str = option("bitnet", choices=LINEARS)  # the CLI's --model (bitnet, fp, or both through train_pair)
     out: str | None = None  # run folder; None: runs/PRESET (train_pair puts its two runs in OUT/bitnet and OUT/fp)
-    epochs: int = option(1, "Passes over the training split.", min=1)
+    epochs: int = option(3, "Passes over the training split.", min=1)
     max_steps: int | None = option(None, "Stop after N optimizer steps.", min=1)  # the schedule is planned for N
     batch_size: int = option(32, "Sequences per micro-batch.", min=1)
     seq_len: int = option(128, "Tokens per sequence.", min=2)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
-    lr: float = option(2e-3, "Peak learning rate.", min=0, min_open=True)
+    # lr, schedule, warmup_frac: None takes the trained model's recipe (recipe.RECIPES), see recipe.with_recipe
+    lr: float | None = option(None, f"Peak learning rate [default: {_recipe('lr')}].", min=0, min_open=True)
+    lr_bitnet: float | None = option(None, "Peak learning rate of the BitNet model (--model both).", min=0,
+                                     min_open=True)
+    lr_fp: float | None = option(None, "Peak learning rate of the fp model (--model both).", min=0, min_open=True)
     min_lr_ratio: float = 0.1
-    warmup_frac: float = 0.05
-    schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
+    warmup_frac: float | None = option(None, f"Fraction of the steps spent in linear lr warmup [default: "
+                                       f"{_recipe('warmup_frac')}].", min=0, max=1)
+    schedule: str | None = option(None, f"Learning-rate schedule after warmup [default: {_recipe('schedule')}].",
+                                  choices=SCHEDULES)
+    schedule_bitnet: str | None = option(None, "Schedule of the BitNet model (--model both).", choices=SCHEDULES)
+    schedule_fp: str | None = option(None, "Schedule of the fp model (--model both).", choices=SCHEDULES)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -162,32 +175,6 @@ class TrainState:
                    init, rep["epochs"])
 
 
-# ------------------------------------------------------------------------------------------------ schedule
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)  # 0 -> 1 after warmup
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    # BitNet b1.58 two-stage: high lr decaying linearly to half peak, then a drop and linear decay to min.
-    return 1 - 0.5 * t / 0.5 if t < 0.5 else 0.3 + (min_ratio - 0.3) * (t - 0.5) / 0.5
-
-
-def weight_decay_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The two-stage recipe turns weight decay off for the second half; cosine keeps it constant."""
-    return 0.0 if schedule == "two_stage" and step >= warmup + (total - warmup) / 2 else 1.0
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices of linear layers only; norms, embeddings (and the head tied to them), biases: no decay."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    decay, rest = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and id(p) not in no_decay else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
           explicit: Collection[str] | None = None) -> dict:
@@ -198,6 +185,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
     purpose (the CLI: the flags given), which must not conflict with them (resume.py; None: all fields).
     `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
     """
+    cfg = with_recipe(cfg)
     rank, world = init_process_group(cfg.distributed, cfg.device)
     with folder_lock(cfg.out, "training run") if rank == 0 else nullcontext():
         return _train(cfg, rank, world, on_step, explicit)
@@ -216,7 +204,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
         if cfg.data is not None:
             return load_corpus(cfg.data)
         root = find_or_fetch(cfg.data_dir, offline=cfg.offline or rank > 0)
-        return wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines,
+        splits = ("train", "valid", "test") if (root / "test.txt").is_file() else ("train", "valid")  # test: optional
+        return wikitext(root, cfg.tokenizer, cfg.vocab_size, cfg.max_lines, splits,
                         tokenizer_json=ckpt["tokenizer"] if ckpt else None)
 
     corpus = rank0_first(get_corpus, rank, world)  # rank 0 fetches and tokenizes, then the others read its cache
@@ -372,6 +361,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
                   peak_rss_bytes=peak_rss_bytes(), comm=comm.report())
     if state.initial_eval is not None:
         report.update({f"initial_valid_{k}": state.initial_eval[k] for k in ("loss", "ppl", "word_ppl")})
+    test = corpus.splits.get("test")
+    if rank == 0 and test is not None and not stop.requested:  # the held-out test split, once, after training
+        ev = perplexity(model, test, cfg.seq_len, cfg.eval_batch_size, cfg.device)
+        report.update(final_test_loss=ev["loss"], final_test_ppl=ev["ppl"], final_test_word_ppl=ev["word_ppl"])
     if state.epochs:
         report.update(final_valid_ppl=state.epochs[-1]["valid_ppl"],
                       final_valid_word_ppl=state.epochs[-1]["valid_word_ppl"],
@@ -415,8 +408,10 @@ def side_by_side(reports: dict[str, dict]) -> str:
     """The text table the CLI prints after `train_pair`: one column per model."""
     rows = [("", *reports), ("parameters", *(f"{r['parameters']:,}" for r in reports.values()))]
     for key, label in (("initial_valid_ppl", "valid ppl before"), ("final_valid_ppl", "valid ppl after"),
-                       ("final_valid_word_ppl", "valid word ppl after"), ("mean_tokens_per_sec", "train tokens/s"),
+                       ("final_valid_word_ppl", "valid word ppl after"), ("final_test_ppl", "test ppl after"),
+                       ("final_test_word_ppl", "test word ppl after"), ("mean_tokens_per_sec", "train tokens/s"),
                        ("total_seconds", "train seconds")):
-        rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
+        if any(r.get(key) is not None for r in reports.values()):  # (test rows only when the data has a test split)
+            rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]) for r in rows)

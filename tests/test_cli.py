@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from bitnet_fast.cli import main
-from bitnet_fast.train import SCHEDULES, TrainConfig
+from bitnet_fast.recipe import RECIPES, SCHEDULES
+from bitnet_fast.train import TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,8 @@ def test_train_options_come_from_train_config():
     assert flags == {"--preset", "--model", "--epochs", "--max-steps", "--batch-size", "--seq-len", "--grad-accum",
                      "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
                      "--ckpt-every", "--keep-last", "--resume", "--overwrite", "--seed", "--device", "--distributed",
-                     "--no-progress", "--data", "--offline", "--log-every", "--grad-compression", "--sync-every"}
+                     "--no-progress", "--data", "--offline", "--log-every", "--grad-compression", "--sync-every",
+                     "--lr-bitnet", "--lr-fp", "--schedule-bitnet", "--schedule-fp", "--warmup-frac"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
     assert params.pop("which") == "both" and params.pop("out") is None
@@ -68,6 +70,8 @@ def test_bad_flags_and_presets(tmp_path):
     _fails_cleanly(_run("train", "--lr", "0"), 2, "--lr")
     _fails_cleanly(_run("train", "--seq-len", "1"), 2, "--seq-len")
     _fails_cleanly(_run("train", "--model", "int4"), 2, "--model")
+    _fails_cleanly(_run("train", "--model", "bitnet", "--lr-fp", "1e-3"), 2, "--lr-fp", "--model both")
+    _fails_cleanly(_run("train", "--model", "fp", "--schedule-bitnet", "cosine"), 2, "--schedule-bitnet")
     _fails_cleanly(_run("eval"), 2, "Missing argument")
 
 
@@ -98,6 +102,10 @@ def test_prepare_writes_verified_shards(tmp_path):
     with pytest.raises(Exception, match="truncated"):
         load_prepared(tmp_path / "out")
     _fails_cleanly(_run("prepare", tmp_path / "none.txt", "--out", tmp_path / "o"), 2, "does not exist")
+    test = tmp_path / "t.txt"
+    test.write_text("the cat sat on the log .\n" * 5)
+    result = _run("prepare", src, "--test", test, "--out", tmp_path / "with_test", "--vocab-size", "60")
+    assert result.exit_code == 0 and "test: " in result.output and "(40 words)" in result.output, result.output
 
 
 def test_train_both_then_eval(wikitext_dir, tmp_path, monkeypatch):
@@ -128,3 +136,15 @@ def test_train_both_then_eval(wikitext_dir, tmp_path, monkeypatch):
     r = json.loads(result.output)
     assert r["model"] == "fp" and r["split"] == "test" and r["words"] == sum(len(ln.split()) + 1 for ln in lines)
     assert r["word_ppl"] > r["ppl"] > 1
+    # Training on a data dir with a test split reports it after training, next to valid (summary, reports).
+    result = _run("train", *TINY_TRAIN, "--data-dir", data, "--out", tmp_path / "with_test", "--lr-bitnet", "4e-3")
+    assert result.exit_code == 0, result.output
+    assert "test word ppl after" in result.output and "test word ppl after" not in _run(
+        "train", *TINY_TRAIN, "--model", "fp", "--data-dir", wikitext_dir, "--out", tmp_path / "no_test").output
+    for model in ("bitnet", "fp"):
+        report = json.loads((tmp_path / "with_test" / model / "report.json").read_text())
+        assert report["final_test_word_ppl"] > report["final_test_ppl"] > 1
+        assert report["train_config"]["lr"] == (4e-3 if model == "bitnet" else RECIPES["fp"]["lr"])
+    summary = json.loads((tmp_path / "with_test" / "summary.json").read_text())
+    assert summary["fp"]["final_test_ppl"] == json.loads((tmp_path / "with_test/fp/report.json").read_text())[
+        "final_test_ppl"]
