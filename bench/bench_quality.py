@@ -18,7 +18,7 @@ STEPS, BATCH, SEQ, LR = 100, 8, 128, 3e-3
 MAX_LINES, VOCAB = 2000, 2048
 
 
-def _train_both() -> dict:
+def _train_both(seed: int = SEED, out: str = ".") -> dict:
     """{"bitnet": report, "fp": report} from two seeded runs, or {"skip": reason} when this commit/machine can't."""
     try:
         tr = need("bitnet_fast.train", "train", "TrainConfig")
@@ -28,8 +28,9 @@ def _train_both() -> dict:
     reports = {}
     for linear in ("bitnet", "fp"):
         cfg = tr.TrainConfig(
-            preset=PRESET, linear=linear, out=f"run-{linear}", max_steps=STEPS, batch_size=BATCH, seq_len=SEQ,
-            lr=LR, seed=SEED, data_dir=str(data_dir), max_lines=MAX_LINES, vocab_size=VOCAB, progress=False,
+            preset=PRESET, linear=linear, out=f"{out}/run-{linear}", max_steps=STEPS, batch_size=BATCH, seq_len=SEQ,
+            lr=LR, seed=seed, overwrite=True, data_dir=str(data_dir), max_lines=MAX_LINES, vocab_size=VOCAB,
+            progress=False,
         )
         reports[linear] = tr.train(cfg)
         if "final_valid_ppl" not in reports[linear]:

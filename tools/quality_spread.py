@@ -1,0 +1,62 @@
+"""Can the quality benchmark catch a broken straight-through estimator? Runs bench/bench_quality.py's training
+(BitNet and fp twin, same budget) for several seeds, optionally with the STE broken on purpose, and prints the
+BitNet/fp valid-perplexity ratio of each: a healthy run must sit inside the seeds' spread, a broken one far outside.
+
+    python tools/quality_spread.py --seeds 1234 1 2            # the spread across seeds
+    python tools/quality_spread.py --seeds 1234 --break weight # no gradient reaches the latent weights
+    python tools/quality_spread.py --seeds 1234 --break input  # no gradient flows back through BitLinear's input
+
+The breaks patch the kernels that the autograd Function calls (in this process only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import bench_quality
+from bench.common import pin_threads
+
+
+def break_ste(kind: str) -> None:
+    """Replace the gradient of the weight (or the input) with zeros: an STE that passes nothing through."""
+    from bitnet_fast import autograd
+
+    name = {"weight": "grad_weight", "input": "grad_input"}[kind]
+    real = getattr(autograd.kernels, name)
+
+    def zero(*args, **kwargs):
+        return torch.zeros_like(real(*args, **kwargs))
+
+    setattr(autograd.kernels, name, zero)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[bench_quality.SEED])
+    ap.add_argument("--break", dest="broken", choices=("weight", "input"), default=None)
+    args = ap.parse_args()
+    pin_threads()
+    if args.broken:
+        break_ste(args.broken)
+    print(f"preset {bench_quality.PRESET}, {bench_quality.STEPS} steps x ({bench_quality.BATCH}, {bench_quality.SEQ}),"
+          f" lr {bench_quality.LR}, STE {'broken: ' + args.broken if args.broken else 'intact'}")
+    for seed in args.seeds:
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            r = bench_quality._train_both(seed, tmp)
+        if r["skip"]:
+            sys.exit(r["skip"])
+        b, f = r["bitnet"]["final_valid_ppl"], r["fp"]["final_valid_ppl"]
+        print(f"seed {seed}: bitnet ppl {b:.2f}, fp ppl {f:.2f}, ratio {b / f:.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
