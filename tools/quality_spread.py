@@ -5,6 +5,7 @@ BitNet/fp valid-perplexity ratio of each: a healthy run must sit inside the seed
     python tools/quality_spread.py --seeds 1234 1 2            # the spread across seeds
     python tools/quality_spread.py --seeds 1234 --break weight # no gradient reaches the latent weights
     python tools/quality_spread.py --seeds 1234 --break input  # no gradient flows back through BitLinear's input
+    python tools/quality_spread.py --seeds 1234 --break weight --models bitnet   # the fp twin is unaffected by a break
 
 The breaks patch the kernels that the autograd Function calls (in this process only).
 """
@@ -41,21 +42,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[bench_quality.SEED])
     ap.add_argument("--break", dest="broken", choices=("weight", "input"), default=None)
+    ap.add_argument("--models", nargs="+", choices=("bitnet", "fp"), default=["bitnet", "fp"])
+    ap.add_argument("--steps", type=int, default=bench_quality.STEPS, help="try another budget than the bench's")
+    ap.add_argument("--max-lines", type=int, default=bench_quality.MAX_LINES)
     args = ap.parse_args()
     pin_threads()
+    bench_quality.STEPS, bench_quality.MAX_LINES = args.steps, args.max_lines
     if args.broken:
         break_ste(args.broken)
-    print(f"preset {bench_quality.PRESET}, {bench_quality.STEPS} steps x ({bench_quality.BATCH}, {bench_quality.SEQ}),"
+    print(f"preset {bench_quality.PRESET}, {bench_quality.STEPS} steps x ({bench_quality.BATCH}, {bench_quality.SEQ}), "
+          f"first {bench_quality.MAX_LINES} lines,"
           f" lr {bench_quality.LR}, STE {'broken: ' + args.broken if args.broken else 'intact'}")
     for seed in args.seeds:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            r = bench_quality._train_both(seed, tmp)
+            r = bench_quality._train_both(seed, tmp, tuple(args.models))
         if r["skip"]:
             sys.exit(r["skip"])
-        b, f = r["bitnet"]["final_valid_ppl"], r["fp"]["final_valid_ppl"]
-        print(f"seed {seed}: bitnet ppl {b:.2f}, fp ppl {f:.2f}, ratio {b / f:.4f} ({time.time() - t0:.0f} s)",
-              flush=True)
+        ppl = {m: r[m]["final_valid_ppl"] for m in args.models}
+        ratio = f", ratio {ppl['bitnet'] / ppl['fp']:.4f}" if len(ppl) == 2 else ""
+        print(f"seed {seed}: " + ", ".join(f"{m} ppl {v:.2f}" for m, v in ppl.items()) + ratio
+              + f" ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
