@@ -4,7 +4,9 @@ parameters (threads, tiles, GEMV/GEMM cut-over) and cache the best, then measure
 The tuned parameters go to `save_tuning()`, the file the Numba kernels read on first use (`kernels.tuning.path()`;
 the kernels only read it, so the kernels layer needs nothing from the rest of the package). Model
 throughput (decode, prefill, training) is measured per preset for BitNet and its fp twin, and turned into a
-batch size per training step for a target step time: the numbers a worker needs to size its tasks.
+batch size per training step for a target step time: the numbers a worker needs to size its tasks. Each model row
+also carries `per_rank` (sizing.py): the per-rank batch and gradient accumulation for a wished global batch at a
+world size, and the steps per checkpoint interval, which `bitnet-fast train --batch-from` reads.
 Times are best-of-n wall clock (the least disturbed run on a shared machine).
 """
 
@@ -24,9 +26,10 @@ from . import kernels, tinyllama
 from .kernels import tuning
 from .model import LM, PRESETS, build_model, count_parameters, preset_config
 from .plumbing import describe_machine, fmt, machine_info, write_json
+from .sizing import CALIBRATION_SCHEMA, check_positive, per_rank
 from .tinyllama import CONFIG as TINYLLAMA
 
-SCHEMA = "bitnet-fast/calibrate/1"
+SCHEMA = CALIBRATION_SCHEMA
 QUICK_PRESETS = ("tiny", "small")
 Echo = Callable[[str], None]
 
@@ -266,16 +269,22 @@ def model_throughput(preset: str, linear: str, seq_len: int, batches: tuple[int,
 # ---------------------------------------------------------------------------------------------- the command
 def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[str, ...] | None = None,
               seq_len: int | None = None, save: bool = True, echo: Echo = print,
-              whole_model: bool | None = None) -> dict:
+              whole_model: bool | None = None, world_size: int = 1, global_batch: int | None = None,
+              target_minutes: float | None = None) -> dict:
     """Run everything and return the full result (see SCHEMA); saves the tuned CPU parameters when `save`.
 
     `quick` keeps to the tiny/small presets with few repeats (under a minute); `presets` narrows the presets;
     `seq_len` is the training sequence length to size steps for (default 128, as `bitnet-fast train`; quick 64).
     `whole_model` (default: not quick) also times the TinyLlama-shaped PackedDecoder with the tuned kernels, next
     to llama.cpp's llama-bench when it is built (tinyllama.measure; 2 of 22 layers when quick).
+    `world_size`, `global_batch` and `target_minutes` are the run each model row's `per_rank` plan is made for
+    (sizing.plan_work, at this process's torch threads: one rank's).
     """
     if not target_seconds > 0:
         raise ValueError(f"target_seconds={target_seconds} must be > 0 (the wanted training step time in seconds)")
+    check_positive("world_size", world_size, integer=True)
+    check_positive("global_batch", global_batch, integer=True)
+    check_positive("target_minutes", target_minutes)
     presets = tuple(presets or (QUICK_PRESETS if quick else PRESETS))
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
@@ -291,7 +300,9 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
     repeats, budget = (3, 0.02) if quick else (5, 0.2)
     backends = available_backends()
     result: dict[str, Any] = {"schema": SCHEMA, "quick": quick, "presets": list(presets),
-                              "target_seconds": target_seconds, "machine": machine_info(), "backends": backends}
+                              "target_seconds": target_seconds, "target_minutes": target_minutes,
+                              "world_size": world_size, "global_batch": global_batch, "machine": machine_info(),
+                              "backends": backends}
     ref_shapes = shapes if quick else {k: v for k, v in shapes.items() if k in (presets[0], "tinyllama-1.1b")}
     result["kernels"] = time_kernels([b for b in backends if b != "reference"], shapes, (1, prefill_m), repeats,
                                      budget, echo)
@@ -307,8 +318,11 @@ def calibrate(quick: bool = False, target_seconds: float = 1.0, presets: tuple[s
         for linear in ("bitnet", "fp"):
             echo(f"models: {preset}/{linear}: training, prefill and decode ...")
             batches = (1, 4) if preset in QUICK_PRESETS else (1, 2)
-            result["models"].append(model_throughput(preset, linear, seq_len, batches, 4 if quick else 8, 2,
-                                                     0.1 if quick else 0.0, target_seconds))
+            row = model_throughput(preset, linear, seq_len, batches, 4 if quick else 8, 2, 0.1 if quick else 0.0,
+                                   target_seconds)
+            row["per_rank"] = per_rank(row["train_tokens_per_sec"], torch.get_num_threads(), row["seq_len"],
+                                       target_seconds, world_size, global_batch, target_minutes)
+            result["models"].append(row)
     if not quick if whole_model is None else whole_model:
         echo("whole model: TinyLlama-1.1B-shaped PackedDecoder, and llama.cpp where built ...")
         try:
@@ -365,6 +379,15 @@ def format_table(r: dict) -> str:
     out += [f"model throughput (tokens/s) and training step sizing for a {r['target_seconds']:g} s step:",
             _table(["preset", "linear", "params", "decode", "prefill", "train", "batch x seq", "tokens/step",
                     "step s"], rows), ""]
+    rows = [[x["preset"], x["linear"], f"{x['per_rank']['tokens_per_sec']:.0f} ({x['per_rank']['threads']})",
+             f"{p['batch_size']} x {p['grad_accum']}", f"{p['global_batch']} ({p['world_size']} ranks)",
+             f"{p['predicted_step_seconds']:.2f}", p["steps_per_interval"] or "-"]
+            for x in r["models"] for p in [x["per_rank"]["plan"]]]
+    wish = f"a global batch of {r['global_batch']}" if r["global_batch"] else "no global batch wish"
+    every = f"{r['target_minutes']:g} min" if r["target_minutes"] else "no --target-minutes"
+    out += [f"work per rank (bitnet-fast train --batch-from; {wish}, {every}):",
+            _table(["preset", "linear", "train tok/s (threads)", "batch x accum", "global batch", "step s",
+                    "steps/interval"], rows), ""]
     if "whole_model" in r:
         w = r["whole_model"]
         what = (f"{w['layers']} of {w['total_layers']} layers: QUICK, not TinyLlama throughput" if w.get("quick")

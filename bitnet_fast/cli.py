@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 import warnings
@@ -147,8 +148,12 @@ def config_options(cls: type) -> Callable:
 @click.option("--model", "which", type=click.Choice([*LINEARS, "both"]), default="both", show_default=True,
               help="BitNet, its full-precision twin, or both one after the other.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
+@click.option("--batch-from", type=click.Path(dir_okay=False), default=None,
+              help="Take the per-rank --batch-size and --grad-accum, --seq-len and --ckpt-every from a "
+                   "`bitnet-fast calibrate --json` file, planned for this run's world size; those flags given on "
+                   "the command line win over the file.")
 @config_options(TrainConfig)
-def train(which, **kw) -> None:
+def train(which, batch_from, **kw) -> None:
     """Train on WikiText-2 (or --data); writes OUT/report.json (OUT/bitnet and OUT/fp with --model both).
 
     With --resume the run continues with the settings and tokenizer of its checkpoint; a flag given here that
@@ -167,6 +172,8 @@ def train(which, **kw) -> None:
                                                                       ParameterSource.DEFAULT_MAP)}
     if ctx.get_parameter_source("which") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
         explicit.add("linear")
+    if batch_from is not None:
+        _batch_from(batch_from, which, kw, explicit)
     cfg = TrainConfig(**kw)
     reports = (train_pair(cfg, explicit) if which == "both"
                else {which: train_one(dataclasses.replace(cfg, linear=which), explicit=explicit)})
@@ -180,6 +187,35 @@ def train(which, **kw) -> None:
     if which == "both":
         click.echo(side_by_side(reports))
     click.echo(f"report: {cfg.out}/" + ("{bitnet,fp}/report.json" if which == "both" else "report.json"))
+
+
+def _batch_from(path: str, which: str, kw: dict, explicit: set[str]) -> None:
+    """Fill the sizing flags not given on the command line from calibration file `path` (sizing.from_file) and
+    count them as given (a --resume then checks them against the checkpoint); rank 0 prints what it took."""
+    from .sizing import from_file
+
+    if which == "both":
+        raise click.UsageError("--batch-from sizes one model; add --model bitnet or --model fp")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if kw["distributed"] else 1
+    got = from_file(path, kw["preset"], which, kw["seq_len"] if "seq_len" in explicit else None, world)
+    plan = got["plan"]
+    taken = {"seq_len": got["seq_len"], "batch_size": plan["batch_size"], "grad_accum": plan["grad_accum"]}
+    if plan["steps_per_interval"] is not None:
+        taken["ckpt_every"] = plan["steps_per_interval"]
+    taken = {k: v for k, v in taken.items() if k not in explicit}
+    kw.update(taken)
+    explicit |= set(taken)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()) or "nothing (all given)"
+    click.echo(f"--batch-from {path}: took {flags}; planned at {world} rank(s) from "
+               f"{got['measured']['tokens_per_sec']:.0f} tokens/s per rank: {plan['global_batch']} sequences and "
+               f"~{plan['predicted_step_seconds']:.2f} s of compute per step", err=True)
+    import torch
+
+    if got["threads"] is not None and got["threads"] != torch.get_num_threads():
+        click.echo(f"warning: {path} was measured with {got['threads']} thread(s), this rank has "
+                   f"{torch.get_num_threads()}: the step time will differ", err=True)
 
 
 @main.command(name="eval")
@@ -260,19 +296,31 @@ def export_(checkpoint, out, fmt) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress goes to stderr).")
 @click.option("--quick", is_flag=True, help="tiny/small presets, few repeats: under a minute.")
 @click.option("--target-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              callback=_finite, help="Training step time to size the recommended batch for.")
+              callback=_finite, help="Seconds one training micro-batch should take; sizes the recommended batch "
+              "(per rank: with --global-batch, grad-accum such micro-batches make one step).")
+@click.option("--target-minutes", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
+              help="Checkpoint interval to plan for: how many steps fit in it (train --batch-from: --ckpt-every).")
+@click.option("--global-batch", type=click.IntRange(min=1), default=None,
+              help="Sequences per optimizer step over all ranks to split into per-rank batch x grad-accum.")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ranks the per-rank plan is printed for (train --batch-from plans again for its own).")
 @click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
               help="Only these presets (repeatable).")
 @click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Training sequence length [128; quick 64].")
 @click.option("--no-save", is_flag=True, help="Measure only; leave the kernel tuning file alone.")
 @click.option("--whole-model/--no-whole-model", default=None,
               help="TinyLlama-shaped PackedDecoder decode/prefill next to llama.cpp (if built) [default: not --quick].")
-def calibrate_(as_json, quick, target_seconds, presets, seq_len, no_save, whole_model) -> None:
-    """Time and tune the kernels on this machine (saved for later runs); tokens/sec and batch sizes per preset."""
+def calibrate_(as_json, quick, target_seconds, target_minutes, global_batch, world_size, presets, seq_len, no_save,
+               whole_model) -> None:
+    """Time and tune the kernels on this machine (saved for later runs); tokens/sec and batch sizes per preset.
+
+    Training speed is measured at this process's thread count: run it as one rank will run (torchrun gives each
+    rank OMP_NUM_THREADS=1) to size work per rank; `--json > FILE` is what `train --batch-from FILE` reads."""
     from .calibrate import calibrate, format_table
 
     result = calibrate(quick=quick, target_seconds=target_seconds, presets=presets or None, seq_len=seq_len,
-                       save=not no_save, echo=lambda m: click.echo(m, err=True), whole_model=whole_model)
+                       save=not no_save, echo=lambda m: click.echo(m, err=True), whole_model=whole_model,
+                       world_size=world_size, global_batch=global_batch, target_minutes=target_minutes)
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 
 

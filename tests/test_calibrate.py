@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from bitnet_fast import calibrate as cal
 from bitnet_fast.cli import main
 from bitnet_fast.model import build_model, preset_config
+from bitnet_fast.sizing import from_file, plan_work
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def run(tmp_path_factory):
     os.environ["BITNET_FAST_TUNING"] = str(path)
     try:
         res = CliRunner().invoke(main, ["calibrate", "--quick", "--preset", "tiny", "--target-seconds", "0.5",
+                                        "--global-batch", "12", "--world-size", "2", "--target-minutes", "5",
                                         "--json"])
         saved = tuning.load()
     finally:
@@ -60,7 +62,7 @@ def test_tuning_file_is_written_read_back_and_honoured_by_the_kernels(run) -> No
     assert got["numba_threads"] == max(1, min(want, got["max"]))
 
 
-def test_json_schema(run) -> None:
+def test_json_schema(run, tmp_path) -> None:
     r = json.loads(json.dumps(run["result"]))  # JSON-serialisable as a whole
     assert r["schema"] == cal.SCHEMA and r["quick"] is True and r["presets"] == ["tiny"]
     m = r["machine"]
@@ -86,12 +88,23 @@ def test_json_schema(run) -> None:
         rec = x["recommended"]
         assert rec["tokens_per_step"] == rec["batch_size"] * rec["seq_len"] and rec["target_seconds"] == 0.5
         assert rec["batch_size"] == 1 or rec["predicted_step_seconds"] <= 0.5 + 1e-9
+        # per rank (sizing.py): this process's speed and threads, planned for the wishes given on the command line
+        pr = x["per_rank"]
+        assert pr["tokens_per_sec"] == x["train_tokens_per_sec"] and pr["threads"] == torch.get_num_threads()
+        assert (pr["seq_len"], pr["target_seconds"], pr["global_batch_wish"], pr["target_minutes"]) == (64, 0.5, 12, 5)
+        assert pr["plan"] == plan_work(pr["tokens_per_sec"], 64, 0.5, 2, 12, 5)
+        assert pr["plan"]["global_batch"] >= 12 and pr["plan"]["world_size"] == 2
+    # what `train --batch-from` reads back is what was written
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(run["result"]))
+    assert from_file(path, "tiny", "bitnet", None, 2)["plan"] == models["tiny", "bitnet"]["per_rank"]["plan"]
 
 
 def test_table_and_progress(run) -> None:
     text = cal.format_table(run["result"])
     for part in ("machine:", run["result"]["machine"]["cpu"], "kernel timings", "tuned CPU kernel parameters",
-                 "tiny", "bitnet", "batch x seq", str(run["path"])):
+                 "tiny", "bitnet", "batch x seq", str(run["path"]), "work per rank", "a global batch of 12",
+                 "5 min", "batch x accum"):
         assert part in text
     assert any("tune:" in line for line in run["log"]) and any("models:" in line for line in run["log"])
 
@@ -118,9 +131,12 @@ def test_save_tuning_validates_before_writing(tmp_path, monkeypatch) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="target_seconds"):
         cal.calibrate(target_seconds=0)
+    with pytest.raises(ValueError, match="global_batch"):
+        cal.calibrate(global_batch=0)
     with pytest.raises(ValueError, match="not presets"):
         cal.calibrate(presets=("huge",))
     for args, msg in ((["--target-seconds", "0"], "x>0"), (["--preset", "huge"], "huge"),
-                      (["--seq-len", "2"], "x>=8")):
+                      (["--seq-len", "2"], "x>=8"), (["--target-minutes", "0"], "x>0"),
+                      (["--global-batch", "0"], "x>=1"), (["--world-size", "0"], "x>=1")):
         res = CliRunner().invoke(main, ["calibrate", *args])
         assert res.exit_code == 2 and msg in res.output and isinstance(res.exception, SystemExit), res.exception

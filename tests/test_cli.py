@@ -48,10 +48,11 @@ def test_train_options_come_from_train_config():
                      "--lr", "--schedule", "--tokenizer", "--vocab-size", "--max-lines", "--data-dir", "--out",
                      "--ckpt-every", "--keep-last", "--resume", "--overwrite", "--seed", "--device", "--distributed",
                      "--no-progress", "--data", "--offline", "--log-every", "--grad-compression", "--sync-every",
-                     "--lr-bitnet", "--lr-fp", "--schedule-bitnet", "--schedule-fp", "--warmup-frac"}
+                     "--lr-bitnet", "--lr-fp", "--schedule-bitnet", "--schedule-fp", "--warmup-frac",
+                     "--batch-from"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
-    assert params.pop("which") == "both" and params.pop("out") is None
+    assert params.pop("which") == "both" and params.pop("out") is None and params.pop("batch_from") is None
     assert TrainConfig(**params) == TrainConfig()
     user_facing = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("help")]
     assert {f.name for f in user_facing} == set(params)
