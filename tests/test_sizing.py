@@ -91,12 +91,18 @@ def cli_env(tmp_path_factory, monkeypatch, wikitext_dir):
 
 
 def test_train_takes_batch_accum_seq_len_and_ckpt_every_from_the_file(tmp_path, cli_env):
-    res = CliRunner().invoke(main, ["train", *TINY, "--data-dir", cli_env, "--max-steps", "2", "--batch-from",
-                                    calibration(tmp_path), "--out", str(tmp_path / "run")])
+    out = str(tmp_path / "run")
+    args = ["train", *TINY, "--data-dir", cli_env, "--batch-from", calibration(tmp_path), "--out", out]
+    res = CliRunner().invoke(main, [*args, "--max-steps", "1"])
     assert res.exit_code == 0, res.output
     assert "took --seq-len 16 --batch-size 3 --grad-accum 2 --ckpt-every 3" in res.stderr
+    # what a torchrun --max-restarts restart does: the same command with --resume; the file's values match the run's
+    res = CliRunner().invoke(main, [*args, "--max-steps", "1", "--resume"])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["changed"] for e in events if e["event"] == "resume"] == [{}]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["steps"] == 2 and report["train_config"]["ckpt_every"] == 3
+    assert report["steps"] == 1 and report["train_config"]["ckpt_every"] == 3
     assert report["global_batch"] == {"batch_size": 3, "grad_accum": 2, "world_size": 1, "sequences": 6,
                                       "tokens": 96}
 
