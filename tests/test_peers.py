@@ -134,7 +134,7 @@ def test_report_and_calibrate_show_llamacpp(monkeypatch):
     monkeypatch.setattr(calibrate, "available_backends", lambda: ["reference"])
     monkeypatch.setattr(calibrate, "time_kernels", lambda *a: [])
     monkeypatch.setattr(calibrate, "model_throughput", lambda preset, linear, seq_len, *a: {
-        "preset": preset, "linear": linear, "parameters": 1, "decode_tokens_per_sec": 1.0,
+        "preset": preset, "linear": linear, "parameters": 1, "seq_len": seq_len, "decode_tokens_per_sec": 1.0,
         "prefill_tokens_per_sec": 1.0, "train_tokens_per_sec": 1.0,
         "recommended": {"batch_size": 1, "seq_len": seq_len, "tokens_per_step": seq_len, "predicted_step_seconds": 1}})
     r = calibrate.calibrate(quick=True, presets=("tiny",), save=False, echo=lambda m: None, whole_model=True)
