@@ -141,8 +141,10 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
     """Coordinate-descent sweep of tuning.CPU_SEARCH_SPACE on the Numba kernels, starting from the capability
     plan; returns the best and all trials.
 
-    Each stage times the M values its parameter affects, summed over `shapes`. With the int_mm engine, the
-    packed/int_mm cut-over is the largest M (from a prefix of the candidates) where the packed engine wins.
+    Each stage times the M values its parameter affects, summed over `shapes`, and keeps the fastest value (the
+    current one on a tie). With the int_mm engine, the packed/int_mm cut-over is the largest M (from a prefix of
+    the candidates) where the packed engine wins. A final interleaved check keeps the start unless the sweep's
+    result is faster (tests/test_calibrate.py checks these rules on a scripted cost model).
     """
     from .kernels import cpu
 
@@ -172,7 +174,7 @@ def tune_cpu(shapes: list[tuple[int, int]], prefill_m: int, repeats: int, budget
             for v in values:
                 scores[v] = cost({**best, **fixed, name: v}, ms)
                 trials.append({"param": name, "value": v, "m": list(ms), "seconds": scores[v]})
-            best[name] = min(scores, key=scores.get)
+            best[name] = min(scores, key=lambda v, cur=best[name]: (scores[v], v != cur))  # a tie keeps the value
         if best["gemm_impl"] == "int_mm":
             echo(f"tune: gemv_max_m over {space['gemv_max_m']} (packed vs int_mm per M) ...")
             cut = 0

@@ -140,3 +140,55 @@ def test_bad_arguments() -> None:
                       (["--global-batch", "0"], "x>=1"), (["--world-size", "0"], "x>=1")):
         res = CliRunner().invoke(main, ["calibrate", *args])
         assert res.exit_code == 2 and msg in res.output and isinstance(res.exception, SystemExit), res.exception
+
+
+# ----------------------------------------------------------------------------- the tuner's rules, without a clock
+@pytest.fixture
+def scripted(monkeypatch):
+    """tune_cpu on a cost model instead of a clock: each timed call costs `model(params, m)`, from the kernel
+    parameters in force and the M of the call; no kernel runs. Returns a function (model, vnni) -> result."""
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(cal.kernels, "bitlinear", lambda x, pw, *a, **k: seen.__setitem__("m", x.shape[0]))
+    saved = cpu.params()
+
+    def tune(model, vnni: bool = False) -> dict:
+        monkeypatch.setattr(cal, "bench", lambda fn, repeats, budget_s=0.0, device=None: fn() or model(
+            cpu.params(), seen["m"]))
+        caps = {"isa": "vnni512" if vnni else "avx2", "int_mm_vnni": vnni}
+        monkeypatch.setattr(cal.tuning, "capabilities", lambda: caps)
+        cpu.configure(**tuning.plan(caps))  # the start: this capability class's plan
+        return cal.tune_cpu([(64, 64)], prefill_m=128, repeats=1, budget_s=0.0, echo=lambda _: None)
+
+    yield tune
+    cpu.configure(**saved)
+
+
+def test_tuner_keeps_the_fastest_value_of_each_parameter(scripted) -> None:
+    want = {"threads": 1, "gemm_min_m": 8, "panel_bytes": 1 << 16}
+    r = scripted(lambda p, m: 1.0 + 0.1 * sum(p[k] != v for k, v in want.items()))
+    assert r["params"] == {**r["start"], **want} and not r["kept_start"]
+    assert r["start_seconds"] == pytest.approx(3 * 1.3) and r["speedup"] == pytest.approx(1.3)  # M = 1, 8, 128
+    assert {t["value"] for t in r["trials"] if t["param"] == "threads"} <= set(tuning.CPU_SEARCH_SPACE["threads"])
+
+
+def test_tuner_keeps_the_start_when_nothing_beats_it(scripted) -> None:
+    flat = scripted(lambda p, m: 1.0)  # no parameter matters: every tie keeps the start's value
+    assert flat["params"] == flat["start"] and flat["speedup"] == 1.0 and not flat["kept_start"]
+
+    def misleading(p, m):  # gemm_min_m = 16 wins its stage (M = 2, 4, 16) but loses at M = 8 in the final check
+        return 1.0 + (0.0 if p["gemm_min_m"] != 16 else -1.0 if m in (2, 4, 16) else 2.0 if m == 8 else 0.0)
+
+    r = scripted(misleading)
+    assert any(t["param"] == "gemm_min_m" and t["value"] == 16 for t in r["trials"])
+    assert r["kept_start"] and r["params"] == r["start"] and r["speedup"] == 1.0
+    assert r["tuned_seconds"] > r["start_seconds"]
+
+
+def test_tuner_cuts_over_to_int_mm_where_packed_stops_winning(scripted) -> None:
+    def cost(p, m):  # packed: m; int_mm: 20 + m / 2, so packed wins up to M = 39
+        return float(m) if m <= p["gemv_max_m"] or p["gemm_impl"] == "numba" else 20 + m / 2
+
+    r = scripted(cost, vnni=True)
+    assert r["start"]["gemm_impl"] == "int_mm" and r["params"]["gemm_impl"] == "int_mm"
+    assert r["params"]["gemv_max_m"] == 32 and not r["kept_start"]  # 64 is the first candidate int_mm wins
+    assert [t["value"] for t in r["trials"] if t["param"] == "gemv_max_m"] == [1, 4, 8, 16, 32, 64]
