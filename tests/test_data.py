@@ -141,6 +141,29 @@ def test_wikitext_slice_is_cached(wikitext_dir):
     np.testing.assert_array_equal(a.splits["train"].tokens, b.splits["train"].tokens)
 
 
+@pytest.mark.parametrize("damage", ["shard bit flip", "truncated shard", "broken manifest"])
+def test_a_corrupt_token_cache_is_rebuilt(wikitext_dir, tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("BITNET_FAST_CACHE", str(tmp_path))
+    a = data.wikitext(wikitext_dir, vocab_size=256, max_lines=50)
+    want = {name: np.array(split.tokens) for name, split in a.splits.items()}
+    shard = sorted(a.dir.glob("train-*.bin"))[0]
+    raw = shard.read_bytes()
+    if damage == "shard bit flip":
+        shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    elif damage == "truncated shard":
+        shard.write_bytes(raw[:-2])
+    else:
+        (a.dir / "manifest.json").write_text('{"splits": ')
+    with pytest.raises(DataError):
+        data.load_prepared(a.dir)  # the cache really is damaged
+    b = data.wikitext(wikitext_dir, vocab_size=256, max_lines=50)
+    assert b.dir == a.dir
+    for name, tokens in want.items():
+        np.testing.assert_array_equal(b.splits[name].tokens, tokens)
+    again = data.load_prepared(a.dir)  # rebuilt on disk, not just in memory
+    np.testing.assert_array_equal(again.splits["train"].tokens, want["train"])
+
+
 # ------------------------------------------------------------------------------------------------ batches
 def test_batches_are_deterministic_and_shift_by_one():
     tokens = np.arange(1000)

@@ -79,3 +79,44 @@ def test_machine_info_names_cpu_and_isa():
 
 def test_fmt():
     assert plumbing.fmt(None) == "—" and plumbing.fmt(1536, "B") == "1.50 KiB" and plumbing.fmt(12345) == "12.3k"
+
+
+@pytest.mark.parametrize("fails", ["checkpoint", "sidecar"])
+def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, monkeypatch, fails):
+    """save_checkpoint under a disk that fills up halfway through the new file (or its sidecar): the error names
+    the file, the previous checkpoint is untouched and still the one training resumes from, and no partial file
+    (temporary or final) is left where a reader could take it for a checkpoint."""
+    import errno
+    from pathlib import Path
+
+    import torch
+
+    from bitnet_fast.checkpoint import latest_checkpoint, save_checkpoint
+
+    def ckpt(step: int) -> dict:
+        return {"model": {"w": torch.full((4096,), float(step))}, "model_config": {}, "train_config": {},
+                "tokenizer": "{}", "step": step, "run_id": "r"}
+
+    save_checkpoint(tmp_path, ckpt(1), keep_last=2)
+    folder = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_write = Path.write_bytes
+    target = "step-0000002.pt" + (".sha256" if fails == "sidecar" else "")
+
+    def disk_full_halfway(self, data):
+        if self.name.startswith(f".{target}."):
+            real_write(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_halfway)
+    with pytest.raises(OSError, match=f"cannot write .*{target}: No space left"):
+        save_checkpoint(tmp_path, ckpt(2), keep_last=2)
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ("step-0000002.pt",)}
+    assert after == before  # the old checkpoint and sidecar byte for byte, no temp file
+    if fails == "checkpoint":
+        assert not (folder / "step-0000002.pt").exists()
+        assert latest_checkpoint(tmp_path)["step"] == 1
+    else:  # the checkpoint itself was complete; it verifies by its embedded checksum without the sidecar
+        assert latest_checkpoint(tmp_path)["step"] == 2
