@@ -57,6 +57,16 @@ def test_tq1_is_smaller(tmp_path, model_and_output):
     assert tq1 < i2 < latent / 4
 
 
+def test_files_hold_about_1_6_and_2_bits_per_weight(tmp_path):
+    """README/docs: tq1 files ~1.6 bits/weight (5 weights a byte), i2 ~2 (K padded to 128), everything included."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Linear(1280, 1024, bias=False), nn.Linear(1000, 640, bias=False)), skip=())
+    weights = 1280 * 1024 + 1000 * 640
+    bits = {fmt: save_packed(model, tmp_path / f"{fmt}.safetensors", fmt=fmt).stat().st_size * 8 / weights
+            for fmt in ("tq1", "i2")}
+    assert 1.6 <= bits["tq1"] < 1.62 and 2.0 <= bits["i2"] < 2.03, bits  # 1000 pads to 1024 in i2: +1.5%
+
+
 def test_tied_weights_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
