@@ -29,6 +29,17 @@ def _tiny_llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _oracle(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """BitLinear's forward computed apart from the kernels: float64 F.linear of the dequantized operands, quantized
+    by kernels/reference.py (whose quantizers the Numba ones equal bit for bit, tests/test_packing.py and
+    test_kernels_cpu.py). The kernels compute acc * gamma / s in fp32, a few roundings from this."""
+    xq, s = reference.act_quant(x.reshape(-1, x.shape[-1]))
+    wt, gamma = reference.weight_quant(w)
+    y = nn.functional.linear(xq.double() / s.double()[:, None], wt.double() * gamma.double(),
+                             None if bias is None else bias.double())
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 # ------------------------------------------------------------------------------------------------ the module
 def test_constructor_like_linear():
     m = BitLinear(10, 3, bias=False, dtype=torch.bfloat16)
@@ -93,8 +104,10 @@ def test_pack_frees_latent_weight_and_matches():
     torch.manual_seed(0)
     m = BitLinear(256, 64)
     x = torch.randn(5, 256)
+    want = _oracle(x, m.weight.detach(), m.bias.detach())
     with torch.no_grad():
         y = m(x)
+    torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-6)  # latent: the cached packing
     w_ref = weakref.ref(m.weight)
     m.pack()
     gc.collect()
@@ -102,7 +115,7 @@ def test_pack_frees_latent_weight_and_matches():
     assert m.packed_weight.data.numel() * 8 == 2 * 256 * 64  # 2 bits per weight (K is a multiple of 128)
     assert "mode=packed" in repr(m)
     with torch.no_grad():
-        torch.testing.assert_close(m(x), y)
+        torch.testing.assert_close(m(x).double(), want, rtol=2e-6, atol=1e-6)  # packed: the stored packing
 
 
 def test_packed_is_inference_only_and_unpacks():
@@ -126,6 +139,7 @@ def test_state_dict_round_trips_both_modes():
     x = torch.randn(3, 40)
     with torch.no_grad():
         y = src(x)
+    torch.testing.assert_close(y.double(), _oracle(x, src.weight.detach(), src.bias.detach()), rtol=2e-6, atol=1e-6)
     latent = src.state_dict()
     dst = BitLinear(40, 12)
     dst.load_state_dict(latent)
@@ -269,12 +283,27 @@ def test_compile_inductor_matches_eager():
         torch.testing.assert_close(p.grad, a)
 
 
-def test_tiny_llama_traces_without_graph_breaks():
+def test_tiny_llama_compiles_without_graph_breaks_and_matches_eager():
+    """A converted Hugging Face LlamaForCausalLM: one graph, no breaks, and the compiled model (aot_eager) gives
+    eager's logits, and in training eager's gradients, in latent and packed mode."""
     model = convert(_tiny_llama())
-    ids = torch.randint(0, 128, (2, 8))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     for mode in ("latent", "packed"):
         if mode == "packed":
             pack_model(model)
         with torch.set_grad_enabled(mode == "latent"):
             explain = torch._dynamo.explain(model)(input_ids=ids)
-        assert (explain.graph_count, explain.graph_break_count) == (1, 0), (mode, explain.break_reasons)
+            assert (explain.graph_count, explain.graph_break_count) == (1, 0), (mode, explain.break_reasons)
+            torch._dynamo.reset()
+            eager = model(input_ids=ids, labels=ids)
+            if mode == "latent":
+                eager.loss.backward()
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                model.zero_grad()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids)
+            torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
+            if mode == "latent":
+                compiled.loss.backward()
+                assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+                for n, p in model.named_parameters():
+                    torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)

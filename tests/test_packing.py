@@ -61,6 +61,62 @@ def _ternary(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).integers(-1, 2, (n, k), dtype=np.int8))
 
 
+# ----------------------------------------------------------------------- the formats' definitions, by hand
+# kernels/reference.py defines the layouts and every packer is compared with it, so the reference itself is
+# checked here against bytes worked out by hand from the layout docs (docs/packing.md, docs/gpu.md) and against
+# unpackers written with Python integers, sharing no code with it.
+def _codes(wt: torch.Tensor) -> list[list[int]]:
+    return [[int(w) + 1 for w in row] for row in wt.tolist()]
+
+
+def _unpack_by_hand(fmt: str, data: torch.Tensor, k: int) -> list[list[int]]:
+    """Ternary rows from packed data, one Python int at a time."""
+    rows = []
+    for row in data.tolist():
+        codes: list[int] = []
+        if fmt == "i2":  # 32-byte groups: byte j holds weights j, j+32, j+64, j+96 of its 128-weight block
+            for b0 in range(0, len(row), 32):
+                codes += [(row[b0 + j] >> (2 * q)) & 3 for q in range(4) for j in range(32)]
+        elif fmt == "tq1":  # byte = sum_i c_i * 3**i
+            codes += [(byte // 3**i) % 3 for byte in row for i in range(5)]
+        else:  # i2g: int32 words, weight 16t + j in bits 2j..2j+1
+            codes += [((word & 0xFFFFFFFF) >> (2 * j)) & 3 for word in row for j in range(16)]
+        rows.append([c - 1 for c in codes[:k]])
+    return rows
+
+
+def test_formats_match_hand_worked_bytes():
+    w = torch.zeros(1, 130, dtype=torch.int8)  # K = 130: i2/i2g pad to 256, tq1 to 130
+    w[0, [0, 33, 96, 129]] = torch.tensor([1, -1, 1, -1], dtype=torch.int8)
+    w[0, 15] = -1
+    i2 = reference.pack_i2(w)[0].tolist()
+    assert len(i2) == 64 and i2[0] == 2 | 1 << 2 | 1 << 4 | 2 << 6  # weights 0, 32, 64, 96 = +1, 0, 0, +1
+    assert i2[1] == 1 | 0 << 2 | 1 << 4 | 1 << 6 and i2[15] == 0b01010100  # weight 33 = -1; weight 15 = -1
+    assert i2[32 + 1] == 0b01010100 and i2[32] == 0x55 and set(i2[34:]) == {0x55}  # 129 = -1; padding: code 1
+    tq1 = reference.pack_tq1(w)[0].tolist()
+    assert len(tq1) == 26 and tq1[0] == 2 + 1 * 3 + 1 * 9 + 1 * 27 + 1 * 81 and tq1[3] == 0 + 3 + 9 + 27 + 81
+    assert tq1[6] == 1 + 3 + 9 + 0 * 27 + 81  # weights 15 and 33 = -1
+    assert tq1[25] == 1 + 1 * 3 + 1 * 9 + 1 * 27 + 0 * 81  # weights 125..129, the last one -1
+    i2g = reference.pack_i2g(w)[0].tolist()
+    assert len(i2g) == 16 and i2g[0] == 0x55555556 - (1 << 30)  # weight 0 = +1 (code 2), weight 15 = -1 (code 0)
+    assert i2g[2] == 0x55555555 - (1 << 2) and i2g[6] == 0x55555555 + (1 << 0)  # weight 33 = -1, 96 = +1
+    assert i2g[8] == 0x55555555 - (1 << 2) and set(i2g[9:]) == {0x55555555}
+    plus = reference.pack_i2g(torch.ones(1, 16, dtype=torch.int8))[0, 0].item()
+    assert plus == 0xAAAAAAAA - (1 << 32)  # all +1: bit 31 set, so a negative int32
+
+
+@given(n=st.integers(1, 6), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       fmt=st.sampled_from(["i2", "tq1", "i2g"]))
+def test_reference_packers_against_hand_unpack(n, k, seed, fmt):
+    wt = _ternary(n, k, seed)
+    pack = {"i2": reference.pack_i2, "tq1": reference.pack_tq1, "i2g": reference.pack_i2g}[fmt]
+    unpack = {"i2": reference.unpack_i2, "tq1": reference.unpack_tq1, "i2g": reference.unpack_i2g}[fmt]
+    data = pack(wt)
+    assert _unpack_by_hand(fmt, data, k) == wt.tolist()
+    assert torch.equal(unpack(data, k), wt)
+    assert data.shape == K.get_format(fmt).data_shape(n, k)
+
+
 # ------------------------------------------------------------------------------------------- bit-exact kernels
 @given(w=weights)
 def test_quantize_weight_bit_exact(w):
