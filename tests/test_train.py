@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 
 import pytest
 import torch
@@ -152,10 +151,8 @@ def test_distributed_world_size_one_matches_plain(wikitext_dir, tmp_path, monkey
     import torch.distributed as dist
 
     plain = train(_cfg(wikitext_dir, tmp_path / "plain", epochs=1, max_steps=3))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    # MASTER_PORT=0: rank 0's TCPStore binds a free port itself, no pick-close-reuse race with other processes
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0").items():
         monkeypatch.setenv(k, v)
     try:
         ddp = train(_cfg(wikitext_dir, tmp_path / "ddp", epochs=1, max_steps=3, distributed=True))
