@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -103,8 +104,8 @@ def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, m
     real_write = Path.write_bytes
     target = "step-0000002.pt" + (".sha256" if fails == "sidecar" else "")
 
-    def disk_full_halfway(self, data):
-        if self.name.startswith(f".{target}."):
+    def disk_full_halfway(self, data):  # the target file, or a temp file for it (atomic_path's naming)
+        if self.name == target or re.fullmatch(rf"\.{re.escape(target)}\.\d+\.[0-9a-f]+\.tmp", self.name):
             real_write(self, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, data)
