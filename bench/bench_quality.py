@@ -15,7 +15,8 @@ PRESET = "tiny"
 # The budget: 400 steps of (8, 128) tokens per model, the first 6000 lines of each split (~330k train tokens, the
 # valid slice is evaluated before and after) and a 2048-token BPE. Long enough that the BitLinear layers matter: at
 # 100 steps an STE passing no gradient to the weights moved BitNet's ppl by 0.4% (the model was still learning
-# unigram statistics in the embedding); at 400 steps it moves it by +54% (tools/quality_spread.py, docs/benchmarks.md).
+# unigram statistics in the embedding); at 400 steps it moves it by +54%, though two seeds already span ratios 0.86-1.27
+# (tools/quality_spread.py, docs/benchmarks.md): the budget is a step, not yet the answer.
 STEPS, BATCH, SEQ, LR = 400, 8, 128, 3e-3
 MAX_LINES, VOCAB = 6000, 2048
 
