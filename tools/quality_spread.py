@@ -45,9 +45,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=("bitnet", "fp"), default=["bitnet", "fp"])
     ap.add_argument("--steps", type=int, default=bench_quality.STEPS, help="try another budget than the bench's")
     ap.add_argument("--max-lines", type=int, default=bench_quality.MAX_LINES)
+    ap.add_argument("--lr", type=float, default=bench_quality.LR, help="try another peak learning rate")
     args = ap.parse_args()
     pin_threads()
-    bench_quality.STEPS, bench_quality.MAX_LINES = args.steps, args.max_lines
+    bench_quality.STEPS, bench_quality.MAX_LINES, bench_quality.LR = args.steps, args.max_lines, args.lr
     if args.broken:
         break_ste(args.broken)
     print(f"preset {bench_quality.PRESET}, {bench_quality.STEPS} steps x ({bench_quality.BATCH}, {bench_quality.SEQ}), "
