@@ -72,6 +72,7 @@ def save_checkpoint(out: str | os.PathLike, ckpt: dict, keep_last: int, known: d
     path = Path(out) / "checkpoints" / f"step-{ckpt['step']:07d}.pt"
     data = encode_checkpoint(ckpt)
     digest = hashlib.sha256(data).hexdigest()
+    _sidecar(path).unlink(missing_ok=True)  # a re-saved step: never leave a sidecar vouching for replaced bytes
     atomic_write(path, data)
     atomic_write(_sidecar(path), f"{digest}  {path.name}\n")
     if hashlib.sha256(path.read_bytes()).hexdigest() != digest:

@@ -121,3 +121,32 @@ def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, m
         assert latest_checkpoint(tmp_path)["step"] == 1
     else:  # the checkpoint itself was complete; it verifies by its embedded checksum without the sidecar
         assert latest_checkpoint(tmp_path)["step"] == 2
+
+
+def test_resaving_a_step_whose_sidecar_write_fails_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """Writing the same step again (new bytes) when the sidecar write fails must not leave the old sidecar
+    beside the new file, vouching for bytes that are gone: the step still loads (by its embedded checksum)."""
+    import errno
+    from pathlib import Path
+
+    import torch
+
+    from bitnet_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    def ckpt(value: float) -> dict:
+        return {"model": {"w": torch.full((64,), value)}, "model_config": {}, "train_config": {},
+                "tokenizer": "{}", "step": 5, "run_id": "r"}
+
+    path = save_checkpoint(tmp_path, ckpt(1.0), keep_last=2)
+    real_write = Path.write_bytes
+
+    def sidecar_disk_full(self, data):
+        if ".sha256" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", sidecar_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, ckpt(2.0), keep_last=2)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((64,), 2.0))
