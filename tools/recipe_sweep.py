@@ -36,7 +36,8 @@ def parse_point(arg: str) -> tuple[str, dict]:
 
 
 def run_point(name: str, point: dict, args: argparse.Namespace) -> dict:
-    """Train one point and return its row (settings, valid ppl token and word level, tokens/s, wall time)."""
+    """Train one point and return its row (settings, valid ppl token and word level, the mean train loss of the
+    steps run, tokens/s, wall time)."""
     cfg = TrainConfig(preset="small", linear=point["linear"], max_steps=args.steps, lr=point["lr"],
                       schedule=point.get("schedule", "cosine"), warmup_frac=point.get("warmup_frac", 0.05),
                       seed=point.get("seed", 0), data_dir=args.data_dir, out=str(Path(args.out) / name),
@@ -44,7 +45,8 @@ def run_point(name: str, point: dict, args: argparse.Namespace) -> dict:
     t0 = time.time()
     r = train(cfg)
     return {"name": name, **point, "steps": r["steps"], "valid_ppl": r["final_valid_ppl"],
-            "valid_word_ppl": r["final_valid_word_ppl"], "tok_s": r["mean_tokens_per_sec"],
+            "valid_word_ppl": r["final_valid_word_ppl"], "train_loss": r["epochs"][-1]["train_loss"],
+            "tok_s": r["mean_tokens_per_sec"],
             "wall_s": time.time() - t0, "threads": r["threads"]}
 
 
