@@ -5,8 +5,9 @@ settings, evaluate the whole valid split, and append one JSON line per point to 
     python tools/recipe_sweep.py f_subln:linear=fp,lr=2e-3,schedule=cosine,subln=1,seed=1 --steps 160
 
 A point is NAME:key=value,... with keys linear (bitnet|fp), lr, schedule (cosine|two_stage), warmup_frac,
-subln (0|1) and seed; points run one after another in this process (run several processes for parallel points;
-docs/training.md "The recipe sweep" has the table this wrote).
+subln (0|1) and seed; schedule and warmup_frac left out take the model's recipe, subln and seed default to 0.
+Points run one after another in this process (run several processes for parallel points; docs/training.md
+"The recipe sweep" has the table this wrote).
 """
 
 from __future__ import annotations
@@ -27,27 +28,30 @@ KEYS = {"linear": str, "lr": float, "schedule": str, "warmup_frac": float, "subl
 def parse_point(arg: str) -> tuple[str, dict]:
     """'NAME:k=v,...' -> (NAME, {k: typed v}); a missing linear/lr or an unknown key is an error naming it."""
     name, _, spec = arg.partition(":")
-    fields = dict(part.split("=", 1) for part in spec.split(",") if part)
-    unknown = set(fields) - set(KEYS)
+    usage = f"point {arg!r}: want NAME:linear=...,lr=...[,schedule,warmup_frac,subln,seed]"
+    try:
+        fields = dict(part.split("=", 1) for part in spec.split(",") if part)
+        unknown = set(fields) - set(KEYS)
+        typed = {k: KEYS[k](v) for k, v in fields.items() if k in KEYS}
+    except ValueError as e:  # a part without '=', or a value of the wrong type
+        raise SystemExit(f"{usage}; {e}") from None
     if not name or unknown or not {"linear", "lr"} <= set(fields):
-        raise SystemExit(f"point {arg!r}: want NAME:linear=...,lr=...[,schedule,warmup_frac,subln,seed]"
-                         + (f"; unknown {sorted(unknown)}" if unknown else ""))
-    return name, {k: KEYS[k](v) for k, v in fields.items()}
+        raise SystemExit(usage + (f"; unknown {sorted(unknown)}" if unknown else ""))
+    return name, typed
 
 
 def run_point(name: str, point: dict, args: argparse.Namespace) -> dict:
     """Train one point and return its row (settings, valid ppl token and word level, the mean train loss of the
     steps run, tokens/s, wall time)."""
     cfg = TrainConfig(preset="small", linear=point["linear"], max_steps=args.steps, lr=point["lr"],
-                      schedule=point.get("schedule", "cosine"), warmup_frac=point.get("warmup_frac", 0.05),
+                      schedule=point.get("schedule"), warmup_frac=point.get("warmup_frac"),
                       seed=point.get("seed", 0), data_dir=args.data_dir, out=str(Path(args.out) / name),
                       overwrite=True, progress=False, model_overrides={"subln": bool(point.get("subln", 0))})
     t0 = time.time()
     r = train(cfg)
     return {"name": name, **point, "steps": r["steps"], "valid_ppl": r["final_valid_ppl"],
             "valid_word_ppl": r["final_valid_word_ppl"], "train_loss": r["epochs"][-1]["train_loss"],
-            "tok_s": r["mean_tokens_per_sec"],
-            "wall_s": time.time() - t0, "threads": r["threads"]}
+            "tok_s": r["mean_tokens_per_sec"], "wall_s": time.time() - t0, "threads": r["threads"]}
 
 
 def main() -> None:
