@@ -19,13 +19,14 @@ from collections.abc import Callable
 import click
 from click.core import ParameterSource
 
+from .config import DEVICES, TrainConfig
 from .data import TOKENIZERS
 from .distributed import is_main
 from .generate import ENGINES
 from .model import LINEARS, PRESETS
 from .plumbing import UserError
 from .recipe import PER_MODEL_FIELDS
-from .train import DEVICES, TrainConfig, side_by_side, train_pair
+from .train import side_by_side, train_pair
 from .train import train as train_one
 from .wikitext import SPLITS as WIKITEXT_SPLITS
 

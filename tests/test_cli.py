@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from bitnet_fast.cli import main
+from bitnet_fast.config import TrainConfig
 from bitnet_fast.recipe import RECIPES, SCHEDULES
-from bitnet_fast.train import TrainConfig
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from bitnet_fast.config import TrainConfig
 from bitnet_fast.distributed import Comm, DistributedError, Int8ErrorFeedback, int8_ef_hook, quantize_int8
-from bitnet_fast.train import TrainConfig, train
+from bitnet_fast.train import train
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--max-lines", "60",
         "--vocab-size", "256", "--no-progress", "--log-every", "1", "--ckpt-every", "1000"]

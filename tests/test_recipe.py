@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bitnet_fast.config import TrainConfig
 from bitnet_fast.corpus import load_corpus, prepare_split
 from bitnet_fast.model import ModelConfig, SubLNLinear, build_model
 from bitnet_fast.recipe import RECIPES, lr_factor, param_groups, weight_decay_factor, with_recipe
-from bitnet_fast.train import TrainConfig
 
 
 def test_each_model_gets_its_recipe_unless_told_otherwise():

@@ -20,9 +20,9 @@ from bitnet_fast import checkpoint as ck
 from bitnet_fast import plumbing
 from bitnet_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from bitnet_fast.cli import main
+from bitnet_fast.config import TrainConfig
 from bitnet_fast.plumbing import BitnetFastWarning, LockedError, folder_lock, python_module_command
 from bitnet_fast.resume import ResumeError, open_run, resume_config
-from bitnet_fast.train import TrainConfig
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bitnet_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from bitnet_fast.config import TrainConfig
 from bitnet_fast.plumbing import BitnetFastWarning
-from bitnet_fast.train import TrainConfig, TrainingError, TrainState, train
+from bitnet_fast.train import TrainingError, TrainState, train
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bitnet_fast.train import TrainConfig, train
+from bitnet_fast.config import TrainConfig
+from bitnet_fast.train import train
 
 KEYS = {"linear": str, "lr": float, "schedule": str, "warmup_frac": float, "subln": int, "seed": int}
 
