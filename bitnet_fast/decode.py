@@ -30,6 +30,7 @@ from bitnet_fast.nn import BitLinear
 __all__ = ["HEADS", "DecoderConfig", "PackedDecoder"]
 
 HEADS = ("fp32", "int8")
+KEYS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections of a layer, in the order of Weights.ptrs
 
 
 @dataclass(frozen=True)
@@ -118,55 +119,80 @@ def _hf_parts(model: nn.Module, max_len: int | None) -> dict:
                 cos=cos[0, :, : head_dim // 2], sin=sin[0, :, : head_dim // 2])
 
 
+def _runtime_arrays(config: DecoderConfig, layers: list[_Layer], embedding: torch.Tensor | tuple,
+                    norm_final: torch.Tensor, head_weight: torch.Tensor | tuple, cos: torch.Tensor, sin: torch.Tensor,
+                    head: str, embedding_int8: bool) -> dict:
+    """PackedDecoder's arguments (NumPy arrays) from a model's modules. Embedding and head are float matrices, or
+    (int8, row scales) pairs quantized already (int8 use only)."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}; use one of {HEADS}")
+    for i, layer in enumerate(layers):
+        for key, proj in layer.projections.items():
+            if not isinstance(proj, BitLinear):
+                raise TypeError(f"layer {i} {key} is a {type(proj).__name__}, not a BitLinear: "
+                                "convert(model, pack=True) first")
+            if proj.norm is not None and key not in ("o", "down"):
+                raise ValueError(f"a SubLN norm on the {key} projection is not supported (only before o and down)")
+    keys = [k for k in KEYS if k in layers[0].projections]
+    packed = {k: [_i2(layer.projections[k], f"layer {i} {k}") for i, layer in enumerate(layers)] for k in keys}
+    (sub_o, eps_o), (sub_d, eps_d) = _sub_norm(layers, "o"), _sub_norm(layers, "down")
+    arrays = {
+        "projections": {k: [w for w, _ in packed[k]] for k in keys},
+        "gammas": np.array([[packed[k][i][1] if k in packed else 0.0 for k in KEYS] for i in range(config.n_layer)],
+                           np.float32),  # (L, 7)
+        "norm_attn": np.stack([layer.norm_attn.detach().float().numpy() for layer in layers]),
+        "norm_mlp": np.stack([layer.norm_mlp.detach().float().numpy() for layer in layers]),
+        "norm_final": norm_final.detach().float().contiguous().numpy(), "sub_o": sub_o, "sub_d": sub_d,
+        "sub_eps": eps_o if sub_o.shape[1] else eps_d,
+        "cos": cos.float().contiguous().numpy(), "sin": sin.float().contiguous().numpy(),
+    }
+    if head == "int8":
+        from bitnet_fast.kernels.cpu_model import pad_rows
+
+        q, scale = _int8_rows(head_weight)
+        arrays["head"] = (q if q.shape[1] % 32 == 0 else pad_rows(q), scale)
+    else:
+        arrays["head"] = head_weight.detach().float().contiguous().numpy()
+    if not (embedding_int8 or isinstance(embedding, tuple)):
+        arrays["embedding"] = embedding.detach().float().contiguous().numpy()
+    elif head_weight is embedding and head == "int8":  # tied: the head's int8 rows, without their padding
+        arrays["embedding"] = (arrays["head"][0][:, : norm_final.shape[0]], arrays["head"][1])
+    else:
+        arrays["embedding"] = _int8_rows(embedding)
+    return arrays
+
+
 class PackedDecoder:
     """A packed Llama-family decoder for fast CPU inference (one sequence; see the module docstring)."""
 
-    def __init__(self, config: DecoderConfig, layers: list[_Layer], embedding: torch.Tensor | tuple,
-                 norm_final: torch.Tensor, head_weight: torch.Tensor | tuple, cos: torch.Tensor, sin: torch.Tensor,
-                 head: str = "int8", embedding_int8: bool = False) -> None:
-        """Embedding and head are float matrices, or (int8, row scales) pairs quantized already (int8 use only)."""
-        if head not in HEADS:
-            raise ValueError(f"head={head!r}; use one of {HEADS}")
-        for i, layer in enumerate(layers):
-            for key, proj in layer.projections.items():
-                if not isinstance(proj, BitLinear):
-                    raise TypeError(f"layer {i} {key} is a {type(proj).__name__}, not a BitLinear: "
-                                    "convert(model, pack=True) first")
-                if proj.norm is not None and key not in ("o", "down"):
-                    raise ValueError(f"a SubLN norm on the {key} projection is not supported (only before o and down)")
-        self.config, self.head_kind = config, head
-        keys = ("q", "k", "v", "o", "gate", "up", "down") if config.swiglu else ("q", "k", "v", "o", "up", "up", "down")
-        packed = {k: [_i2(layer.projections[k], f"layer {i} {k}") for i, layer in enumerate(layers)] for k in set(keys)}
-        self._arrays = [w for k in keys for w, _ in packed[k]]  # kept alive: the kernel reads them by address
-        for k in keys:
-            if len({w.shape for w, _ in packed[k]}) != 1:
-                raise ValueError(f"the {k} projections differ in shape across layers; the runtime needs one shape")
+    def __init__(self, config: DecoderConfig, projections: dict[str, list[np.ndarray]], gammas: np.ndarray,
+                 norm_attn: np.ndarray, norm_mlp: np.ndarray, norm_final: np.ndarray, sub_o: np.ndarray,
+                 sub_d: np.ndarray, sub_eps: float, cos: np.ndarray, sin: np.ndarray,
+                 head: tuple[np.ndarray, np.ndarray] | np.ndarray,
+                 embedding: tuple[np.ndarray, np.ndarray] | np.ndarray) -> None:
+        """From the runtime's arrays (`from_model` and `decoder_file.load_decoder` make them): i2 `projections`
+        {q, k, v, o, [gate,] up, down: one (N, K/4) array per layer}, their `gammas` (L, 7) in KEYS order, the norms
+        (L, C) / (C,), SubLN weights (L, width) or (L, 0), RoPE tables (T, D/2) with T >= config.max_len; `head`
+        (int8 (V, Kp) with Kp a multiple of 32, fp32 row scales) or fp32 (V, C); `embedding` likewise unpadded."""
         from bitnet_fast.kernels.cpu_model import Weights
 
-        norms = [np.stack([getattr(layer, n).detach().float().numpy() for layer in layers])
-                 for n in ("norm_attn", "norm_mlp")]
-        (sub_o, eps_o), (sub_d, eps_d) = _sub_norm(layers, "o"), _sub_norm(layers, "down")
+        keys = KEYS if config.swiglu else ("q", "k", "v", "o", "up", "up", "down")  # the kernel skips gate
+        for k in set(keys):
+            if len(projections[k]) != config.n_layer or len({w.shape for w in projections[k]}) != 1:
+                raise ValueError(f"the {k} projections differ in shape across layers; the runtime needs one shape")
+        self.config, self.head_kind = config, "int8" if isinstance(head, tuple) else "fp32"
+        self._projections = projections  # kept alive: the kernel reads them by address
         self._weights = Weights(
-            n_head=config.n_head, eps=config.eps, swiglu=config.swiglu, norm_attn=norms[0], norm_mlp=norms[1],
-            norm_final=norm_final.detach().float().contiguous().numpy(),
-            ptrs=np.array([[w.ctypes.data for w, _ in packed[k]] for k in keys], np.int64),  # (7, L)
-            shapes=np.array([packed[k][0][0].shape for k in keys], np.int64),  # (7, 2)
-            gammas=np.array([[packed[k][i][1] for k in keys] for i in range(config.n_layer)], np.float32),
-            sub_o=sub_o, sub_d=sub_d, sub_eps=eps_o if sub_o.shape[1] else eps_d,
-            cos=cos.float().contiguous().numpy(), sin=sin.float().contiguous().numpy())
+            n_head=config.n_head, eps=config.eps, swiglu=config.swiglu, norm_attn=norm_attn, norm_mlp=norm_mlp,
+            norm_final=norm_final, ptrs=np.array([[w.ctypes.data for w in projections[k]] for k in keys], np.int64),
+            shapes=np.array([projections[k][0].shape for k in keys], np.int64),  # (7, 2)
+            gammas=gammas, sub_o=sub_o, sub_d=sub_d, sub_eps=sub_eps, cos=cos, sin=sin)
         self._weights_args = tuple(self._weights)  # what cpu_model.forward takes (see Weights)
-        tied = head_weight is embedding
-        if head == "int8":
-            from bitnet_fast.kernels.cpu_model import pad_rows
-
-            q, self._head_scale = _int8_rows(head_weight)
-            self._head_q = q if q.shape[1] % 32 == 0 else pad_rows(q)
+        if self.head_kind == "int8":
+            self._head_q, self._head_scale = head
         else:
-            self._head = head_weight.detach().float()
-        if embedding_int8 or isinstance(embedding, tuple):
-            self._embed = (self._head_q, self._head_scale) if tied and head == "int8" else _int8_rows(embedding)
-        else:
-            self._embed = embedding.detach().float().contiguous().numpy()
+            self._head = torch.from_numpy(head)
+        self._embed = embedding
         shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)
         self._k, self._v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.pos = 0
@@ -188,14 +214,15 @@ class PackedDecoder:
             parts["embedding"] = embedding
         if head_weight is not None:
             parts["head_weight"] = head_weight
-        return cls(**parts, head=head, embedding_int8=embedding_int8)
+        return cls(parts["config"], **_runtime_arrays(**parts, head=head, embedding_int8=embedding_int8))
 
     # ------------------------------------------------------------------------------------------- running
     @property
     def nbytes(self) -> int:
         """Bytes of the weights this decoder reads (packed projections, norms, embedding, head) and its KV cache."""
         w = self._weights
-        arrays = [*self._arrays, self._k, self._v, w.norm_attn, w.norm_mlp, w.norm_final]
+        arrays = [*(a for ws in self._projections.values() for a in ws), self._k, self._v, w.norm_attn, w.norm_mlp,
+                  w.norm_final]
         arrays += [*self._embed] if isinstance(self._embed, tuple) else [self._embed]
         arrays += [self._head_q, self._head_scale] if self.head_kind == "int8" else [self._head.numpy()]
         return sum(a.nbytes for a in {id(a): a for a in arrays}.values())

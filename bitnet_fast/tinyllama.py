@@ -2,7 +2,9 @@
 
 Speed and memory do not depend on weight values, so the architecture is built from a transformers
 LlamaConfig with random weights (nothing is downloaded). Each variant runs in its own subprocess so that its
-peak RSS is its own. Results are cached as JSON next to the kernel tuning file, keyed by what they depend on.
+peak RSS is its own. Results are cached as JSON next to the kernel tuning file, keyed by what they depend on. The
+PackedDecoder variant is written once to a decoder file (bitnet_fast.decoder_file) and measured loaded from it by
+memory map, as llama.cpp's side maps its GGUF.
 
     python -m bitnet_fast.tinyllama                  # all variants, full 22 layers (a few minutes)
     python -m bitnet_fast.tinyllama --variant fp32   # one variant in this process, JSON on stdout
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import statistics
 import subprocess
@@ -77,16 +80,37 @@ def _file_backed_int8(rows: int, cols: int) -> np.ndarray:
         return np.memmap(f, dtype=np.int8, mode="r", shape=(rows, cols))
 
 
+def decoder_file(layers: int, max_len: int, shape: dict | None = None) -> Path:
+    """The random-weight decoder (build_decoder) saved as a decoder file, as llama.cpp's side writes its GGUF once:
+    written by a child process (the build's memory is not the measured process's) and cached beside the tuning file,
+    keyed by what it depends on."""
+    from . import __version__
+    from .kernels import LAYOUT_VERSION
+
+    key = json.dumps([layers, max_len, {**CONFIG, **(shape or {})}, LAYOUT_VERSION, __version__], sort_keys=True)
+    path = cache_path().with_name(f"tinyllama_decoder_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors")
+    if not path.is_file():
+        cmd = python_module_command("bitnet_fast.tinyllama", "--write-decoder", str(path), "--layers", str(layers),
+                                    "--max-len", str(max_len), *(["--shape", json.dumps(shape)] if shape else []))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"writing the decoder file failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return path
+
+
 def measure_decoder(layers: int, prefill: int, decode: int, reps: int = 1, shape: dict | None = None) -> dict:
-    """Build the PackedDecoder variant here and time, `reps` times, a prefill of `prefill` tokens and `decode`
-    single-token steps (medians reported, all runs listed); the RSS it adds counts from this process after
-    importing torch and bitnet_fast."""
+    """Load the PackedDecoder variant here from its file (decoder_file: mapped, as llama.cpp maps its GGUF) and
+    time, `reps` times, a prefill of `prefill` tokens and `decode` single-token steps (medians reported, all runs
+    listed); the RSS it adds counts from this process after importing torch and bitnet_fast."""
     import psutil
 
+    from .decoder_file import load_decoder
+
+    path = decoder_file(layers, prefill + decode + 8, shape)
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    dec = build_decoder(layers, prefill + decode + 8, shape)
-    build_s = time.perf_counter() - t0
+    dec = load_decoder(path)
+    load_s = time.perf_counter() - t0
     ids = torch.randint(0, dec.config.vocab_size, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
     dec.forward(ids[:8])  # warm-up: kernels loaded for both paths
     dec.forward(ids[8:9])
@@ -107,7 +131,7 @@ def measure_decoder(layers: int, prefill: int, decode: int, reps: int = 1, shape
         "prefill_seconds": prefill / med["prefill_tokens_per_sec"], "decode_tokens": decode,
         "decode_seconds": decode / med["decode_tokens_per_sec"], **med, "runs": runs,
         "param_bytes": dec.nbytes, "rss_before_bytes": rss0, "rss_after_load_bytes": psutil.Process().memory_info().rss,
-        "peak_rss_bytes": peak_rss_bytes(), "build_seconds": build_s,
+        "peak_rss_bytes": peak_rss_bytes(), "load_seconds": load_s, "file_bytes": path.stat().st_size,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -300,8 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=1, help="decoder variant: timed repetitions (medians reported)")
     ap.add_argument("--shape", type=json.loads, default=None,
                     help='decoder variant: JSON overrides of CONFIG, e.g. \'{"hidden_size": 4096}\'')
+    ap.add_argument("--write-decoder", metavar="PATH", help="save the random-weight decoder (--layers, --max-len, "
+                    "--shape) to PATH and exit (what the decoder variant loads)")
+    ap.add_argument("--max-len", type=int, default=FULL["prefill"] + FULL["decode"] + 8)
     a = ap.parse_args(argv)
-    if a.variant == "decoder":
+    if a.write_decoder:
+        from .decoder_file import save_decoder
+
+        save_decoder(build_decoder(a.layers or FULL["layers"], a.max_len, a.shape), a.write_decoder)
+    elif a.variant == "decoder":
         print(json.dumps(measure_decoder(a.layers or FULL["layers"], a.prefill, a.decode, a.reps, a.shape)))
     elif a.variant:
         print(json.dumps(measure_variant(a.variant, a.layers or FULL["layers"], a.prefill, a.decode)))
