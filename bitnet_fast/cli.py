@@ -255,7 +255,8 @@ def eval_(checkpoint, split, data_dir, data, offline, batch_size, device, as_jso
               help="decoder: the packed Numba decoder (BitNet, CPU); torch: LM with its KV cache.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 def generate_(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, engine, device) -> None:
-    """Continue --prompt with the model of a training CHECKPOINT, streaming the text; then tokens/s on stderr."""
+    """Continue --prompt with the model of a training CHECKPOINT (or a decoder file from `export --format decoder`),
+    streaming the text; then tokens/s on stderr."""
     from .generate import Generator, Stats
 
     if not prompt.strip():
@@ -277,10 +278,12 @@ def generate_(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, engi
 @main.command(name="export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["tq1", "i2"]), default="tq1", show_default=True,
-              help="tq1: ~1.6 bits/weight, the smallest file; i2: 2 bits/weight, the CPU compute layout.")
+@click.option("--format", "fmt", type=click.Choice(["tq1", "i2", "decoder"]), default="tq1", show_default=True,
+              help="tq1: ~1.6 bits/weight, the smallest file; i2: 2 bits/weight, the CPU compute layout; decoder: "
+                   "the CPU decoder's file (i2, int8 head) with the tokenizer, for `generate OUT`, loaded by mmap.")
 def export_(checkpoint, out, fmt) -> None:
-    """Write the BitNet model of a training CHECKPOINT packed to OUT (safetensors; load with export.load_lm)."""
+    """Write the BitNet model of a training CHECKPOINT packed to OUT (safetensors; load with export.load_lm, or
+    decoder_file.load_decoder for --format decoder)."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .export import save_packed
 
@@ -289,7 +292,15 @@ def export_(checkpoint, out, fmt) -> None:
     if linear != "bitnet":
         raise click.ClickException(f"{checkpoint} holds a model with linear={linear!r}; only BitNet checkpoints "
                                    "export packed (train with --model bitnet)")
-    path = save_packed(model_from_checkpoint(ckpt), out, fmt)
+    if fmt == "decoder":
+        from .decode import PackedDecoder
+        from .decoder_file import save_decoder
+        from .nn import pack_model
+
+        dec = PackedDecoder.from_model(pack_model(model_from_checkpoint(ckpt).eval()))
+        path = save_decoder(dec, out, tokenizer=ckpt["tokenizer"])
+    else:
+        path = save_packed(model_from_checkpoint(ckpt), out, fmt)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {fmt}, step {ckpt['step']})")
 
 

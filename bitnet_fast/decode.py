@@ -196,6 +196,7 @@ class PackedDecoder:
         shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)
         self._k, self._v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.pos = 0
+        self.tokenizer: str | None = None  # the tokenizer JSON a decoder file carries (decoder_file.load_decoder)
 
     # ------------------------------------------------------------------------------------------- builders
     @classmethod

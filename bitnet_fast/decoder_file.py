@@ -29,14 +29,15 @@ from bitnet_fast.decode import KEYS, DecoderConfig, PackedDecoder
 from bitnet_fast.export import _file_digest, _header
 from bitnet_fast.plumbing import atomic_path
 
-__all__ = ["load_decoder", "save_decoder"]
+__all__ = ["is_decoder_file", "load_decoder", "save_decoder"]
 
 FILE_KIND = "bitnet-fast-decoder"
 _ARRAYS = ("gammas", "norm_attn", "norm_mlp", "norm_final", "sub_o", "sub_d", "cos", "sin")
 
 
-def save_decoder(dec: PackedDecoder, path: str | os.PathLike) -> Path:
-    """Write `dec`'s weights (not its KV cache) to `path`, atomically; returns the path."""
+def save_decoder(dec: PackedDecoder, path: str | os.PathLike, tokenizer: str | None = None) -> Path:
+    """Write `dec`'s weights (not its KV cache) to `path`, atomically, with the `tokenizer` JSON (tokenizers'
+    Tokenizer.to_str(), what `bitnet-fast generate FILE` needs) if given; returns the path."""
     w = dec._weights
     tensors = {f"{k}.{i}": a for k, ws in dec._projections.items() for i, a in enumerate(ws)}
     tensors |= {name: np.ascontiguousarray(getattr(w, name)) for name in _ARRAYS}
@@ -54,6 +55,8 @@ def save_decoder(dec: PackedDecoder, path: str | os.PathLike) -> Path:
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     meta = {"kind": FILE_KIND, "layout_version": str(kernels.LAYOUT_VERSION), "embedding": embedding,
             "config": json.dumps(dataclasses.asdict(dec.config)), "sub_eps": repr(float(w.sub_eps))}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer
     digests = {k: (_dtype_name(v), list(v.shape), hashlib.sha256(v.reshape(-1).view(np.uint8)).hexdigest())
                for k, v in tensors.items()}
     meta["sha256"] = _file_digest(meta, digests)
@@ -69,10 +72,20 @@ def _dtype_name(a: np.ndarray) -> str:
 _NUMPY = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}
 
 
+def is_decoder_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a safetensors file whose metadata says it is a decoder file (a checkpoint is not)."""
+    try:
+        with open(path, "rb") as f:
+            return (_header(f, Path(path))[0].get("__metadata__") or {}).get("kind") == FILE_KIND
+    except (OSError, ValueError):
+        return False
+
+
 def load_decoder(path: str | os.PathLike, max_len: int | None = None, verify: bool = True) -> PackedDecoder:
     """The PackedDecoder saved in `path`, its weights mapped from the file; `max_len` (at most the saved one)
     sizes the KV cache. ValueError names what is wrong with a corrupt, truncated or foreign file; `verify=False`
-    skips the sha256 (one sequential read of the file)."""
+    skips the sha256 (one sequential read of the file). The tokenizer saved with it, if any, is its `tokenizer`
+    attribute (JSON; None without one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such decoder file; write one with save_decoder")
@@ -123,9 +136,11 @@ def load_decoder(path: str | os.PathLike, max_len: int | None = None, verify: bo
         raise ValueError(f"{path}: corrupt decoder metadata: embedding={kind!r}")
     arrays = {name: view(name) for name in _ARRAYS}
     try:
-        return PackedDecoder(cfg, projections, **arrays, sub_eps=sub_eps, head=head, embedding=embedding)
+        dec = PackedDecoder(cfg, projections, **arrays, sub_eps=sub_eps, head=head, embedding=embedding)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"{path}: its tensors do not make a decoder ({e}); the file is corrupt") from None
+    dec.tokenizer = meta.get("tokenizer")
+    return dec
 
 
 def _verify(f, path: Path, start: int, header: dict, meta: dict) -> None:

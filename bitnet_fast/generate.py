@@ -47,21 +47,34 @@ class Stats:
 
 
 class Generator:
-    """A checkpoint's model (packed for inference when BitNet) and tokenizer, ready to continue prompts."""
+    """A checkpoint's model (packed for inference when BitNet) and tokenizer, ready to continue prompts; or a decoder
+    file (`bitnet-fast export --format decoder`), mapped, which runs on the decoder engine only."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu") -> None:
         from tokenizers import Tokenizer
 
+        from .decoder_file import is_decoder_file, load_decoder
         from .nn import pack_model
 
-        ckpt = load_checkpoint(checkpoint)
-        self.tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
-        self.model: LM = model_from_checkpoint(ckpt, device).eval()
-        if self.model.config.linear == "bitnet":
-            pack_model(self.model)
-        self.device = device
+        self.device, self._decoder, self.decoder_error = device, None, None
+        self.model: LM | None = None
+        if is_decoder_file(checkpoint):
+            if device != "cpu":
+                raise ValueError(f"{checkpoint} is a decoder file, which runs on the CPU; use --device cpu")
+            self._decoder = load_decoder(checkpoint)
+            if self._decoder.tokenizer is None:
+                raise ValueError(f"{checkpoint} is a decoder file without a tokenizer; write it with `bitnet-fast "
+                                 "export CHECKPOINT OUT --format decoder`")
+            self.tokenizer = Tokenizer.from_str(self._decoder.tokenizer)
+            self.context = self._decoder.config.max_len
+        else:
+            ckpt = load_checkpoint(checkpoint)
+            self.tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
+            self.model = model_from_checkpoint(ckpt, device).eval()
+            if self.model.config.linear == "bitnet":
+                pack_model(self.model)
+            self.context = self.model.config.max_seq_len
         self.eos, self.unk = self.tokenizer.token_to_id(EOS), self.tokenizer.token_to_id(UNK)
-        self._decoder, self.decoder_error = None, None
 
     def encode(self, prompt: str) -> tuple[list[int], list[str]]:
         """Token ids of `prompt` as training saw text (module docstring), and the words that became <unk>."""
@@ -106,14 +119,18 @@ class Generator:
         """"auto": the decoder when it applies and prompt + new tokens fit in the context, else torch."""
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
+        if engine == "torch" and self.model is None:
+            raise ValueError("--engine torch needs a training checkpoint; a decoder file runs on the decoder engine")
         if engine == "torch":
             return engine
-        fits = prompt_len + max_new_tokens <= self.model.config.max_seq_len
+        fits = prompt_len + max_new_tokens <= self.context
         if self.decoder() is None or not fits:
-            if engine == "decoder":
+            if engine == "decoder" or self.model is None:
                 why = self.decoder_error or (f"prompt ({prompt_len}) + new tokens ({max_new_tokens}) exceed the "
-                                             f"context of {self.model.config.max_seq_len} tokens")
-                raise ValueError(f"--engine decoder cannot run this: {why}; use --engine torch")
+                                             f"context of {self.context} tokens")
+                fix = ("use --engine torch" if self.model is not None else "use fewer --max-new-tokens, or the "
+                       "training checkpoint (its torch engine slides its window)")
+                raise ValueError(f"the decoder cannot run this: {why}; {fix}")
             return "torch"
         return "decoder"
 

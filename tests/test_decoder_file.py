@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save_file
 
 from bitnet_fast.decode import PackedDecoder
-from bitnet_fast.decoder_file import load_decoder, save_decoder
+from bitnet_fast.decoder_file import is_decoder_file, load_decoder, save_decoder
 from bitnet_fast.model import ModelConfig, build_model
 from bitnet_fast.nn import pack_model
 
@@ -82,6 +82,10 @@ def test_a_damaged_or_foreign_file_is_refused(tmp_path):
     save_file({"x": np.zeros(3, np.float32)}, str(foreign))
     with pytest.raises(ValueError, match="not a bitnet-fast decoder file"):
         load_decoder(foreign)
+    assert is_decoder_file(path) and not any(is_decoder_file(p) for p in (foreign, truncated, tmp_path / "none"))
+    assert load_decoder(path).tokenizer is None
+    tok = save_decoder(load_decoder(path), tmp_path / "tok.decoder", tokenizer='{"model": "x"}')
+    assert load_decoder(tok).tokenizer == '{"model": "x"}'
     with pytest.raises(ValueError, match="max_len=49"):
         load_decoder(path, max_len=49)
     with pytest.raises(FileNotFoundError, match="save_decoder"):

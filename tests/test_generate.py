@@ -110,3 +110,22 @@ def test_streamed_text_is_the_decoded_greedy_continuation(trained):
     want = gen.model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
     text = gen.decode(want)
     assert "".join(pieces) == (text if text.startswith("\n") else " " + text)
+
+
+def test_a_decoder_file_generates_what_its_checkpoint_does(trained, tmp_path):
+    """`export --format decoder` writes the packed decoder with the tokenizer; `generate FILE` maps it and continues
+    the prompt token for token as the checkpoint's decoder engine does (greedy)."""
+    _, ckpt = trained
+    out = tmp_path / "m.decoder"
+    r = _run("export", ckpt, out, "--format", "decoder")
+    assert r.exit_code == 0 and out.is_file(), r.output
+    args = ("--prompt", "the cat sees", "--max-new-tokens", "20", "--temperature", "0")
+    want, got = _run("generate", ckpt, *args, "--engine", "decoder"), _run("generate", out, *args)
+    assert want.exit_code == 0 and got.exit_code == 0, got.output
+    text = [[ln for ln in r.output.splitlines() if not ln.startswith("[decoder]")] for r in (want, got)]
+    assert text[0] == text[1] and len(" ".join(text[0]).split()) > 3  # the text; the stats lines' times differ
+    assert "[decoder] prompt 4 tokens" in got.output
+    for extra, msg in ((("--engine", "torch"), "needs a training checkpoint"),
+                       (("--max-new-tokens", "300"), "exceed the context of 128 tokens")):
+        r = _run("generate", out, "--prompt", "the dog", *extra)
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
