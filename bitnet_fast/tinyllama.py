@@ -230,7 +230,8 @@ def _cache_key(quick: bool, sizes: dict) -> dict:
     exe = peers.find_llama_bench()
     return {"quick": quick, **sizes, "cpu": m["cpu"], "isa": m["isa"], "threads": m["torch_threads"],
             "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load(),
-            "llama_bench": str(exe) if exe else None, "gguf": importlib.util.find_spec("gguf") is not None}
+            "llama_bench": str(exe) if exe else None, "gguf": importlib.util.find_spec("gguf") is not None,
+            "decoder": "mapped from its file"}  # measurements from before decoder files built it in-process
 
 
 def measure_llamacpp(layers: int, prefill: int, decode: int, echo: Callable[[str], None] = print) -> dict:
