@@ -178,7 +178,9 @@ class PackedDecoder:
 
         keys = KEYS if config.swiglu else ("q", "k", "v", "o", "up", "up", "down")  # the kernel skips gate
         for k in set(keys):
-            if len(projections[k]) != config.n_layer or len({w.shape for w in projections[k]}) != 1:
+            if len(projections[k]) != config.n_layer:
+                raise ValueError(f"{len(projections[k])} {k} projections for {config.n_layer} layers")
+            if len({w.shape for w in projections[k]}) != 1:
                 raise ValueError(f"the {k} projections differ in shape across layers; the runtime needs one shape")
         self.config, self.head_kind = config, "int8" if isinstance(head, tuple) else "fp32"
         self._projections = projections  # kept alive: the kernel reads them by address

@@ -40,7 +40,7 @@ def save_decoder(dec: PackedDecoder, path: str | os.PathLike, tokenizer: str | N
     Tokenizer.to_str(), what `bitnet-fast generate FILE` needs) if given; returns the path."""
     w = dec._weights
     tensors = {f"{k}.{i}": a for k, ws in dec._projections.items() for i, a in enumerate(ws)}
-    tensors |= {name: np.ascontiguousarray(getattr(w, name)) for name in _ARRAYS}
+    tensors |= {name: getattr(w, name) for name in _ARRAYS}
     if dec.head_kind == "int8":
         tensors |= {"head.q": dec._head_q, "head.scale": dec._head_scale}
     else:
@@ -57,7 +57,7 @@ def save_decoder(dec: PackedDecoder, path: str | os.PathLike, tokenizer: str | N
             "config": json.dumps(dataclasses.asdict(dec.config)), "sub_eps": repr(float(w.sub_eps))}
     if tokenizer is not None:
         meta["tokenizer"] = tokenizer
-    digests = {k: (_dtype_name(v), list(v.shape), hashlib.sha256(v.reshape(-1).view(np.uint8)).hexdigest())
+    digests = {k: (_DTYPE_NAMES[v.dtype], list(v.shape), hashlib.sha256(v.reshape(-1).view(np.uint8)).hexdigest())
                for k, v in tensors.items()}
     meta["sha256"] = _file_digest(meta, digests)
     with atomic_path(path) as tmp:
@@ -65,11 +65,8 @@ def save_decoder(dec: PackedDecoder, path: str | os.PathLike, tokenizer: str | N
     return Path(path)
 
 
-def _dtype_name(a: np.ndarray) -> str:
-    return {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}[a.dtype]
-
-
-_NUMPY = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}
+_NUMPY = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}  # safetensors dtype names <-> the dtypes a file holds
+_DTYPE_NAMES = {np.dtype(t): name for name, t in _NUMPY.items()}
 
 
 def is_decoder_file(path: str | os.PathLike) -> bool:
@@ -123,9 +120,10 @@ def load_decoder(path: str | os.PathLike, max_len: int | None = None, verify: bo
     keys = KEYS if cfg.swiglu else tuple(k for k in KEYS if k != "gate")
     projections = {k: [view(f"{k}.{i}") for i in range(cfg.n_layer)] for k in keys}
     head = (view("head.q"), view("head.scale")) if "head.q" in header else view("head")
+    arrays = {name: view(name) for name in _ARRAYS}
     kind = meta.get("embedding")
     if kind == "head" and isinstance(head, tuple):
-        embedding = (head[0][:, : view("norm_final").shape[0]], head[1])
+        embedding = (head[0][:, : arrays["norm_final"].shape[0]], head[1])
     elif kind == "int8":
         embedding = (view("embedding.q"), view("embedding.scale"))
         _advise_random(m, start + int(header["embedding.q"]["data_offsets"][0]), embedding[0].nbytes)
@@ -134,7 +132,6 @@ def load_decoder(path: str | os.PathLike, max_len: int | None = None, verify: bo
         _advise_random(m, start + int(header["embedding"]["data_offsets"][0]), embedding.nbytes)
     else:
         raise ValueError(f"{path}: corrupt decoder metadata: embedding={kind!r}")
-    arrays = {name: view(name) for name in _ARRAYS}
     try:
         dec = PackedDecoder(cfg, projections, **arrays, sub_eps=sub_eps, head=head, embedding=embedding)
     except (KeyError, IndexError, ValueError) as e:

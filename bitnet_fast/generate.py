@@ -119,9 +119,10 @@ class Generator:
         """"auto": the decoder when it applies and prompt + new tokens fit in the context, else torch."""
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
-        if engine == "torch" and self.model is None:
-            raise ValueError("--engine torch needs a training checkpoint; a decoder file runs on the decoder engine")
         if engine == "torch":
+            if self.model is None:
+                raise ValueError("--engine torch needs a training checkpoint; a decoder file runs on the decoder "
+                                 "engine")
             return engine
         fits = prompt_len + max_new_tokens <= self.context
         if self.decoder() is None or not fits:
