@@ -70,11 +70,17 @@ _DTYPE_NAMES = {np.dtype(t): name for name, t in _NUMPY.items()}
 
 
 def is_decoder_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is a safetensors file whose metadata says it is a decoder file (a checkpoint is not)."""
+    """Whether `path` is a safetensors file whose metadata says it is a decoder file (a checkpoint is not). Only the
+    header is read and its tensors are not checked: a truncated decoder file is still one (load_decoder says what
+    is wrong with it)."""
     try:
         with open(path, "rb") as f:
-            return (_header(f, Path(path))[0].get("__metadata__") or {}).get("kind") == FILE_KIND
-    except (OSError, ValueError):
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(os.fstat(f.fileno()).st_size - 8, 1 << 27):
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+            return meta.get("kind") == FILE_KIND
+    except (OSError, ValueError, AttributeError):
         return False
 
 

@@ -129,3 +129,7 @@ def test_a_decoder_file_generates_what_its_checkpoint_does(trained, tmp_path):
                        (("--max-new-tokens", "300"), "exceed the context of 128 tokens")):
         r = _run("generate", out, "--prompt", "the dog", *extra)
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    cut = tmp_path / "cut.decoder"  # a download cut short: named as a damaged decoder file, not as a checkpoint
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    r = _run("generate", cut, "--prompt", "the dog")
+    assert r.exit_code == 1 and "corrupt or truncated" in r.output and "Traceback" not in r.output, r.output
