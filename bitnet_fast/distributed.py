@@ -15,6 +15,8 @@ The training loop (train.py) calls into one `Comm` object and stays the same at 
   which writes them into the checkpoint; `Comm.load_state(ckpt)` gives each rank its own residual back, and refuses
   a resume at another global batch (a resume at another world size with the same global batch continues exactly
   where the data order stood: micro-batch b of all ranks together covers the same windows at every world size).
+* `Comm.perplexity()` (a collective) evaluates with every rank taking a share of the windows: 1/world of the time,
+  and no rank waits in a collective while another evaluates alone (gloo's 30-minute timeout ends such a wait).
 * `StopSignals` turns the first SIGINT or SIGTERM (what torchrun, SLURM and Kubernetes send before a kill) into a
   request to finish the step, checkpoint and exit; a second one aborts.
 
@@ -33,6 +35,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .data import Split
+from .evaluate import nll_sum, perplexity, ppl_from
 from .plumbing import UserError
 
 COMPRESSIONS = ("none", "int8")
@@ -239,6 +243,28 @@ class Comm:
         averages = before >= self.averager.warmup_steps and (before - self.averager.warmup_steps) % self.sync_every == 0
         self.averager.average_parameters(params)
         self.since_average = 0 if averages or before < self.averager.warmup_steps else self.since_average + 1
+
+    # -- evaluation (collective: every rank calls it at the same step)
+    def perplexity(self, model: torch.nn.Module, split: Split, seq_len: int, batch_size: int, device: str) -> dict:
+        """`evaluate.perplexity` of the model, each rank evaluating every world-th batch of windows. Under local SGD
+        between two averages the ranks' parameters differ: the model evaluated is their average (what the next
+        average would make), and each rank gets its own parameters back afterwards."""
+        if self.world == 1:
+            return perplexity(model, split, seq_len, batch_size, device)
+        own = None
+        if self.averager is not None and self.since_average:
+            own = [p.detach().clone() for p in model.parameters()]
+            for p in model.parameters():
+                dist.all_reduce(p.data)
+                p.data /= self.world
+        nll, n = nll_sum(model, split, seq_len, batch_size, device, shard=(self.rank, self.world))
+        total = torch.tensor([nll, n], dtype=torch.float64)
+        dist.all_reduce(total)
+        if own is not None:
+            with torch.no_grad():
+                for p, mine in zip(model.parameters(), own, strict=True):
+                    p.copy_(mine)
+        return ppl_from(total[0].item(), int(total[1].item()), split.words)
 
     # -- checkpoints (collective: every rank calls state_dict at the same step)
     def state_dict(self, global_batch: dict[str, int]) -> dict:

@@ -41,28 +41,37 @@ def check_eval_memory(n_tokens: int, seq_len: int, batch_size: int, vocab_size: 
 
 
 @torch.no_grad()
-def perplexity(
-    model: torch.nn.Module, split: Split, seq_len: int, batch_size: int = 16, device: str | torch.device = "cpu"
-) -> dict:
-    """NLL over every token of `split` after the first, in non-overlapping windows of seq_len."""
+def nll_sum(model: torch.nn.Module, split: Split, seq_len: int, batch_size: int = 16,
+            device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(summed NLL, tokens) over the eval windows of `split`; with shard=(rank, world), only batches
+    rank, rank + world, ... (the ranks of a distributed run share the work; their sums add up to the whole)."""
+    rank, world = shard
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None:
         check_eval_memory(len(split.tokens), seq_len, batch_size, vocab, device)
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
-    for x, y in eval_windows(split.tokens, seq_len, batch_size):
+    for i, (x, y) in enumerate(eval_windows(split.tokens, seq_len, batch_size)):
+        if i % world != rank:
+            continue
         logits, _ = model(x.to(device))  # (B, T, V)
         nll += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
         n += y.numel()
     model.train(was_training)
-    return {
-        "loss": nll / n,
-        "ppl": math.exp(nll / n),
-        "word_ppl": math.exp(nll / split.words),
-        "tokens": n,
-        "words": split.words,
-    }
+    return nll, n
+
+
+def ppl_from(nll: float, n: int, words: int) -> dict:
+    """Token- and word-level perplexity from a summed NLL over n tokens of a split of `words` words."""
+    return {"loss": nll / n, "ppl": math.exp(nll / n), "word_ppl": math.exp(nll / words), "tokens": n, "words": words}
+
+
+def perplexity(
+    model: torch.nn.Module, split: Split, seq_len: int, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> dict:
+    """NLL over every token of `split` after the first, in non-overlapping windows of seq_len."""
+    return ppl_from(*nll_sum(model, split, seq_len, batch_size, device), split.words)
 
 
 def evaluate_checkpoint(

@@ -5,8 +5,8 @@ clipping, gradient accumulation, checkpoints with exact resume, Ctrl-C and NaN h
 tests and benchmarks call these. `train` reads top to bottom, as nanoGPT's train.py does: set up, restore the
 `TrainState` from the newest checkpoint (or evaluate the untrained model), then one loop of optimizer steps with
 interval-gated blocks for the end of an epoch, logging and checkpointing. Under torchrun (WORLD_SIZE set) with
-`cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 evaluates
-and writes.
+`cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); the ranks share
+each evaluation and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from .distributed import (
     rank0_first,
 )
 from .download import find_or_fetch
-from .evaluate import perplexity
 from .model import LINEARS, build_model, count_parameters, preset_config
 from .plumbing import UserError, folder_lock, git_commit, machine_info, peak_rss_bytes, write_json
 from .recipe import lr_factor, param_groups, weight_decay_factor, with_recipe
@@ -173,9 +172,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
         sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         state = TrainState.from_checkpoint(ckpt)
-    elif rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        state.initial_eval = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
+    else:
+        if rank == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        state.initial_eval = comm.perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
 
     # ---- the loop: one optimizer step per iteration
     n_batches = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a tail too short for a step is skipped
@@ -192,8 +192,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
         while not stop.requested:
             # -- end of an epoch (its batches used up, or the step budget): evaluate, log, begin the next one
             if state.epoch_done(n_batches, total):
+                ev = comm.perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)  # every rank
                 if rank == 0:
-                    ev = perplexity(model, valid, cfg.seq_len, cfg.eval_batch_size, cfg.device)
                     row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(1, state.steps),
                            "valid_loss": ev["loss"], "valid_ppl": ev["ppl"], "valid_word_ppl": ev["word_ppl"],
                            "tokens_per_sec": state.tokens / max(state.seconds, 1e-9), "seconds": state.seconds,
@@ -271,8 +271,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
     if state.initial_eval is not None:
         report.update({f"initial_valid_{k}": state.initial_eval[k] for k in ("loss", "ppl", "word_ppl")})
     test = corpus.splits.get("test")
-    if rank == 0 and test is not None and not stop.requested:  # the held-out test split, once, after training
-        ev = perplexity(model, test, cfg.seq_len, cfg.eval_batch_size, cfg.device)
+    if test is not None and not stop.requested:  # the held-out test split, once, after training (every rank)
+        ev = comm.perplexity(model, test, cfg.seq_len, cfg.eval_batch_size, cfg.device)
         report.update(final_test_loss=ev["loss"], final_test_ppl=ev["ppl"], final_test_word_ppl=ev["word_ppl"])
     if state.epochs:
         report.update(final_valid_ppl=state.epochs[-1]["valid_ppl"],

@@ -195,3 +195,21 @@ def test_eval_windows_predict_every_token_once():
     tokens = np.arange(53)
     targets = torch.cat([y.flatten() for _, y in eval_windows(tokens, 8, 3)])
     assert torch.equal(targets, torch.arange(1, 53))
+
+
+def test_sharded_eval_adds_up_to_the_whole():
+    """The ranks of a distributed run each evaluate every world-th batch: their NLL sums and token counts add up
+    to the single-process perplexity (7 batches over 3 ranks: uneven shares, one rank with the short tail)."""
+    from bitnet_fast.evaluate import nll_sum, perplexity, ppl_from
+    from bitnet_fast.model import LM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, hidden=32, max_seq_len=8))
+    split = data.Split(tokens=np.random.default_rng(0).integers(0, 50, 8 * 3 * 6 + 5), words=120)
+    whole = perplexity(model, split, 8, 3)
+    parts = [nll_sum(model, split, 8, 3, shard=(r, 3)) for r in range(3)]
+    assert sum(n for _, n in parts) == whole["tokens"] == len(split.tokens) - 1
+    assert all(n > 0 for _, n in parts)
+    merged = ppl_from(sum(x for x, _ in parts), sum(n for _, n in parts), split.words)
+    assert merged["ppl"] == pytest.approx(whole["ppl"], rel=1e-12)
+    assert merged["word_ppl"] == pytest.approx(whole["word_ppl"], rel=1e-12)
