@@ -195,8 +195,9 @@ class PackedDecoder:
         else:
             self._head = torch.from_numpy(head)
         self._embed = embedding
-        shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)
-        self._k, self._v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        shape = (config.n_layer, config.n_kv_head, config.max_len, config.head_dim)  # (L, H_kv, T, D)
+        self._v = np.zeros(shape, np.float32)
+        self._k = np.zeros((*shape[:2], config.head_dim, config.max_len), np.float32)  # keys: (L, H_kv, D, T)
         self.pos = 0
         self.tokenizer: str | None = None  # the tokenizer JSON a decoder file carries (decoder_file.load_decoder)
 

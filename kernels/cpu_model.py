@@ -144,28 +144,30 @@ def _rope(t, heads, d, cos, sin, pos) -> None:
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _attention(q, kc, vc, pos, n_head, out) -> None:
-    """Causal attention of q (M, H * D) at positions pos.. over the cache kc, vc (H_kv, T, D) -> out (M, H * D).
-    The dot products may reassociate (SIMD); the values accumulate as whole rows (out += p_t * v_t)."""
+def _attention(q, kt, vc, pos, n_head, out) -> None:
+    """Causal attention of q (M, H * D) at positions pos.. over the cache: keys transposed kt (H_kv, D, T), values
+    vc (H_kv, T, D) -> out (M, H * D). A query's scores accumulate as whole rows over the positions (scores +=
+    q_j * kt_j: SIMD without a horizontal sum per position, 3x faster than a dot per position), and so do the
+    values (out += p_t * v_t); the sums may reassociate."""
     m = q.shape[0]
-    hkv, _, d = kc.shape
+    hkv, d, _ = kt.shape
     group = n_head // hkv
     scale = np.float32(1.0 / math.sqrt(d))
     for task in prange(m * n_head):
         r, h = task // n_head, task % n_head
-        g, last = h // group, pos + r  # this query sees positions 0..last
+        g, n = h // group, pos + r + 1  # this query sees positions 0..pos + r
         b = h * d
-        scores = np.empty(last + 1, np.float32)
+        scores = np.zeros(n, np.float32)
+        for j in range(d):
+            qj = q[r, b + j] * scale
+            for t in range(n):
+                scores[t] += qj * kt[g, j, t]
         top = np.float32(-np.inf)
-        for t in range(last + 1):
-            dot = np.float32(0.0)
-            for j in range(d):
-                dot += q[r, b + j] * kc[g, t, j]
-            scores[t] = dot * scale
+        for t in range(n):
             top = max(top, scores[t])
         total = np.float32(0.0)
         acc = np.zeros(d, np.float32)
-        for t in range(last + 1):
+        for t in range(n):
             p = np.exp(scores[t] - top)
             total += p
             for j in range(d):
@@ -197,12 +199,13 @@ class Weights(NamedTuple):
 @njit(cache=True)
 def forward(x, pos, weights, k_cache, v_cache, tiling):
     """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. with
-    caches (L, H_kv, T, D), and return the final-normed hidden state of the last token (1, C). weights:
-    tuple(Weights); tiling: (threads, panel_bytes, gemm_rows), the kernels.cpu tiling parameters."""
+    caches of keys (L, H_kv, D, T) (transposed: see _attention) and values (L, H_kv, T, D); return the final-normed
+    hidden state of the last token (1, C). weights: tuple(Weights); tiling: (threads, panel_bytes, gemm_rows), the
+    kernels.cpu tiling parameters."""
     n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, shapes, gammas, sub_o, sub_d, sub_eps, cos, sin = \
         weights
     m, c = x.shape
-    n_layer, hkv, _, d = k_cache.shape
+    n_layer, hkv, d, _ = k_cache.shape
     h = np.empty_like(x)
     for layer in range(n_layer):
         g = gammas[layer]
@@ -218,7 +221,7 @@ def forward(x, pos, weights, k_cache, v_cache, tiling):
         for r in range(m):
             for hh in range(hkv):
                 for j in range(d):
-                    k_cache[layer, hh, pos + r, j] = k[r, hh * d + j]
+                    k_cache[layer, hh, j, pos + r] = k[r, hh * d + j]
                     v_cache[layer, hh, pos + r, j] = v[r, hh * d + j]
         a = np.empty((m, n_head * d), np.float32)
         _attention(q, k_cache[layer], v_cache[layer], pos, n_head, a)
