@@ -129,6 +129,20 @@ def _gemv_task(xq, xsum, ws, scales, outs, ends, lo, hi, nblk, acc) -> None:
         i = end
 
 
+@njit(cache=True, parallel=True)
+def _activate(gate, up, swiglu, threads) -> None:
+    """up = silu(gate) * up (SwiGLU) or relu(up)^2, in place, the M x F elements split over the threads (a scalar
+    exp each: 0.9 ms per decoded token over 22 TinyLlama layers on one thread)."""
+    n = up.size
+    g, u = gate.reshape(n), up.reshape(n)
+    for c in prange(threads):
+        for i in range(c * n // threads, (c + 1) * n // threads):
+            if swiglu:
+                u[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+            else:
+                u[i] = max(u[i], np.float32(0.0)) ** 2
+
+
 @njit(cache=True)
 def _rope(t, heads, d, cos, sin, pos) -> None:
     """Rotate (x[:d/2], x[d/2:]) of each head of t (M, heads * d) by the angles of positions pos.. (rotate-half)."""
@@ -237,14 +251,10 @@ def forward(x, pos, weights, k_cache, v_cache, tiling):
         if swiglu:
             gate = np.empty((m, f), np.float32)
             _project_many(h, (wg, wu), (g[4], g[5]), (gate, up), tiling)
-            for r in range(m):
-                for j in range(f):
-                    up[r, j] = gate[r, j] / (np.float32(1.0) + np.exp(-gate[r, j])) * up[r, j]
         else:
+            gate = up
             _project(h, wu, g[5], up, tiling)
-            for r in range(m):
-                for j in range(f):
-                    up[r, j] = max(up[r, j], np.float32(0.0)) ** 2
+        _activate(gate, up, swiglu, tiling[0])
         if sub_d.shape[1]:
             _rmsnorm(up, sub_d[layer], sub_eps, up)
         _project(up, _weight(ptrs, shapes, 6, layer), g[6], o, tiling)
