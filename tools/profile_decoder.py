@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from bitnet_fast.kernels import cpu, cpu_model
 
 from bitnet_fast.decoder_file import load_decoder
-from bitnet_fast.kernels import cpu, cpu_model
 from bitnet_fast.tinyllama import decoder_file
 
 NAMES = ("q", "k", "v", "o", "gate", "up", "down")
