@@ -223,15 +223,17 @@ def _cache_key(quick: bool, sizes: dict) -> dict:
     """What the measurements depend on: machine, versions, tuning, and whether llama.cpp's peer can be run."""
     import importlib.util
 
-    from . import __version__, peers
-    from .kernels import tuning
+    from . import __version__, decode, kernels, nn, peers
+    from .kernels import cpu, cpu_dot, cpu_model, tuning
 
     m = machine_info()
     exe = peers.find_llama_bench()
+    engines = (decode, nn, kernels, cpu, cpu_dot, cpu_model, peers)  # what the variants run
+    code = hashlib.sha256(b"".join(Path(mod.__file__).read_bytes() for mod in engines))
     return {"quick": quick, **sizes, "cpu": m["cpu"], "isa": m["isa"], "threads": m["torch_threads"],
             "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load(),
             "llama_bench": str(exe) if exe else None, "gguf": importlib.util.find_spec("gguf") is not None,
-            "decoder": "mapped from its file"}  # measurements from before decoder files built it in-process
+            "code": code.hexdigest()[:16]}  # a change to the engines makes numbers measured before it stale
 
 
 def measure_llamacpp(layers: int, prefill: int, decode: int, echo: Callable[[str], None] = print) -> dict:
