@@ -19,7 +19,22 @@ settings.register_profile("default", deadline=None, max_examples=40, suppress_he
 settings.register_profile("thorough", deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_ROOT = Path(__file__).resolve().parents[1]
+_SHARED = _ROOT.parent / "shared" / "data"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once unless the package under test is this checkout's: an editable install of another checkout maps
+    `bitnet_fast.kernels` to *its* kernels/ (and a non-editable one to a copy), so the tests would pass or fail on
+    code they were not given."""
+    import importlib.util
+
+    for name, folder in (("bitnet_fast", _ROOT / "bitnet_fast"), ("bitnet_fast.kernels", _ROOT / "kernels")):
+        found = Path(importlib.util.find_spec(name).origin).resolve().parent
+        if found != folder:
+            pytest.exit(f"{name} is imported from {found}, not from this checkout's {folder}; install this checkout "
+                        f"(`pip install --no-deps -e {_ROOT}`) or run the tests in the checkout that is installed",
+                        returncode=4)
 
 
 @pytest.fixture(scope="session")
