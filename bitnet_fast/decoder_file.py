@@ -75,11 +75,7 @@ def is_decoder_file(path: str | os.PathLike) -> bool:
     is wrong with it)."""
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= min(os.fstat(f.fileno()).st_size - 8, 1 << 27):
-                return False
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-            return meta.get("kind") == FILE_KIND
+            return (_header(f, Path(path), tensors=False)[0].get("__metadata__") or {}).get("kind") == FILE_KIND
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -119,18 +119,22 @@ def _check_codes(pw: PackedWeight, where: str) -> None:
                          f"({pw.format}); the file is corrupt")
 
 
-def _header(f, path: Path) -> tuple[dict, int]:
-    """(header, offset of the data section) of an open safetensors file; ValueError names what is malformed."""
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's JSON
+
+
+def _header(f, path: Path, tensors: bool = True) -> tuple[dict, int]:
+    """(header, offset of the data section) of an open safetensors file; ValueError names what is malformed.
+    `tensors=False` reads the header (and its metadata) without checking the tensors' offsets against the file."""
     size = os.fstat(f.fileno()).st_size
     raw = f.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if not 0 < n <= size - 8:
+    if not 0 < n <= min(size - 8, _MAX_HEADER):
         raise ValueError(f"{path}: corrupt or truncated: not a safetensors file (header size {n}, file {size} bytes)")
     try:
         header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        for name, info in header.items():
+        for name, info in header.items() if tensors else ():
             if name == "__metadata__":
                 continue
             numel = math.prod(int(d) for d in info["shape"])

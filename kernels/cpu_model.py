@@ -136,10 +136,12 @@ def _activate(gate, up, swiglu, threads) -> None:
     n = up.size
     g, u = gate.reshape(n), up.reshape(n)
     for c in prange(threads):
-        for i in range(c * n // threads, (c + 1) * n // threads):
-            if swiglu:
+        lo, hi = c * n // threads, (c + 1) * n // threads
+        if swiglu:
+            for i in range(lo, hi):
                 u[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
-            else:
+        else:
+            for i in range(lo, hi):
                 u[i] = max(u[i], np.float32(0.0)) ** 2
 
 
