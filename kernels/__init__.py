@@ -286,9 +286,10 @@ def bitlinear(
     _check_bias(bias, pw.shape[0], device)
     out_dtype = out_dtype or x.dtype
     _check_out_dtype(out_dtype)
-    if ndim == 2:  # the decode path: no reshapes (~4 us)
-        return _backend(device).bitlinear(x, pw, bias, out_dtype)
-    y = _backend(x.device).bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
+    backend = _backend(device)
+    if ndim == 2 or getattr(backend, "bitlinear_takes_nd", False):  # no torch reshapes on the decode path
+        return backend.bitlinear(x, pw, bias, out_dtype)
+    y = backend.bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
     return y.reshape(*x.shape[:-1], pw.out_features)
 
 

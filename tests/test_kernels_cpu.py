@@ -158,6 +158,23 @@ def test_gemv_leading_dims_and_large_k():
     torch.testing.assert_close(got, reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_leading_dims_equal_the_flattened_call(path):
+    """The backend flattens (..., K) itself (in NumPy): every layout gives exactly the 2-D call's rows."""
+    cpu.configure(**PATHS[path])
+    pw, bias = kernels.pack(torch.randn(9, 130)), torch.randn(9)
+    x = torch.randn(4, 6, 130)
+    flat = kernels.bitlinear(x.reshape(-1, 130), pw, bias)
+    assert torch.equal(kernels.bitlinear(x, pw, bias), flat.reshape(4, 6, 9))
+    assert torch.equal(kernels.bitlinear(x[1, 2], pw, bias), flat[8])  # 1-D in, 1-D out
+    xt = x.transpose(0, 1)  # non-contiguous
+    assert torch.equal(kernels.bitlinear(xt, pw, bias), flat.reshape(4, 6, 9).transpose(0, 1))
+    y16 = kernels.bitlinear(x.bfloat16(), pw, bias)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, kernels.bitlinear(x.bfloat16().reshape(-1, 130), pw,
+                                                                                bias).reshape(4, 6, 9))
+    assert kernels.bitlinear(x[:, :0], pw).shape == (4, 0, 9)
+
+
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_backward_products(shape, seed, dtype):
     m, k, n = shape
