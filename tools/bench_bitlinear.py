@@ -6,7 +6,9 @@ Cases (all overheads in: module call, activation quant, weight re-pack, allocati
   infer  packed BitLinear forward at M=1, 4096->4096 under inference_mode, vs fp32 nn.Linear and Hugging Face's
          packed `transformers.integrations.bitnet.BitLinear` (it unpacks the weight on every call)
   train  forward + backward + SGD step at (M=2048, 1024->1024) and (M=512, 4096->4096), vs fp32 nn.Linear,
-         transformers' online-quant AutoBitLinear, a plain-torch detach-form STE layer and onebitllms
+         transformers' online-quant AutoBitLinear, a plain-torch detach-form STE layer and onebitllms;
+         `--train-shapes small` times the `small` preset's layer shapes instead (M = 32 x 128 tokens; 256->256,
+         256->688, 688->256) and a transformer block's mix of them (4 attention, 2 SwiGLU up, 1 down)
 Contenders run interleaved round by round and report the median, so load drift on a shared box hits all alike.
 Inference is reported in two cache regimes, because a 4 MB packed weight fits this machine's L3 and a 64 MB fp32
 one does not: "warm" times bursts of back-to-back calls (weights cache-resident, as for one layer in a loop) and
@@ -25,6 +27,9 @@ from torch import nn
 
 from bitnet_fast import kernels
 from bitnet_fast.nn import BitLinear
+
+SMALL_PRESET_SHAPES = "4096x256x256,4096x256x688,4096x688x256"  # M x K x N: batch 32 x 128 tokens, C=256, MLP 688
+SMALL_BLOCK_MIX = (4, 2, 1)  # per block: q, k, v, o at 256->256; SwiGLU gate and up 256->688; down 688->256
 
 
 def _ste_fake_quant(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,6 +187,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30, help="timed rounds per case (median reported)")
     ap.add_argument("--only", choices=["infer", "train"], default=None)
+    ap.add_argument("--train-shapes", default="2048x1024x1024,512x4096x4096",
+                    help="MxKxN,... for the training step, or 'small' (the small preset's layers; default %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -194,9 +201,19 @@ def main() -> None:
         res = run_side_by_side(makers, rounds=args.rounds * 10, warmup=5, cold=True)
         print_table("Inference forward, M=1, 4096 -> 4096, cold (L3 flushed before each call)", res, "fp32 nn.Linear")
     if args.only in (None, "train"):
-        for m, k, n in ((2048, 1024, 1024), (512, 4096, 4096)):
+        spec = SMALL_PRESET_SHAPES if args.train_shapes == "small" else args.train_shapes
+        block: dict = {}
+        for i, shape in enumerate(spec.split(",")):
+            m, k, n = (int(v) for v in shape.split("x"))
             res = run_side_by_side(train_makers(m, k, n), rounds=args.rounds, warmup=3)
             print_table(f"Training step (fwd + bwd + SGD), M={m}, {k} -> {n}", res, "fp32 nn.Linear")
+            if args.train_shapes == "small":
+                for name, v in res.items():
+                    done = isinstance(v, float) and isinstance(block.get(name, 0.0), float)
+                    block[name] = block.get(name, 0.0) + SMALL_BLOCK_MIX[i] * v if done else v
+        if block:
+            print_table("Training step, one `small` block's seven projections (sum of the above, 4:2:1)", block,
+                        "fp32 nn.Linear")
 
 
 if __name__ == "__main__":
