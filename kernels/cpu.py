@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from . import reference, tuning
+from . import numba_cache, reference, tuning
 from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, fetch_add, make_dot
 from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
+
+numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
 __all__ = ["ISA", "ISAS", "bitlinear", "bitlinear_train", "configure", "grad_input", "grad_weight", "matmul",
            "matmul_int", "pack", "params", "quantize_activations", "quantize_weight", "threads", "unpack"]

@@ -27,8 +27,11 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from . import numba_cache
 from .cpu import _dot_one, _mm, _quant_row
 from .cpu_dot import fetch_add, make_i8_dot
+
+numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
 __all__ = ["Weights", "forward", "int8_gemv", "pad_rows"]
 

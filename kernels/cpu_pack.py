@@ -21,9 +21,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import reference
+from . import numba_cache, reference
 from .packing import FORMATS, PackedWeight
 from .tuning import SERIAL_WORK
+
+numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
 __all__ = ["pack", "quantize_and_pack", "quantize_weight", "transcode", "unpack"]
 
