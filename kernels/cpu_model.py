@@ -132,17 +132,50 @@ def _gemv_task(xq, xsum, ws, scales, outs, ends, lo, hi, nblk, acc) -> None:
         i = end
 
 
+# Cephes expf: 2**k * e**r with k = round(x / ln 2), r = x - k ln 2 in two parts, degree-5 polynomial for e**r.
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _exp_shifted(x, n, shift, bits) -> np.float32:
+    """x[:n] = exp(x[:n] - shift), returning their sum; arguments are clamped to [-87, 88] (~1e-38 below, ~1.7e38
+    above). Plain float and integer arithmetic, so both loops vectorize, unlike a libm call per element: relative
+    error < 1e-7 against float64 exp; bits (n,) int32 is scratch for the 2**k factors."""
+    scale = bits.view(np.float32)
+    c0, c1, c2, c3, c4, c5 = _EXP_POLY
+    for t in range(n):
+        a = min(max(x[t] - shift, np.float32(-87.0)), np.float32(88.0))
+        k = np.floor(a * _LOG2E + np.float32(0.5))
+        r = a - k * _LN2_HI - k * _LN2_LO
+        x[t] = ((((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * r * r + r) + np.float32(1.0)
+        bits[t] = (np.int32(k) + np.int32(127)) << 23
+    total = np.float32(0.0)
+    for t in range(n):
+        x[t] *= scale[t]
+        total += x[t]
+    return total
+
+
 @njit(cache=True, parallel=True)
 def _activate(gate, up, swiglu, threads) -> None:
-    """up = silu(gate) * up (SwiGLU) or relu(up)^2, in place, the M x F elements split over the threads (a scalar
-    exp each: 0.9 ms per decoded token over 22 TinyLlama layers on one thread)."""
+    """up = silu(gate) * up (SwiGLU) or relu(up)^2, in place, the M x F elements split over the threads; silu's exp
+    is the vectorized `_exp_shifted` over L1-sized blocks (22 TinyLlama layers: 1.42x at M=1, 1.79x at M=128 against
+    a libm call per element, values within 3e-7)."""
     n = up.size
     g, u = gate.reshape(n), up.reshape(n)
     for c in prange(threads):
         lo, hi = c * n // threads, (c + 1) * n // threads
         if swiglu:
-            for i in range(lo, hi):
-                u[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+            e, bits = np.empty(512, np.float32), np.empty(512, np.int32)
+            for b0 in range(lo, hi, 512):
+                w = min(512, hi - b0)
+                for i in range(w):
+                    e[i] = -g[b0 + i]
+                _exp_shifted(e, w, np.float32(0.0), bits)
+                for i in range(w):
+                    u[b0 + i] = g[b0 + i] / (np.float32(1.0) + e[i]) * u[b0 + i]
         else:
             for i in range(lo, hi):
                 u[i] = max(u[i], np.float32(0.0)) ** 2
@@ -160,32 +193,6 @@ def _rope(t, heads, d, cos, sin, pos) -> None:
                 c, s = cos[pos + r, j], sin[pos + r, j]
                 t[r, b + j] = x1 * c - x2 * s
                 t[r, b + half + j] = x1 * s + x2 * c
-
-
-# Cephes expf: 2**k * e**r with k = round(x / ln 2), r = x - k ln 2 in two parts, degree-5 polynomial for e**r.
-_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504), np.float32(0.693359375), np.float32(-2.12194440e-4)
-_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                                          1.6666665459e-1, 5.0000001201e-1))
-
-
-@njit(cache=True, fastmath={"contract"})
-def _exp_shifted(x, n, shift, bits) -> np.float32:
-    """x[:n] = exp(x[:n] - shift) (arguments <= 0; below -87 they give ~1e-38), returning their sum. Plain float
-    and integer arithmetic, so both loops vectorize, unlike a libm call per element: relative error < 1e-7 against
-    float64 exp; bits (n,) int32 is scratch for the 2**k factors."""
-    scale = bits.view(np.float32)
-    c0, c1, c2, c3, c4, c5 = _EXP_POLY
-    for t in range(n):
-        a = max(x[t] - shift, np.float32(-87.0))
-        k = np.floor(a * _LOG2E + np.float32(0.5))
-        r = a - k * _LN2_HI - k * _LN2_LO
-        x[t] = ((((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * r * r + r) + np.float32(1.0)
-        bits[t] = (np.int32(k) + np.int32(127)) << 23
-    total = np.float32(0.0)
-    for t in range(n):
-        x[t] *= scale[t]
-        total += x[t]
-    return total
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})

@@ -111,13 +111,33 @@ def test_bad_input_says_what_to_fix():
                                                          max_seq_len=16, linear="fp")))
 
 
-def test_attention_exp_matches_float64_exp_over_its_whole_range():
-    """The softmax's vectorized exp: relative error < 2e-7 from 0 down to -87, ~0 below, and it returns the sum."""
-    x = np.concatenate([np.linspace(-87.0, 0.0, 100_001), [-87.5, -100.0, -1e30, 0.0]]).astype(np.float32)
-    y = x + np.float32(3.5)  # exp(y - 3.5): the shift is applied inside
-    total = cpu_model._exp_shifted(y, y.size, np.float32(3.5), np.empty(y.size, np.int32))
-    want = np.exp(x.astype(np.float64))
-    inside = x >= -87.0
+def test_vectorized_exp_matches_float64_exp_over_its_whole_range():
+    """The softmax's and SwiGLU's exp: relative error < 2e-7 on [-87, 88], clamped outside (finite, no wrap-around
+    of the exponent bits); the shift is subtracted in fp32 first, and the sum is returned."""
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001), [-87.5, -100.0, -1e30, 0.0, 88.5, 100.0, 1e30]])
+    y = x.astype(np.float32)
+    cpu_model._exp_shifted(y, y.size, np.float32(0.0), np.empty(y.size, np.int32))
+    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # the reference overflows to inf at 1e30; ours clamps
+        want = np.exp(x32.astype(np.float64))
+    inside = (x32 >= -87.0) & (x32 <= 88.0)
     assert np.max(np.abs(y[inside] - want[inside]) / want[inside]) < 2e-7
-    assert np.all((y[~inside] >= 0) & (y[~inside] < 2e-38))
-    assert total == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-5)
+    assert np.all((y[x32 < -87.0] >= 0) & (y[x32 < -87.0] < 2e-38))
+    assert np.all(np.isfinite(y)) and np.all(y[x32 > 88.0] > 1e38)
+    scores = np.linspace(-20.0, 3.5, 1001).astype(np.float32)  # softmax use: exp(scores - max) and its sum
+    p = scores.copy()
+    total = cpu_model._exp_shifted(p, p.size, np.float32(3.5), np.empty(p.size, np.int32))
+    want = np.exp((scores - np.float32(3.5)).astype(np.float64))
+    np.testing.assert_allclose(p, want, rtol=2e-7)
+    assert total == pytest.approx(float(want.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 7, 1100])
+def test_swiglu_activation_matches_silu_times_up(m):
+    """_activate's silu(gate) * up (vectorized exp, blocks of 512 per thread) against torch, to fp32 rounding."""
+    rng = np.random.default_rng(m)
+    gate = (rng.standard_normal((m, 300)) * 20).astype(np.float32)
+    up = rng.standard_normal((m, 300)).astype(np.float32)
+    want = torch.nn.functional.silu(torch.from_numpy(gate).double()) * torch.from_numpy(up).double()
+    cpu_model._activate(gate, up, True, 2)
+    torch.testing.assert_close(torch.from_numpy(up).double(), want, rtol=1e-6, atol=1e-30)
