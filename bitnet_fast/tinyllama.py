@@ -234,13 +234,14 @@ def _cache_key(quick: bool, sizes: dict) -> dict:
     """What the measurements depend on: machine, versions, tuning, and whether llama.cpp's peer can be run."""
     import importlib.util
 
-    from . import __version__, decode, kernels, nn, peers
-    from .kernels import cpu, cpu_dot, cpu_model, tuning
+    from . import __version__, decode, nn, peers
+    from .kernels import numba_cache, tuning
 
     m = machine_info()
     exe = peers.find_llama_bench()
-    engines = (decode, nn, kernels, cpu, cpu_dot, cpu_model, peers)  # what the variants run
-    code = hashlib.sha256(b"".join(Path(mod.__file__).read_bytes() for mod in engines))
+    # what the variants run: every kernel source (the hash that keys the Numba cache) and the Python engines
+    code = hashlib.sha256(numba_cache.sources_hash().encode()
+                          + b"".join(Path(mod.__file__).read_bytes() for mod in (decode, nn, peers)))
     return {"quick": quick, **sizes, "cpu": m["cpu"], "isa": m["isa"], "threads": m["torch_threads"],
             "torch": torch.__version__, "bitnet_fast": __version__, "tuning": tuning.load(),
             "llama_bench": str(exe) if exe else None, "gguf": importlib.util.find_spec("gguf") is not None,

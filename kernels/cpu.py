@@ -417,7 +417,7 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     p = _params or params()
     if _int_mm_engine(m, p):
         xq, s = quantize_activations(torch.from_numpy(x2d))
-        return matmul(xq, s, pw, bias, out_dtype).reshape(*x.shape[:-1], n)
+        return matmul(xq, s, pw, bias, out_dtype).reshape(*xf.shape[:-1], n)
     threads = _threads(p, m * n * k)
     set_threads(threads)
     wp, gamma = _i2(pw)

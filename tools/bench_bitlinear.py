@@ -182,12 +182,26 @@ def print_table(title: str, results: dict, base: str) -> None:
             print(f"| {name} | {v:.3f} | {ref / v:.2f}x |" if isinstance(ref, float) else f"| {name} | {v:.3f} | |")
 
 
+def _train_shapes(text: str) -> list[tuple[int, int, int]] | str:
+    """--train-shapes: 'small', or MxKxN,... of positive integers (an argparse error names a malformed one)."""
+    if text == "small":
+        return text
+    try:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give MxKxN,... of positive integers (e.g. 4096x256x688) "
+                                         "or 'small'")
+    return shapes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30, help="timed rounds per case (median reported)")
     ap.add_argument("--only", choices=["infer", "train"], default=None)
-    ap.add_argument("--train-shapes", default="2048x1024x1024,512x4096x4096",
+    ap.add_argument("--train-shapes", default="2048x1024x1024,512x4096x4096", type=_train_shapes,
                     help="MxKxN,... for the training step, or 'small' (the small preset's layers; default %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -201,10 +215,9 @@ def main() -> None:
         res = run_side_by_side(makers, rounds=args.rounds * 10, warmup=5, cold=True)
         print_table("Inference forward, M=1, 4096 -> 4096, cold (L3 flushed before each call)", res, "fp32 nn.Linear")
     if args.only in (None, "train"):
-        spec = SMALL_PRESET_SHAPES if args.train_shapes == "small" else args.train_shapes
+        spec = _train_shapes(SMALL_PRESET_SHAPES) if args.train_shapes == "small" else args.train_shapes
         block: dict = {}
-        for i, shape in enumerate(spec.split(",")):
-            m, k, n = (int(v) for v in shape.split("x"))
+        for i, (m, k, n) in enumerate(spec):
             res = run_side_by_side(train_makers(m, k, n), rounds=args.rounds, warmup=3)
             print_table(f"Training step (fwd + bwd + SGD), M={m}, {k} -> {n}", res, "fp32 nn.Linear")
             if args.train_shapes == "small":
