@@ -21,8 +21,11 @@ STEPS, BATCH, SEQ, LR = 400, 8, 128, 1e-3
 MAX_LINES, VOCAB = 6000, 2048
 
 
-def _train_both(seed: int = SEED, out: str = ".", models: tuple[str, ...] = ("bitnet", "fp")) -> dict:
-    """{"bitnet": report, "fp": report} from two seeded runs, or {"skip": reason} when this commit/machine can't."""
+def _train_both(
+    seed: int = SEED, out: str = ".", models: tuple[str, ...] = ("bitnet", "fp"), grad_input: str | None = None
+) -> dict:
+    """{"bitnet": report, "fp": report} from two seeded runs, or {"skip": reason} when this commit/machine can't.
+    `grad_input` (tools/quality_spread.py) sets BitLinear's input-gradient mode; None keeps the default."""
     try:
         tr = need("bitnet_fast.train", "train", "TrainConfig")
         data_dir = wikitext_dir()
@@ -33,7 +36,7 @@ def _train_both(seed: int = SEED, out: str = ".", models: tuple[str, ...] = ("bi
         cfg = tr.TrainConfig(
             preset=PRESET, linear=linear, out=f"{out}/run-{linear}", max_steps=STEPS, batch_size=BATCH, seq_len=SEQ,
             lr=LR, seed=seed, overwrite=True, data_dir=str(data_dir), max_lines=MAX_LINES, vocab_size=VOCAB,
-            progress=False,
+            progress=False, **({} if grad_input is None else {"grad_input": grad_input}),
         )
         reports[linear] = tr.train(cfg)
         if "final_valid_ppl" not in reports[linear]:

@@ -8,6 +8,10 @@ to skip the custom-op dispatch. Both match the DESIGN.md detach form `kernels.re
 
     forward   y  = (xq @ Wt^T) * gamma / s + b          (exact int32 product, float epilogue)
     backward  dx = dy @ (Wt * gamma)      dW = dy^T @ (xq / s)      db = sum(dy)
+
+With a transposed packed weight (BitLinear `grad_input="int8"`) dx is instead `kernels.bitlinear(dy, Wt^T)`: dy
+quantized per row to int8 like an activation, times Wt exactly (`kernels.reference.grad_input_int8`; SwitchBack,
+Wortsman et al. 2023, uses int8 for this product too). dW stays fp32, as the latent weights need it.
 """
 
 # No `from __future__ import annotations`: custom_op reads the real annotations to infer the schemas.
@@ -17,7 +21,7 @@ import torch
 from bitnet_fast import kernels
 from bitnet_fast.kernels import PackedWeight, get_format
 
-__all__ = ["BitLinearFunction", "bitlinear_inference", "bitlinear_train", "pack_weight"]
+__all__ = ["BitLinearFunction", "bitlinear_inference", "bitlinear_train", "pack_weight", "transpose_packed"]
 
 Tensor = torch.Tensor
 
@@ -38,6 +42,17 @@ def _pack_weight(w: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
 def _(w, fmt):
     f = get_format(fmt)
     return w.new_empty(f.data_shape(*w.shape), dtype=f.dtype), w.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("bitnet_fast::transpose_packed", mutates_args=())
+def _transpose_packed(data: Tensor, gamma: Tensor, out_features: int, in_features: int, fmt: str) -> Tensor:
+    """Packed (N, K) data -> the packed data of the (K, N) transpose (same gamma)."""
+    return kernels.transpose_packed(_pw(data, gamma, out_features, in_features, fmt)).data
+
+
+@_transpose_packed.register_fake
+def _(data, gamma, out_features, in_features, fmt):
+    return data.new_empty(get_format(fmt).data_shape(in_features, out_features))
 
 
 @torch.library.custom_op("bitnet_fast::quantize_activations", mutates_args=())
@@ -96,18 +111,21 @@ def _ste_linear(
     out_features: int,
     in_features: int,
     fmt: str,
+    data_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (M, K) float -> (y (M, N) x.dtype, xq, s). `weight` (the latent weight) only carries
-    the gradient; the product uses its packed form (data, gamma), which the caller keeps in sync."""
-    return _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt)
+    the gradient; the product uses its packed form (data, gamma), which the caller keeps in sync. `data_t`, the
+    packed transpose, selects the int8 input gradient (None: exact)."""
+    return _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt, data_t)
 
 
-def _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt) -> tuple[Tensor, Tensor, Tensor]:
+def _ste_forward(x, weight, data, gamma, bias, out_features, in_features, fmt, data_t=None):
+    """(y, xq, s); data_t only reaches the backward (through setup_context)."""
     return kernels.bitlinear_train(x, _pw(data, gamma, out_features, in_features, fmt), bias, x.dtype)
 
 
 @_ste_linear.register_fake
-def _(x, weight, data, gamma, bias, out_features, in_features, fmt):
+def _(x, weight, data, gamma, bias, out_features, in_features, fmt, data_t=None):
     m = x.shape[0]
     y = x.new_empty((m, out_features))
     return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
@@ -115,27 +133,35 @@ def _(x, weight, data, gamma, bias, out_features, in_features, fmt):
 
 # ------------------------------------------------------------------------------------------------- autograd
 class BitLinearFunction(torch.autograd.Function):
-    """STE linear over the fused kernels: (x (M, K), latent weight (N, K), packed data, gamma, bias, N, K, fmt)
-    -> (y (M, N), xq, s). Eager training calls it directly (cheaper than custom-op dispatch); its setup_context
-    and backward are also the autograd of `bitnet_fast::ste_linear`, which torch.compile traces."""
+    """STE linear over the fused kernels: (x (M, K), latent weight (N, K), packed data, gamma, bias, N, K, fmt,
+    packed transpose or None) -> (y (M, N), xq, s). Eager training calls it directly (cheaper than custom-op
+    dispatch); its setup_context and backward are also the autograd of `bitnet_fast::ste_linear`, which
+    torch.compile traces."""
 
     forward = staticmethod(_ste_forward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, data, gamma, bias, out_features, in_features, fmt = inputs
-        ctx.save_for_backward(data, gamma, output[1], output[2])  # packed weight, xq, s
+        x, weight, data, gamma, bias, out_features, in_features, fmt, *data_t = inputs  # data_t: optional
+        ctx.save_for_backward(data, gamma, output[1], output[2], *data_t)  # packed weight, xq, s[, transpose]
+        ctx.n_inputs = len(inputs)
         ctx.meta = (out_features, in_features, fmt, x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
     @staticmethod
     def backward(ctx, grad_y, *_unused):
-        data, gamma, xq, s = ctx.saved_tensors
+        data, gamma, xq, s, *data_t = ctx.saved_tensors
+        data_t = data_t[0] if data_t else None
         out_features, in_features, fmt, x_dtype, w_dtype, b_dtype = ctx.meta
         grad_y = grad_y.contiguous()
         traced = torch.compiler.is_compiling()  # AOTAutograd traces this: use the ops (they have fake kernels)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            if traced:
+            if data_t is not None:  # int8: dy quantized per row, times the packed transpose (K, N)
+                if traced:
+                    gx = torch.ops.bitnet_fast.bitlinear(grad_y, data_t, gamma, None, in_features, out_features, fmt)
+                else:
+                    gx = kernels.bitlinear(grad_y, _pw(data_t, gamma, in_features, out_features, fmt))
+            elif traced:
                 gx = torch.ops.bitnet_fast.grad_input(grad_y, data, gamma, out_features, in_features, fmt)
             else:
                 gx = kernels.grad_input(grad_y, _pw(data, gamma, out_features, in_features, fmt))
@@ -144,7 +170,7 @@ class BitLinearFunction(torch.autograd.Function):
             gw = (torch.ops.bitnet_fast.grad_weight if traced else kernels.grad_weight)(grad_y, xq, s).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[4]:
             gb = grad_y.float().sum(0).to(b_dtype)
-        return gx, gw, None, None, gb, None, None, None
+        return (gx, gw, None, None, gb) + (None,) * (ctx.n_inputs - 5)
 
 
 torch.library.register_autograd(
@@ -169,10 +195,20 @@ def pack_weight(w: Tensor, fmt: str) -> PackedWeight:
     return _pw(data, gamma, w.shape[0], w.shape[1], fmt)
 
 
-def bitlinear_train(x: Tensor, weight: Tensor, pw: PackedWeight, bias: Tensor | None = None) -> Tensor:
-    """STE BitLinear for training: (..., K) float -> (..., N). `pw` must be the packed form of `weight`."""
+def transpose_packed(pw: PackedWeight) -> PackedWeight:
+    """kernels.transpose_packed via the custom op (traceable by torch.compile)."""
+    data = torch.ops.bitnet_fast.transpose_packed(pw.data, pw.gamma, pw.out_features, pw.in_features, pw.format)
+    return _pw(data, pw.gamma, pw.in_features, pw.out_features, pw.format)
+
+
+def bitlinear_train(
+    x: Tensor, weight: Tensor, pw: PackedWeight, bias: Tensor | None = None, pw_t: PackedWeight | None = None
+) -> Tensor:
+    """STE BitLinear for training: (..., K) float -> (..., N). `pw` must be the packed form of `weight`; with
+    `pw_t`, its packed transpose, the input gradient is the int8 one (see the module docstring)."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    args = (x2, weight, pw.data, pw.gamma, bias, pw.out_features, pw.in_features, pw.format)
+    data_t = None if pw_t is None else pw_t.data
+    args = (x2, weight, pw.data, pw.gamma, bias, pw.out_features, pw.in_features, pw.format, data_t)
     if torch.compiler.is_compiling():
         y = torch.ops.bitnet_fast.ste_linear(*args)[0]
     else:

@@ -14,6 +14,7 @@ from typing import Any
 from .data import TOKENIZERS
 from .distributed import COMPRESSIONS
 from .model import LINEARS, PRESETS
+from .nn import GRAD_INPUTS
 from .recipe import RECIPES, SCHEDULES
 
 DEVICES = ("cpu", "cuda")
@@ -76,6 +77,9 @@ class TrainConfig:
     log_every: int = option(10, "Optimizer steps between step events in OUT/metrics.jsonl.", min=1)
     resume: bool = option(False, "Continue the run in --out from its newest valid checkpoint, with its settings.")
     overwrite: bool = option(False, "Start a new run in --out, deleting the checkpoints of the run there.")
+    grad_input: str = option("exact", "BitLinear's input gradient: exact (fp32 dY @ W), or int8 (dY quantized per row, "
+                             "times the ternary W on the int8 kernels; faster, see docs/training.md).",
+                             choices=GRAD_INPUTS)
     distributed: bool = option(False, "Use torch.distributed (DDP) when launched by torchrun.")
     grad_compression: str = option("none", "All-reduce gradients as int8 with error feedback (--distributed).",
                                    choices=COMPRESSIONS)

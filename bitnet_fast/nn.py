@@ -18,13 +18,23 @@ import torch
 from torch import nn
 
 from bitnet_fast import kernels
-from bitnet_fast.autograd import bitlinear_inference, bitlinear_train, pack_weight
+from bitnet_fast.autograd import bitlinear_inference, bitlinear_train, pack_weight, transpose_packed
 from bitnet_fast.kernels import PackedWeight
 
-__all__ = ["BitLinear", "convert", "materialize", "meta_parameters", "pack_model", "unpack_model"]
+__all__ = ["GRAD_INPUTS", "BitLinear", "convert", "materialize", "meta_parameters", "pack_model", "set_grad_input",
+           "unpack_model"]
 
 _STATE_KEYS = ("data", "gamma", "header")  # PackedWeight.state(), stored as {prefix}packed.{key}
 _FORMATS: dict[str, str] = {}  # device type -> compute format (BitLinear._format)
+# The STE input gradient: "exact" = dY @ (Wt * gamma) in fp32; "int8" = dY quantized per row to int8 times Wt
+# exactly (kernels.reference.grad_input_int8): the backward's second int8 GEMM instead of an fp32 one.
+GRAD_INPUTS = ("exact", "int8")
+
+
+def _check_grad_input(mode: str) -> str:
+    if mode not in GRAD_INPUTS:
+        raise ValueError(f"grad_input={mode!r}; use one of {GRAD_INPUTS}")
+    return mode
 
 
 def _to_compute(pw: PackedWeight, device: torch.device) -> PackedWeight:
@@ -37,7 +47,8 @@ class BitLinear(nn.Module):
     """y = act_quant(x) @ ternary(W)^T * scales + b, trained with the straight-through estimator.
 
     Same constructor as nn.Linear, plus `subln`: an RMSNorm on the input before activation quantization
-    (the BitNet b1.58 recipe). `.pack()` turns it into an inference-only layer that holds ~2 bits/weight.
+    (the BitNet b1.58 recipe), and `grad_input` (GRAD_INPUTS): how training computes the gradient to the input.
+    `.pack()` turns it into an inference-only layer that holds ~2 bits/weight.
     """
 
     def __init__(
@@ -48,8 +59,10 @@ class BitLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         subln: bool = False,
+        grad_input: str = "exact",
     ) -> None:
         super().__init__()
+        self.grad_input = _check_grad_input(grad_input)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -59,7 +72,8 @@ class BitLinear(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
         self.norm = nn.RMSNorm(in_features, eps=1e-6, **factory) if subln else None
         self._packed: PackedWeight | None = None  # set in packed mode
-        self._cache: tuple[tuple, PackedWeight] | None = None  # latent mode: (weight key, packed weight)
+        # latent mode: (weight key, packed weight, its packed transpose for grad_input="int8" or None)
+        self._cache: tuple[tuple, PackedWeight, PackedWeight | None] | None = None
         self._latent_dtype = self.weight.dtype
         self.reset_parameters()
 
@@ -73,7 +87,9 @@ class BitLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, subln: bool = False, pack: bool = False) -> BitLinear:
+    def from_linear(
+        cls, linear: nn.Linear, subln: bool = False, pack: bool = False, grad_input: str = "exact"
+    ) -> BitLinear:
         """A BitLinear sharing `linear`'s weight and bias Parameters (same device, dtype, requires_grad).
 
         With `pack=True` it is packed right away; a Linear on the meta device (a model built without memory) is
@@ -82,7 +98,8 @@ class BitLinear(nn.Module):
         w = linear.weight
         if pack and w.is_meta:
             return _packed_init(linear, subln)
-        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", dtype=w.dtype)
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", dtype=w.dtype,
+                  grad_input=grad_input)
         new.weight, new.bias, new._latent_dtype = w, linear.bias, w.dtype
         if subln:
             new.norm = nn.RMSNorm(linear.in_features, eps=1e-6, device=w.device, dtype=w.dtype)
@@ -102,8 +119,15 @@ class BitLinear(nn.Module):
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable by a later training step
-                self._cache = (key, kernels.pack(w.detach(), kernels.compute_format(w.device)))
+                self._cache = (key, kernels.pack(w.detach(), kernels.compute_format(w.device)), None)
         return self._cache[1]
+
+    def _packed_transpose(self) -> PackedWeight:
+        """The cached packed weight's transpose (grad_input="int8"), made once per weight version."""
+        pw = self.packed_weight
+        if self._cache[2] is None:
+            self._cache = (*self._cache[:2], kernels.transpose_packed(pw))
+        return self._cache[2]
 
     def pack(self) -> BitLinear:
         """Switch to inference-only packed mode: keep the PackedWeight, free the latent weight."""
@@ -141,12 +165,15 @@ class BitLinear(nn.Module):
             x = self.norm(x)
         if self._packed is not None:
             return bitlinear_inference(x, self._packed, self.bias)
+        int8_grad = self.grad_input == "int8" and torch.is_grad_enabled()
         if torch.compiler.is_compiling():  # traced graphs re-pack each call (the version cache is Python state)
             pw = pack_weight(self.weight, self._format())
+            pw_t = transpose_packed(pw) if int8_grad else None
         else:
             pw = self.packed_weight
+            pw_t = self._packed_transpose() if int8_grad else None
         if torch.is_grad_enabled():
-            return bitlinear_train(x, self.weight, pw, self.bias)
+            return bitlinear_train(x, self.weight, pw, self.bias, pw_t)
         return bitlinear_inference(x, pw, self.bias)
 
     def extra_repr(self) -> str:
@@ -154,6 +181,7 @@ class BitLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"subln={self.norm is not None}, mode={mode}"
+            + (f", grad_input={self.grad_input}" if self.grad_input != "exact" else "")
         )
 
     # ---------------------------------------------------------------------------- device moves and state
@@ -247,7 +275,12 @@ def _convertible(child: nn.Module, parent: nn.Module | None = None) -> bool:
 
 
 def convert(
-    model: nn.Module, *, skip: Iterable[str] = ("lm_head",), pack: bool = False, subln: bool = False
+    model: nn.Module,
+    *,
+    skip: Iterable[str] = ("lm_head",),
+    pack: bool = False,
+    subln: bool = False,
+    grad_input: str = "exact",
 ) -> nn.Module:
     """Swap every nn.Linear in `model` for a BitLinear, in place, and return the model.
 
@@ -255,20 +288,22 @@ def convert(
     `skip` holds fnmatch patterns matched against qualified names and their last component ("lm_head",
     "model.layers.0.*"). `pack=True` packs each layer as it is converted (inference); on a model built on the
     meta device (`with torch.device("meta"): ...`) each layer is then initialised on the CPU and packed one at a
-    time, never holding the fp32 model. `subln=True` adds an RMSNorm to each layer.
+    time, never holding the fp32 model. `subln=True` adds an RMSNorm to each layer; `grad_input` is each
+    layer's input-gradient mode for training (GRAD_INPUTS).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         raise TypeError(f"skip must be a collection of name patterns, not a single string; use skip=({skip!r},)")
     skip = tuple(skip)
+    _check_grad_input(grad_input)
     if _convertible(model):
-        return BitLinear.from_linear(model, subln=subln, pack=pack)
+        return BitLinear.from_linear(model, subln=subln, pack=pack, grad_input=grad_input)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if _convertible(child, parent) and not _skipped(full, skip):
-                setattr(parent, name, BitLinear.from_linear(child, subln=subln, pack=pack))
+                setattr(parent, name, BitLinear.from_linear(child, subln=subln, pack=pack, grad_input=grad_input))
     return pack_model(model) if pack else model
 
 
@@ -279,6 +314,15 @@ def pack_model(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, BitLinear):
             m.pack()
+    return model
+
+
+def set_grad_input(model: nn.Module, mode: str) -> nn.Module:
+    """Set every BitLinear's input-gradient mode (GRAD_INPUTS) for training; returns the model."""
+    _check_grad_input(mode)
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.grad_input = mode
     return model
 
 

@@ -38,6 +38,7 @@ from .distributed import (
 )
 from .download import find_or_fetch
 from .model import LINEARS, build_model, count_parameters, preset_config
+from .nn import set_grad_input
 from .plumbing import UserError, folder_lock, git_commit, machine_info, peak_rss_bytes, write_json
 from .recipe import lr_factor, param_groups, weight_decay_factor, with_recipe
 from .resume import open_run
@@ -125,7 +126,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
     mcfg = preset_config(cfg.preset, vocab_size=corpus.vocab_size, linear=cfg.linear, **cfg.model_overrides)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds preset {cfg.preset}'s max_seq_len {mcfg.max_seq_len}")
-    model = build_model(mcfg, cfg.device)
+    model = set_grad_input(build_model(mcfg, cfg.device), cfg.grad_input)
     batches = Batches(corpus.splits["train"].tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     steps_per_epoch = len(batches) // cfg.grad_accum
     if steps_per_epoch == 0:

@@ -41,6 +41,7 @@ __all__ = [
     "reference",
     "register_format",
     "repack",
+    "transpose_packed",
     "unpack",
 ]
 
@@ -247,6 +248,17 @@ def repack(pw: PackedWeight, fmt: str, device: torch.device | str | None = None)
         return _cpu_pack().transcode(pw, fmt)  # i2 <-> tq1 directly, ~2x faster than unpack + pack
     wt, gamma = unpack(pw)
     return pack_ternary(wt.to(device), gamma.to(device), fmt)
+
+
+def transpose_packed(pw: PackedWeight) -> PackedWeight:
+    """The packed (K, N) transpose of a packed (N, K) weight, same gamma and format: bitlinear(dY, it) is the
+    STE's input gradient dY @ Wt with dY quantized to int8 (BitLinear's `grad_input="int8"`)."""
+    if not isinstance(pw, PackedWeight):
+        raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
+    if pw.device.type == "cpu" and pw.format == "i2" and backend_for(pw.device) == "numba":
+        return _cpu_pack().transpose(pw)  # one pass over the packed bytes
+    wt, gamma = unpack(pw)
+    return pack_ternary(wt.t().contiguous(), gamma, pw.format)
 
 
 def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

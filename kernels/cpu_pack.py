@@ -27,7 +27,7 @@ from .tuning import SERIAL_WORK
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
-__all__ = ["pack", "quantize_and_pack", "quantize_weight", "transcode", "unpack"]
+__all__ = ["pack", "quantize_and_pack", "quantize_weight", "transcode", "transpose", "unpack"]
 
 _EPS32 = np.float32(reference.EPS)
 _BLOCK = reference.I2_BLOCK  # 128 weights -> 32 bytes
@@ -235,6 +235,30 @@ def _transcode_rows(data, k, i2_in):
     return out, top
 
 
+@njit(parallel=True, cache=True)
+def _transpose_i2(data, n, k):
+    """(N, Kp / 4) i2 data of an (N, K) matrix -> (K, Np / 4) i2 data of its transpose, in one pass: each input
+    byte's four codes go to four output rows. Threads own 128-column blocks of the output (disjoint bytes);
+    pad columns (n >= N) get code 1 (weight 0), as the packer writes them."""
+    nbytes_out = -(-n // _BLOCK) * (_BLOCK // 4)
+    out = np.zeros((k, nbytes_out), np.uint8)
+    for nb in prange(nbytes_out // 32):
+        for i in range(nb * _BLOCK, min(n, (nb + 1) * _BLOCK)):
+            ob, shift = nb * 32 + i % 32, 2 * ((i % _BLOCK) // 32)  # output byte and bits of column i
+            for col in range(data.shape[1]):
+                byte = data[i, col]
+                kbase = col // 32 * _BLOCK + col % 32
+                for q in range(4):
+                    kk = kbase + 32 * q
+                    if kk < k:
+                        out[kk, ob] |= ((byte >> (2 * q)) & 3) << shift
+        for i in range(max(n, nb * _BLOCK), (nb + 1) * _BLOCK):
+            ob, shift = nb * 32 + i % 32, 2 * ((i % _BLOCK) // 32)
+            for kk in range(k):
+                out[kk, ob] |= 1 << shift
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- wrappers
 _applied = threading.local()  # numba's thread count is per Python thread; remember what this module set
 
@@ -367,3 +391,14 @@ def transcode(pw: PackedWeight, fmt: str) -> PackedWeight:
     if top.max() > 2:
         raise ValueError(f"pw {_NOT_TERNARY}: its i2 data has code 3, so the buffer is corrupt")
     return PackedWeight(torch.from_numpy(out), pw.gamma.clone(), pw.shape, fmt)
+
+
+def transpose(pw: PackedWeight) -> PackedWeight:
+    """The packed (K, N) transpose of an i2 (N, K) weight, same gamma: the weight of the STE's int8 input
+    gradient (dX = dY @ Wt is a BitLinear of dY by Wt^T). Bit-exact with pack(unpack(pw).T, gamma)."""
+    data = _cpu_data(pw)
+    if pw.format != "i2":
+        raise ValueError(f"transpose takes an i2 weight, got {pw.format!r}; use kernels.repack(pw, 'i2')")
+    n, k = pw.shape
+    _set_threads(n * k)
+    return PackedWeight(torch.from_numpy(_transpose_i2(data, n, k)), pw.gamma.clone(), (k, n), "i2")

@@ -132,6 +132,13 @@ def grad_input(grad_y: torch.Tensor, wt: torch.Tensor, gamma: torch.Tensor) -> t
     return grad_y.float() @ (wt.float() * gamma)
 
 
+def grad_input_int8(grad_y: torch.Tensor, wt: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The int8 STE input gradient (BitLinear `grad_input="int8"`, SwitchBack-style): grad_y rows quantized like
+    activations (absmax int8), times the ternary weight exactly in int32, then acc * gamma / s: (M, N) -> (M, K)."""
+    gq, s = act_quant(grad_y.float())
+    return matmul(gq, s, wt.t(), gamma)
+
+
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """STE backward to the latent weight: (M, N)^T x dequantized activations (M, K) -> (N, K) fp32."""
     return grad_y.float().T @ (xq.float() / s[:, None])

@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitnet_fast import kernels
-from bitnet_fast.autograd import BitLinearFunction, bitlinear_inference, bitlinear_train, pack_weight
+from bitnet_fast.autograd import (
+    BitLinearFunction,
+    bitlinear_inference,
+    bitlinear_train,
+    pack_weight,
+    transpose_packed,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +75,39 @@ def test_function_and_op_match_reference(bias, path):
     y_ref, grads_ref = _reference_grads(x, w, b, gy)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-4)
+
+
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    n=st.integers(1, 140),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    path=st.sampled_from(["function", "op"]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_grad_input_matches_its_reference(m, k, n, bias, dtype, path, seed):
+    """With the packed transpose, dx is reference.grad_input_int8 exactly (both paths); y, dW and db are the exact
+    STE's; and dx is within the int8 rounding of dy (per row) of the exact dx."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).requires_grad_()
+    b = torch.randn(n, generator=g).to(dtype).requires_grad_() if bias else None
+    pw = pack_weight(w, _fmt())
+    fn = BitLinearFunction.apply if path == "function" else torch.ops.bitnet_fast.ste_linear
+    y = fn(x, w, pw.data, pw.gamma, b, n, k, pw.format, transpose_packed(pw).data)[0]
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy)
+    y_ref, grads_ref = _reference_grads(x, w, b, gy)
+    wt, gamma = reference.weight_quant(w.detach())
+    assert torch.equal(grads[0], reference.grad_input_int8(gy, wt, gamma).to(dtype))
+    torch.testing.assert_close(y, y_ref, **_tols(dtype))
+    for got, want in zip(grads[1:], grads_ref[1:], strict=True):
+        torch.testing.assert_close(got, want, **_tols(dtype))
+    if dtype == torch.float32:  # |dx - exact| <= gamma * sum_n |Wt[n, k]| * (half an int8 step of dy's row)
+        half_step = gy.abs().amax(1, keepdim=True) * (0.5 / 127)  # (M, 1)
+        bound = gamma * half_step * wt.abs().float().sum(0) * 1.001 + 1e-6  # (M, K)
+        assert ((grads[0] - grads_ref[0]).abs() <= bound).all()
 
 
 def test_strided_and_empty_inputs():
@@ -137,6 +176,8 @@ def test_opcheck_custom_ops():
         (ops.grad_input, (gy, pw.data, pw.gamma, 6, 40, fmt)),
         (ops.grad_weight, (gy, xq, s)),
         (ops.ste_linear, (x.requires_grad_(), w.requires_grad_(), pw.data, pw.gamma, b, 6, 40, fmt)),
+        (ops.ste_linear, (x, w, pw.data, pw.gamma, b, 6, 40, fmt, transpose_packed(pw).data)),
+        (ops.transpose_packed, (pw.data, pw.gamma, 6, 40, fmt)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -49,7 +49,7 @@ def test_train_options_come_from_train_config():
                      "--ckpt-every", "--keep-last", "--resume", "--overwrite", "--seed", "--device", "--distributed",
                      "--no-progress", "--data", "--offline", "--log-every", "--grad-compression", "--sync-every",
                      "--lr-bitnet", "--lr-fp", "--schedule-bitnet", "--schedule-fp", "--warmup-frac",
-                     "--batch-from"}
+                     "--batch-from", "--grad-input"}
     with cmd.make_context("train", []) as ctx:  # no flags: every default is TrainConfig's
         params = dict(ctx.params)
     assert params.pop("which") == "both" and params.pop("out") is None and params.pop("batch_from") is None

@@ -10,7 +10,7 @@ from torch import nn
 
 import bitnet_fast
 from bitnet_fast import kernels
-from bitnet_fast.nn import BitLinear, convert, pack_model, unpack_model
+from bitnet_fast.nn import GRAD_INPUTS, BitLinear, convert, pack_model, set_grad_input, unpack_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,9 +246,49 @@ def test_tiny_llama_trains_generates_and_packs():
 
 
 # ------------------------------------------------------------------------------------------------ compile
-def test_compile_training_matches_eager_without_graph_breaks():
+def test_int8_grad_input_module(monkeypatch):
+    """grad_input="int8": dx is reference.grad_input_int8 of the current weight (the transpose is re-made when the
+    weight changes, once per version), dW and y are the exact mode's; bad modes name the argument."""
+    torch.manual_seed(3)
+    exact, fast = BitLinear(70, 20), BitLinear(70, 20, grad_input="int8")
+    fast.load_state_dict(exact.state_dict())
+    assert "grad_input=int8" in repr(fast) and "grad_input" not in repr(exact)
+    calls = []
+    real = kernels.transpose_packed
+    monkeypatch.setattr(kernels, "transpose_packed", lambda pw: calls.append(1) or real(pw))
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
+    for step in range(2):
+        x = torch.randn(2, 5, 70, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        gy = torch.randn(2, 5, 20)
+        fast(x).backward(gy)
+        exact(x2).backward(gy)
+        wt, gamma = reference.weight_quant(fast.weight.detach())
+        assert torch.equal(x.grad, reference.grad_input_int8(gy.reshape(10, 20), wt, gamma).reshape(2, 5, 70))
+        torch.testing.assert_close(fast.weight.grad, exact.weight.grad)
+        assert len(calls) == step + 1
+        fast(x.detach()).sum().backward()  # same weight version: no new transpose; no grad to x: none used
+        assert len(calls) == step + 1
+        opt.step()
+        with torch.no_grad():
+            exact.weight.copy_(fast.weight)
+        opt.zero_grad()
+        exact.zero_grad()
+    with torch.no_grad():
+        fast(torch.randn(3, 70))  # inference: no transpose
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="grad_input='fp8'"):
+        BitLinear(4, 4, grad_input="fp8")
+    with pytest.raises(ValueError, match="grad_input"):
+        convert(_mlp(), grad_input="bf16")
+    model = set_grad_input(convert(_mlp(), skip=()), "int8")
+    assert {m.grad_input for m in model.modules() if isinstance(m, BitLinear)} == {"int8"}
+
+
+@pytest.mark.parametrize("grad_input", GRAD_INPUTS)
+def test_compile_training_matches_eager_without_graph_breaks(grad_input):
     torch.manual_seed(0)
-    model = convert(_mlp(), skip=())
+    model = convert(_mlp(), skip=(), grad_input=grad_input)
     x = torch.randn(6, 24)
     explain = torch._dynamo.explain(model)(x)
     assert explain.graph_break_count == 0, explain.break_reasons

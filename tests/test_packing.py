@@ -244,6 +244,47 @@ def test_transcode_matches_unpack_then_pack(n, k, seed, src):
     assert cpu_pack.transcode(pw, src) is pw
 
 
+def _i2_with_junk_padding(n: int, k: int, seed: int) -> PackedWeight:
+    """A random (N, K) i2 weight whose padding holds any code 0..3 (only valid codes in the real weights)."""
+    rng = np.random.default_rng(seed)
+    full = torch.from_numpy(rng.integers(-1, 3, (n, reference.padded_k(k)), np.int8))
+    data = reference.pack_i2(torch.cat([full[:, :k].clamp(max=1), full[:, k:]], dim=1))
+    return PackedWeight(data, torch.tensor(0.25), (n, k), "i2")
+
+
+@given(
+    n=st.one_of(st.integers(1, 300), st.sampled_from([127, 128, 129, 256, 257])),
+    k=st.one_of(st.integers(1, 300), st.sampled_from([126, 127, 128, 129, 255, 256])),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_transpose_packed_is_the_packed_transpose(n, k, seed):
+    """i2 (N, K) -> i2 (K, N) of Wt^T, same gamma, canonical padding (code 1) whatever the input's padding holds;
+    transposing twice gives the canonical input back."""
+    pw = _i2_with_junk_padding(n, k, seed)
+    out = K.transpose_packed(pw)
+    assert out.format == "i2" and out.shape == (k, n) and torch.equal(out.gamma, pw.gamma)
+    assert torch.equal(out.data, reference.pack_i2(reference.unpack_i2(pw.data, k).t().contiguous()))
+    assert torch.equal(K.transpose_packed(out).data, reference.pack_i2(reference.unpack_i2(pw.data, k)))
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (129, 5), (40, 300)])
+def test_transpose_packed_generic_path_agrees(n, k, monkeypatch):
+    """The unpack / transpose / pack fallback (other backends and formats) gives the Numba transposer's bytes."""
+    pw = _i2_with_junk_padding(n, k, seed=n * k)
+    fast = K.transpose_packed(pw)
+    monkeypatch.setattr(K, "backend_for", lambda device: "reference")
+    generic = K.transpose_packed(pw)
+    assert torch.equal(generic.data, fast.data) and generic.shape == fast.shape == (k, n)
+
+
+def test_transpose_packed_bad_inputs():
+    with pytest.raises(TypeError, match="PackedWeight"):
+        K.transpose_packed(torch.zeros(2, 32, dtype=torch.uint8))
+    tq1 = K.pack(torch.randn(3, 10), "tq1")
+    with pytest.raises(ValueError, match="i2"):
+        cpu_pack.transpose(tq1)
+
+
 def test_transcode_rejects_corrupt_i2():
     data = torch.full((2, 32), 0xFF, dtype=torch.uint8)  # code 3 everywhere
     with pytest.raises(ValueError, match="outside"):

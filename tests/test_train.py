@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import signal
 
 import pytest
@@ -138,6 +139,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(wikitext_dir, tmp_pat
     with pytest.raises(TrainingError, match=r"loss is nan at step 12 .*step-0000010\.pt"):
         train(_cfg(wikitext_dir, tmp_path, linear="fp", epochs=1, ckpt_every=5))
     assert load_checkpoint(tmp_path / "checkpoints" / "step-0000010.pt")["step"] == 10
+
+
+def test_int8_grad_input_trains_and_is_recorded(wikitext_dir, tmp_path):
+    """--grad-input int8 reaches every BitLinear (the run differs from the exact one after the first update) and is
+    stored in the report, so a resume continues with the same input gradient."""
+    exact = train(_cfg(wikitext_dir, tmp_path / "exact", epochs=1, max_steps=3))
+    int8 = train(_cfg(wikitext_dir, tmp_path / "int8", epochs=1, max_steps=3, grad_input="int8"))
+    assert int8["train_config"]["grad_input"] == "int8" and exact["train_config"]["grad_input"] == "exact"
+    assert int8["initial_valid_ppl"] == exact["initial_valid_ppl"]  # same model before any update
+    assert int8["final_valid_ppl"] != exact["final_valid_ppl"]
+    assert math.isfinite(int8["final_valid_ppl"]) and int8["final_valid_ppl"] < int8["initial_valid_ppl"]
 
 
 def test_grad_accumulation_matches_a_bigger_batch(wikitext_dir, tmp_path):

@@ -6,6 +6,7 @@ BitNet/fp valid-perplexity ratio of each: a healthy run must sit inside the seed
     python tools/quality_spread.py --seeds 1234 --break weight # no gradient reaches the latent weights
     python tools/quality_spread.py --seeds 1234 --break input  # no gradient flows back through BitLinear's input
     python tools/quality_spread.py --seeds 1234 --break weight --models bitnet   # the fp twin is unaffected by a break
+    python tools/quality_spread.py --seeds 1234 1 2 --models bitnet --grad-input int8   # the int8 input gradient
 
 The breaks patch the kernels that the autograd Function calls (in this process only).
 """
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[bench_quality.SEED])
     ap.add_argument("--break", dest="broken", choices=("weight", "input"), default=None)
     ap.add_argument("--models", nargs="+", choices=("bitnet", "fp"), default=["bitnet", "fp"])
+    ap.add_argument("--grad-input", choices=("exact", "int8"), default=None, help="BitLinear's input gradient")
     ap.add_argument("--steps", type=int, default=bench_quality.STEPS, help="try another budget than the bench's")
     ap.add_argument("--max-lines", type=int, default=bench_quality.MAX_LINES)
     ap.add_argument("--lr", type=float, default=bench_quality.LR, help="try another peak learning rate")
@@ -53,11 +55,12 @@ def main() -> None:
         break_ste(args.broken)
     print(f"preset {bench_quality.PRESET}, {bench_quality.STEPS} steps x ({bench_quality.BATCH}, {bench_quality.SEQ}), "
           f"first {bench_quality.MAX_LINES} lines,"
-          f" lr {bench_quality.LR}, STE {'broken: ' + args.broken if args.broken else 'intact'}")
+          f" lr {bench_quality.LR}, STE {'broken: ' + args.broken if args.broken else 'intact'}, grad_input "
+          f"{args.grad_input or 'default'}")
     for seed in args.seeds:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            r = bench_quality._train_both(seed, tmp, tuple(args.models))
+            r = bench_quality._train_both(seed, tmp, tuple(args.models), args.grad_input)
         if r["skip"]:
             sys.exit(r["skip"])
         ppl = {m: r[m]["final_valid_ppl"] for m in args.models}
