@@ -10,6 +10,7 @@ _LAZY = {
     "convert": "bitnet_fast.nn",
     "pack_model": "bitnet_fast.nn",
     "unpack_model": "bitnet_fast.nn",
+    "set_grad_input": "bitnet_fast.nn",
     "save_packed": "bitnet_fast.export",
     "load_packed": "bitnet_fast.export",
 }

@@ -7,6 +7,7 @@ Cases (all overheads in: module call, activation quant, weight re-pack, allocati
          packed `transformers.integrations.bitnet.BitLinear` (it unpacks the weight on every call)
   train  forward + backward + SGD step at (M=2048, 1024->1024) and (M=512, 4096->4096), vs fp32 nn.Linear,
          transformers' online-quant AutoBitLinear, a plain-torch detach-form STE layer and onebitllms;
+         BitLinear twice: the exact STE and `grad_input="int8"` (dY quantized to int8 for the input gradient);
          `--train-shapes small` times the `small` preset's layer shapes instead (M = 32 x 128 tokens; 256->256,
          256->688, 688->256) and a transformer block's mix of them (4 attention, 2 SwiGLU up, 1 down)
 Contenders run interleaved round by round and report the median, so load drift on a shared box hits all alike.
@@ -69,8 +70,8 @@ def _onebitllms(k: int, n: int) -> nn.Module:
     return layer
 
 
-def _bitnet_fast(k: int, n: int, packed: bool) -> nn.Module:
-    layer = BitLinear(k, n, bias=False)
+def _bitnet_fast(k: int, n: int, packed: bool, grad_input: str = "exact") -> nn.Module:
+    layer = BitLinear(k, n, bias=False, grad_input=grad_input)
     return layer.pack() if packed else layer
 
 
@@ -164,6 +165,7 @@ def train_makers(m: int, k: int, n: int) -> dict:
     return {
         "fp32 nn.Linear": step_of(lambda: nn.Linear(k, n, bias=False)),
         "bitnet_fast BitLinear": step_of(lambda: _bitnet_fast(k, n, packed=False)),
+        "bitnet_fast BitLinear (int8 grad_input)": step_of(lambda: _bitnet_fast(k, n, False, grad_input="int8")),
         "torch detach-STE (eager)": step_of(lambda: TorchSTE(k, n, bias=False)),
         "transformers AutoBitLinear (online)": step_of(lambda: _hf_online(k, n)),
         "onebitllms BitNetLinear": step_of(lambda: _onebitllms(k, n)),
