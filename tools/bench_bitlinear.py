@@ -10,6 +10,8 @@ Cases (all overheads in: module call, activation quant, weight re-pack, allocati
          BitLinear twice: the exact STE and `grad_input="int8"` (dY quantized to int8 for the input gradient);
          `--train-shapes small` times the `small` preset's layer shapes instead (M = 32 x 128 tokens; 256->256,
          256->688, 688->256) and a transformer block's mix of them (4 attention, 2 SwiGLU up, 1 down)
+  model  the whole `small` model's training step (batch 32 x 128, AdamW, grad clipping: what `bitnet-fast train`
+         runs), fp twin vs BitNet with the exact and the int8 input gradient (tied fp head, attention and all)
 Contenders run interleaved round by round and report the median, so load drift on a shared box hits all alike.
 Inference is reported in two cache regimes, because a 4 MB packed weight fits this machine's L3 and a 64 MB fp32
 one does not: "warm" times bursts of back-to-back calls (weights cache-resident, as for one layer in a loop) and
@@ -172,6 +174,37 @@ def train_makers(m: int, k: int, n: int) -> dict:
     }
 
 
+def model_makers(preset: str = "small", batch: int = 32, seq: int = 128) -> dict:
+    """The whole model's optimizer step, as train.py takes it, for the fp twin and BitNet (exact / int8 dx)."""
+    from bitnet_fast.model import build_model, preset_config
+    from bitnet_fast.nn import set_grad_input
+    from bitnet_fast.recipe import param_groups
+
+    tokens = torch.randint(0, preset_config(preset).vocab_size, (batch, seq + 1))
+
+    def step_of(linear: str, grad_input: str):
+        def make():
+            torch.manual_seed(0)
+            model = set_grad_input(build_model(preset_config(preset, linear=linear)), grad_input)
+            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.95))
+
+            def step():
+                model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            return step
+
+        return make
+
+    return {
+        "fp twin (nn.Linear)": step_of("fp", "exact"),
+        "BitNet, exact STE": step_of("bitnet", "exact"),
+        "BitNet, int8 grad_input": step_of("bitnet", "int8"),
+    }
+
+
 def print_table(title: str, results: dict, base: str) -> None:
     print(f"\n### {title}\n")
     print("| implementation | ms | vs fp32 |")
@@ -202,7 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30, help="timed rounds per case (median reported)")
-    ap.add_argument("--only", choices=["infer", "train"], default=None)
+    ap.add_argument("--only", choices=["infer", "train", "model"], default=None)
     ap.add_argument("--train-shapes", default="2048x1024x1024,512x4096x4096", type=_train_shapes,
                     help="MxKxN,... for the training step, or 'small' (the small preset's layers; default %(default)s)")
     args = ap.parse_args()
@@ -229,6 +262,9 @@ def main() -> None:
         if block:
             print_table("Training step, one `small` block's seven projections (sum of the above, 4:2:1)", block,
                         "fp32 nn.Linear")
+    if args.only in (None, "model"):
+        res = run_side_by_side(model_makers(), rounds=max(3, args.rounds // 3), warmup=1)
+        print_table("Whole `small` model training step (batch 32 x 128, AdamW, clipping)", res, "fp twin (nn.Linear)")
 
 
 if __name__ == "__main__":
