@@ -65,9 +65,10 @@ class Inference:
 
 
 class Train:
-    """One optimizer step (forward, backward, AdamW) on a fixed (8, 128) batch."""
+    """One optimizer step (forward, backward, AdamW) on a fixed (8, 128) batch; "bitnet-int8" is BitNet with the
+    int8 input gradient (`--grad-input int8`)."""
 
-    params = (PRESETS, LINEARS)
+    params = (PRESETS, [*LINEARS, "bitnet-int8"])
     param_names = ("preset", "linear")
     unit = "tokens/s"
     timeout = 300
@@ -76,7 +77,9 @@ class Train:
         import torch
 
         pin_threads()
-        self.model = _model(preset, linear, train=True)
+        self.model = _model(preset, linear.removesuffix("-int8"), train=True)
+        if linear == "bitnet-int8":
+            need("bitnet_fast.nn", "set_grad_input").set_grad_input(self.model, "int8")
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         seq = min(TRAIN_SEQ, self.model.config.max_seq_len)
         tokens = randint(self.model.config.vocab_size, TRAIN_BATCH, seq + 1, seed=SEED)
