@@ -197,6 +197,25 @@ def test_backward_products(shape, seed, dtype):
     assert ((gw.double() - g64.T @ x64).abs() <= bound).all()
 
 
+def test_grad_weight_scratch_buffer(monkeypatch):
+    """grad_weight reuses one dequantization buffer per thread: consecutive calls of other shapes (smaller, larger,
+    and over the size cap, allocated per call) each equal the fresh-buffer result, and no result aliases the buffer."""
+    rng = _rng(7)
+    cases = [(64, 300, 5), (8, 40, 3), (200, 512, 9), (64, 300, 5)]
+    runs = {}
+    for cap in (0, cpu.SCRATCH_MAX_BYTES, 200 * 512 * 4 - 1):  # never, always, all but the largest
+        monkeypatch.setattr(cpu, "SCRATCH_MAX_BYTES", cap)
+        rng = _rng(7)
+        runs[cap] = []
+        for m, k, n in cases:
+            xq, s = reference.act_quant(_floats(rng, m, k))
+            gy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32))
+            runs[cap].append(kernels.grad_weight(gy, xq, s))
+    for got in runs.values():
+        for a, b in zip(got, runs[0], strict=True):
+            assert torch.equal(a, b)  # compared after all calls: a result aliasing the buffer would have changed
+
+
 def test_bad_inputs_name_the_argument(monkeypatch):
     pw = kernels.pack(torch.randn(8, 64))
     with pytest.raises(TypeError, match="xq"):
