@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import bench_quality
 from bench.common import pin_threads
+from bitnet_fast.nn import GRAD_INPUTS
 
 
 def break_ste(kind: str) -> None:
@@ -44,11 +45,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[bench_quality.SEED])
     ap.add_argument("--break", dest="broken", choices=("weight", "input"), default=None)
     ap.add_argument("--models", nargs="+", choices=("bitnet", "fp"), default=["bitnet", "fp"])
-    ap.add_argument("--grad-input", choices=("exact", "int8"), default=None, help="BitLinear's input gradient")
+    ap.add_argument("--grad-input", choices=GRAD_INPUTS, default=None, help="BitLinear's input gradient")
     ap.add_argument("--steps", type=int, default=bench_quality.STEPS, help="try another budget than the bench's")
     ap.add_argument("--max-lines", type=int, default=bench_quality.MAX_LINES)
     ap.add_argument("--lr", type=float, default=bench_quality.LR, help="try another peak learning rate")
     args = ap.parse_args()
+    if args.broken == "input" and args.grad_input == "int8":  # int8 dx runs kernels.bitlinear, which the break misses
+        ap.error("--break input zeros the exact input gradient (kernels.grad_input); it has no effect with "
+                 "--grad-input int8")
     pin_threads()
     bench_quality.STEPS, bench_quality.MAX_LINES, bench_quality.LR = args.steps, args.max_lines, args.lr
     if args.broken:
