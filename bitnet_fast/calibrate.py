@@ -131,6 +131,8 @@ def _stages(space: dict[str, list], prefill_m: int, caps: dict) -> list[tuple[st
         ("gemm_min_m", space["gemm_min_m"], packed, (2, 4, 8, 16)),
         ("panel_bytes", space["panel_bytes"], packed, (1, prefill_m)),
     ]
+    if caps["isa"] == "avx2":  # only avx2 has the outer-product GEMM tile
+        stages.append(("outer_min_rows", space["outer_min_rows"], packed, (prefill_m,)))
     if caps["int_mm_vnni"]:
         stages += [("gemm_impl", space["gemm_impl"], {"gemv_max_m": 0}, (prefill_m,)),
                    ("gemm_tile_n", space["gemm_tile_n"], {"gemv_max_m": 0, "gemm_impl": "int_mm"}, (prefill_m,))]

@@ -254,8 +254,8 @@ class PackedDecoder:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {cfg.vocab_size})")
         p, threads = cpu.params(), cpu.threads(1 << 30)
-        tiling = (threads, p["panel_bytes"], len(ids) >= p["gemm_min_m"])  # threads, panel_bytes, gemm_rows
-        h = cpu_model.forward(self._embed_rows(ids), self.pos, self._weights_args, self._k, self._v, tiling)
+        h = cpu_model.forward(self._embed_rows(ids), self.pos, self._weights_args, self._k, self._v,
+                              cpu.tiling(p, len(ids), threads))
         self.pos += len(ids)
         if self.head_kind == "int8":
             return torch.from_numpy(cpu_model.int8_gemv(h[0], self._head_q, self._head_scale, threads))

@@ -23,7 +23,7 @@ import torch
 from numba import njit, prange
 
 from . import numba_cache, reference, tuning
-from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, fetch_add, make_dot
+from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, OUTER_LANES, fetch_add, make_dot, make_outer_dot
 from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
 
@@ -43,6 +43,12 @@ BLOCK = reference.I2_BLOCK
 GEMM_TILES = {"vnni512": (4, 2), "vnni": (4, 2), "avx2": (4, 1), "portable": (4, 2)}
 MR, NR = GEMM_TILES[ISA]
 _dot_gemm, _dot_gemm_col, _dot_one = (make_dot(r, c) for r, c in ((MR, NR), (MR, 1), (1, 1)))
+# avx2 runs its GEMM on the outer-product tile (cpu_dot.make_outer_dot: OUTER_MR rows x 2 x 8 outputs) over a
+# panel interleaved per task; a task takes it from `outer_rows` activation rows on (tuning: outer_min_rows).
+OUTER = ISA == "avx2"
+OUTER_MR = 4
+_outer_wide, _outer_one, _outer_row_wide, _outer_row_one = (make_outer_dot(r, v)
+                                                            for r, v in ((OUTER_MR, 2), (OUTER_MR, 1), (1, 2), (1, 1)))
 
 
 # --------------------------------------------------------------------------------------- activation quant
@@ -118,13 +124,14 @@ def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows) -> None:
+def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows) -> None:
     """out (M, N) = xq (M, Kp) int8 [dot layout] x i2 wp (N, Kp/4), exact in int32, then the epilogue.
 
     About 8 parallel tasks per thread: weight panels of at most `panel_bytes` (L2-resident, as many per
     thread) times blocks of activation rows (when there are fewer panels than tasks). A tile of activation rows
     (MR with the GEMM tile when `gemm_rows`, else one with the 1 x 1 decode tile) sweeps its panel into an int32
-    strip, and the epilogue runs over the strip (vectorized).
+    strip, and the epilogue runs over the strip (vectorized). On avx2, a GEMM task of at least `outer_rows` rows
+    interleaves its panel and runs the outer-product tile instead.
     """
     m, n, kb = xq.shape[0], wp.shape[0], wp.shape[1]
     if m == 0:
@@ -137,21 +144,74 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows) -> None
     mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
     rows_per_block = (mtiles + mblocks - 1) // mblocks * MR
     ntasks = npanels * mblocks
+    outer_groups = (n // npanels + 1 + OUTER_LANES - 1) // OUTER_LANES if OUTER and gemm_rows else 0
     counter = np.zeros(1, np.int64)
     for _worker in prange(threads):  # each thread takes the next task until none is left (fetch_add)
+        wi = np.empty((outer_groups, kb * OUTER_LANES), np.uint8)  # this thread's interleaved panel (OUTER)
         task = fetch_add(counter, 1)
         while task < ntasks:
-            _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows)
+            _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows, outer_rows,
+                     wi)
             task = fetch_add(counter, 1)
 
 
 @njit(cache=True)
-def _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows) -> None:
+def interleave_panel(wp, p0, p1, wi) -> None:
+    """Weight rows p0..p1 of i2 wp (N, Kb) in the outer-product tile's layout: wi[g] holds, for each dword column c
+    of the rows, the dwords of rows p0 + 8g .. p0 + 8g + 7 side by side (dword 8c + i = dword c of wp[p0 + 8g + i]),
+    zero past p1. One pass over the panel's bytes, amortized over the task's activation rows."""
+    cols = wp.shape[1] // 4
+    for g in range((p1 - p0 + OUTER_LANES - 1) // OUTER_LANES):
+        dst = wi[g].view(np.uint32)
+        for i in range(OUTER_LANES):
+            row = p0 + OUTER_LANES * g + i
+            if row < p1:
+                src = wp[row].view(np.uint32)
+                for c in range(cols):
+                    dst[OUTER_LANES * c + i] = src[c]
+            else:
+                for c in range(cols):
+                    dst[OUTER_LANES * c + i] = 0
+
+
+@njit(cache=True)
+def _outer_strips(xq, xsum, scale, bias, out, wi, p0, p1, r, m1, nblk) -> None:
+    """Activation rows r..m1 times weight rows p0..p1 (interleaved in wi) on the outer-product tiles, then the
+    epilogue per strip of OUTER_MR rows."""
+    w = p1 - p0
+    groups = (w + OUTER_LANES - 1) // OUTER_LANES
+    acc = np.empty((OUTER_MR, groups * OUTER_LANES), np.int32)
+    while r < m1:
+        nr = OUTER_MR if m1 - r >= OUTER_MR else 1
+        g = 0
+        while g < groups:
+            wide = groups - g >= 2
+            if nr == OUTER_MR:
+                if wide:
+                    _outer_wide(wi, g, xq, r, nblk, acc, OUTER_LANES * g)
+                else:
+                    _outer_one(wi, g, xq, r, nblk, acc, OUTER_LANES * g)
+            elif wide:
+                _outer_row_wide(wi, g, xq, r, nblk, acc, OUTER_LANES * g)
+            else:
+                _outer_row_one(wi, g, xq, r, nblk, acc, OUTER_LANES * g)
+            g += 2 if wide else 1
+        _epilogue_strip(acc[:, :w], r, nr, p0, xsum, scale, bias, out)
+        r += nr
+
+
+@njit(cache=True)
+def _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows, outer_rows,
+             wi) -> None:
     """One task of _mm: weight panel task % npanels x the block of activation rows task // npanels."""
     m, n = xq.shape[0], wp.shape[0]
     p0 = task % npanels * n // npanels  # balanced panels
     p1 = (task % npanels + 1) * n // npanels
     r, m1 = task // npanels * rows_per_block, min(m, (task // npanels + 1) * rows_per_block)
+    if OUTER and gemm_rows and m1 - r >= outer_rows:
+        interleave_panel(wp, p0, p1, wi)
+        _outer_strips(xq, xsum, scale, bias, out, wi, p0, p1, r, m1, nblk)
+        return
     acc = np.empty((MR, p1 - p0), np.int32)
     while r < m1:
         nr = MR if gemm_rows and m1 - r >= MR else 1
@@ -203,39 +263,39 @@ def _prepare_f(x, kp):
 
 # Entry points from Python: one dispatch per call.
 @njit(cache=True)
-def _bitlinear_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows):
+def _bitlinear_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
     """Fused forward on the packed engine: x (M, K) fp32 -> (M, N) fp32."""
     out = np.empty((x.shape[0], wp.shape[0]), np.float32)
     _, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
-    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows)
+    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out
 
 
 @njit(cache=True)
-def _bitlinear_train_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows):
+def _bitlinear_train_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
     """Training forward: (y (M, N) fp32, xq (M, Kp) int8 zero-padded, s (M,)) in one quantization pass."""
     out = np.empty((x.shape[0], wp.shape[0]), np.float32)
     xq, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
-    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows)
+    _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out, xq, s
 
 
 @njit(cache=True)
-def _matmul_packed(xq, s, gamma, wp, bias, threads, panel_bytes, gemm_rows):
+def _matmul_packed(xq, s, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
     """Quantized activations (M, K) int8 times i2 on the packed engine -> (M, N) fp32, epilogue
     acc * (gamma / s) (+ bias)."""
     xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
     out = np.empty((xq.shape[0], wp.shape[0]), np.float32)
-    _mm(xp, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows)
+    _mm(xp, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out
 
 
 @njit(cache=True)
-def _matmul_int_packed(xq, wp, threads, panel_bytes, gemm_rows):
+def _matmul_int_packed(xq, wp, threads, panel_bytes, gemm_rows, outer_rows):
     """(M, K) int8 times i2 on the packed engine -> the exact (M, N) int32 product."""
     xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
     out = np.empty((xq.shape[0], wp.shape[0]), np.int32)
-    _mm(xp, xsum, None, wp, None, out, threads, panel_bytes, gemm_rows)
+    _mm(xp, xsum, None, wp, None, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out
 
 
@@ -325,6 +385,12 @@ def _f32(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().contiguous().numpy()
 
 
+def tiling(p: dict, m: int, threads: int) -> tuple[int, int, bool, int]:
+    """The packed engine's tiling arguments for M = m rows under kernel parameters p:
+    (threads, panel_bytes, gemm_rows, outer_rows)."""
+    return threads, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"]
+
+
 def _i2(pw: PackedWeight) -> tuple[np.ndarray, float]:
     """(i2 data as a NumPy array, gamma as a float), converted once per PackedWeight (~4 us saved per call)."""
     view = pw.views.get("numba")
@@ -386,10 +452,10 @@ def _matmul(xq: torch.Tensor, s: torch.Tensor | None, pw: PackedWeight, bias) ->
     s_np = None if s is None else s.detach().contiguous().numpy()
     wp, gamma = _i2(pw)
     if not _int_mm_engine(m, p):
-        tiling = (threads, p["panel_bytes"], m >= p["gemm_min_m"])
+        args = tiling(p, m, threads)
         if s is None:
-            return torch.from_numpy(_matmul_int_packed(xq.contiguous().numpy(), wp, *tiling))
-        return torch.from_numpy(_matmul_packed(xq.contiguous().numpy(), s_np, gamma, wp, _bias(bias), *tiling))
+            return torch.from_numpy(_matmul_int_packed(xq.contiguous().numpy(), wp, *args))
+        return torch.from_numpy(_matmul_packed(xq.contiguous().numpy(), s_np, gamma, wp, _bias(bias), *args))
     out = torch.empty((m, n), dtype=torch.int32 if s is None else torch.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = None if s is None else np.float32(gamma) / s_np
@@ -421,8 +487,7 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     threads = _threads(p, m * n * k)
     set_threads(threads)
     wp, gamma = _i2(pw)
-    out = _bitlinear_packed(x2d, gamma, wp, None if bias is None else _f32(bias), threads, p["panel_bytes"],
-                            m >= p["gemm_min_m"])
+    out = _bitlinear_packed(x2d, gamma, wp, None if bias is None else _f32(bias), *tiling(p, m, threads))
     out = torch.from_numpy(out if xf.ndim == 2 else out.reshape(*xf.shape[:-1], n))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
@@ -438,8 +503,8 @@ def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.
     threads = _threads(p, m * n * k)
     set_threads(threads)
     wp, gamma = _i2(pw)
-    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, None if bias is None else _f32(bias), threads,
-                                         p["panel_bytes"], m >= p["gemm_min_m"])
+    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, None if bias is None else _f32(bias),
+                                         *tiling(p, m, threads))
     y, xq = torch.from_numpy(out), torch.from_numpy(xq)
     xq = xq if xq.shape[1] == k else xq[:, :k].contiguous()  # K not a multiple of 128: M x K bytes copied
     return y if out_dtype == torch.float32 else y.to(out_dtype), xq, torch.from_numpy(s)

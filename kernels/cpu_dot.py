@@ -16,6 +16,9 @@ activation vector is loaded once and reused for every weight row. Per instructio
               with `vpmaddwd`: one add per multiply, and the widening costs 1/64 of the multiplies
     portable  target-independent IR (zext/sext/mul/add) that LLVM lowers to whatever SIMD the target has
 
+`make_outer_dot(rows, nv)` is the avx2 GEMM's outer-product tile on an interleaved copy of a weight panel:
+vector lanes are outputs, so it needs no horizontal reduction (see its docstring).
+
 The instruction set is read once from the host (`llvmlite`), or forced with BITNET_FAST_CPU_ISA; the code
 can also be compiled for another CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) and its assembly inspected.
 """
@@ -276,6 +279,94 @@ def make_dot(rows: int, cols: int, isa: str = ISA):
                 _avx2_body(tile, nblk_val, out_ptrs)
             else:
                 _vnni_body(tile, nblk_val, out_ptrs, isa)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
+
+
+# avx2 outer-product tile: int16 lanes take one maddubs result per (16 k, output) step; 2 blocks = 64 steps stay
+# within [-32768, 32512], so the int16 accumulators are widened every OUTER_CHUNK blocks.
+OUTER_CHUNK = 2
+OUTER_LANES = 8  # outputs per 256-bit vector (int32 lanes)
+
+
+def _outer_ops(b, isa: str):
+    """(madd(u8 codes, s8 x) -> int16 pair sums, widen(int16 x16) -> int32 pair sums x8): vpmaddubsw and vpmaddwd
+    on avx2; target-independent IR elsewhere, so the tile compiles (and is exact) on any CPU."""
+    if isa == "avx2":
+        maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+        maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+        ones = ir.Constant(_I16x16, [1] * 16)
+        return (lambda c, x: b.call(maddubs, [c, x])), (lambda a: b.call(maddwd, [a, ones]))
+    i16x32, i32x16 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_I32, 16)
+
+    def pairs(v, n):
+        even, odd = (ir.Constant(ir.VectorType(_I32, n), list(range(o, 2 * n, 2))) for o in (0, 1))
+        return b.add(b.shuffle_vector(v, v, even), b.shuffle_vector(v, v, odd))
+
+    return (lambda c, x: pairs(b.mul(b.zext(c, i16x32), b.sext(x, i16x32)), 16)), \
+        (lambda a: pairs(b.sext(a, i32x16), 8))
+
+
+def make_outer_dot(rows: int, nv: int, isa: str = ISA):
+    """avx2 outer-product tile `dot(wi, g, xq, r, nblk, out, oc)`: for t < rows, s < 8 * nv
+
+        out[t, oc + s] = sum_k xq[r + t, k] * c[8 g + s, k]
+
+    on weights in the layout of `cpu.interleave_panel` (wi row g: dword d of every i2 block of weight
+    rows 8g..8g+7, side by side), so that vector lanes are outputs: each 4-byte activation group is broadcast and
+    `vpmaddubsw` pairs it with the codes of 8 outputs; `vpmaddwd` by ones then leaves one int32 lane per output.
+    Unlike the row-dot tiles there is no horizontal reduction and the store is one vector per 8 outputs, so the
+    cost per output does not grow as K shrinks (the row-dot tile spent as long reducing as multiplying at K=256)."""
+
+    @intrinsic
+    def dot(typingctx, wi, g, xq, r, nblk, out, oc):
+        sig = types.void(wi, types.intp, xq, types.intp, types.intp, out, types.intp)
+
+        def codegen(context, builder, signature, args):
+            (w_base, w_stride), (g_val, _), (x_base, x_stride), (r_val, _), (nblk_val, _), (o_base, o_stride), \
+                (oc_val, _) = (_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True))
+            b = builder
+            madd, widen = _outer_ops(b, isa)
+            mask = ir.Constant(_I8x32, [3] * 32)
+            w0 = b.add(w_base, b.mul(g_val, w_stride))
+            w_addrs = [b.add(w0, b.mul(w_stride, _c64(v))) for v in range(nv)]
+            x_addrs = [b.add(x_base, b.mul(x_stride, b.add(r_val, _c64(t)))) for t in range(rows)]
+            zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+
+            def block(blk, accs):
+                new = list(accs)
+                wblk, xblk = b.mul(blk, _c64(32 * OUTER_LANES)), b.mul(blk, _c64(BLOCK))
+                for d in range(8):
+                    wvs = [_load(b, b.add(w, b.add(wblk, _c64(32 * d))), _I8x32) for w in w_addrs]
+                    for q in range(4):
+                        codes = [b.and_(b.lshr(wv, ir.Constant(_I8x32, [2 * q] * 32)) if q else wv, mask)
+                                 for wv in wvs]
+                        for t, x in enumerate(x_addrs):
+                            word = _load(b, b.add(x, b.add(xblk, _c64(32 * q + 4 * d))), _I32)
+                            splat = b.shuffle_vector(b.insert_element(ir.Constant(_I32x8, None), word,
+                                                                      ir.Constant(_I32, 0)),
+                                                     ir.Constant(_I32x8, None), zero8)
+                            xv = b.bitcast(splat, _I8x32)
+                            for v in range(nv):
+                                j = t * nv + v
+                                new[j] = b.add(new[j], madd(codes[v], xv))
+                return new
+
+            def chunk(c, totals):
+                stop = b.select(b.icmp_signed("<", b.add(c, _c64(OUTER_CHUNK)), nblk_val), b.add(c, _c64(OUTER_CHUNK)),
+                                nblk_val)
+                accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * (rows * nv), block)
+                return [b.add(tot, widen(a)) for tot, a in zip(totals, accs, strict=True)]
+
+            totals = _emit_loop(b, _c64(0), nblk_val, OUTER_CHUNK, [ir.Constant(_I32x8, None)] * (rows * nv), chunk)
+            o0 = b.add(o_base, b.mul(oc_val, _c64(4)))
+            for t in range(rows):
+                for v in range(nv):
+                    addr = b.add(o0, b.add(b.mul(o_stride, _c64(t)), _c64(32 * v)))
+                    b.store(totals[t * nv + v], b.inttoptr(addr, _I32x8.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -252,8 +252,8 @@ class Weights(NamedTuple):
 def forward(x, pos, weights, k_cache, v_cache, tiling):
     """Run x (M, C) fp32 (the embedded new tokens; updated in place) through every layer at positions pos.. with
     caches of keys (L, H_kv, D, T) (transposed: see _attention) and values (L, H_kv, T, D); return the final-normed
-    hidden state of the last token (1, C). weights: tuple(Weights); tiling: (threads, panel_bytes, gemm_rows), the
-    kernels.cpu tiling parameters."""
+    hidden state of the last token (1, C). weights: tuple(Weights); tiling: the kernels.cpu tiling parameters
+    (threads, panel_bytes, gemm_rows, outer_rows) of cpu.tiling()."""
     n_head, eps, swiglu, norm_attn, norm_mlp, norm_final, ptrs, shapes, gammas, sub_o, sub_d, sub_eps, cos, sin = \
         weights
     m, c = x.shape

@@ -25,8 +25,10 @@ from bitnet_fast import kernels
 
 PATHS = {  # name -> cpu.configure(...) that forces it
     "packed-decode": dict(gemm_impl="numba", gemm_min_m=1 << 20),  # 1 x 4 tiles for every row
-    "packed-gemm": dict(gemm_impl="numba", gemm_min_m=1),  # the ISA's GEMM tile wherever MR rows remain
-    "packed-panels": dict(gemm_impl="numba", gemm_min_m=2, panel_bytes=64),  # many panels and row blocks
+    "packed-gemm": dict(gemm_impl="numba", gemm_min_m=1, outer_min_rows=1 << 30),  # the row-dot GEMM tile
+    "packed-outer": dict(gemm_impl="numba", gemm_min_m=1, outer_min_rows=1),  # avx2: the outer-product tile
+    "packed-panels": dict(gemm_impl="numba", gemm_min_m=2, panel_bytes=64, outer_min_rows=1 << 30),  # many tasks
+    "packed-outer-panels": dict(gemm_impl="numba", gemm_min_m=2, panel_bytes=64, outer_min_rows=2),
     "int_mm": dict(gemv_max_m=0, gemm_impl="int_mm", gemm_tile_n=16),
 }
 
@@ -281,10 +283,11 @@ def test_dispatch_plan_per_isa_class(isa, torch_vnni, engine, monkeypatch):
     assert plan["gemm_impl"] == engine and tuning.validate(dict(plan)) == plan
 
 
-@pytest.mark.parametrize("k", [2048, 2049, 2 * 2048 + 128, 3 * 2048 + 1])
+@pytest.mark.parametrize("k", [256, 257, 2048, 2049, 2 * 2048 + 128, 3 * 2048 + 1])
 def test_int16_accumulation_extremes(k):
     """Every lane of the avx2 int16 accumulators at its bound (-512 per vpmaddubsw: code 2 x -128, twice) for
-    whole 16-block chunks, across chunk boundaries; also the positive bound and alternating signs."""
+    whole chunks (16 blocks in the row-dot tiles, 2 in the outer-product tile), across chunk boundaries; also the
+    positive bound and alternating signs."""
     m, n = 5, 6
     wt = torch.ones((n, k), dtype=torch.int8)
     wt[3] = -1
@@ -293,9 +296,26 @@ def test_int16_accumulation_extremes(k):
         xq = torch.full((m, k), fill, dtype=torch.int8)
         xq[4, 1::2] = 127 if fill < 0 else -128
         pw = kernels.pack_ternary(wt, 1.0)
-        for path in ("packed-decode", "packed-gemm"):
+        for path in ("packed-decode", "packed-gemm", "packed-outer"):
             cpu.configure(**PATHS[path])
             assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt)), (k, fill, path)
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 700), seed=st.integers(0, 2**32 - 1))
+def test_interleave_panel_layout(m, n, k, seed):
+    """The outer-product tile's panel copy: dword 8c + i of group g is dword c of weight row p0 + 8g + i, zero
+    past the panel (reference built with torch views)."""
+    rng = _rng(seed)
+    wp = reference.pack_i2(_ternary(rng, n, k, "rand")).numpy()
+    p0 = int(rng.integers(0, n))
+    p1 = int(rng.integers(p0 + 1, n + 1))
+    groups = -(-(p1 - p0) // 8)
+    wi = np.full((groups, wp.shape[1] * 8), 0xAB, np.uint8)  # junk: every byte must be written
+    cpu.interleave_panel(wp, p0, p1, wi)
+    rows = np.zeros((groups * 8, wp.shape[1]), np.uint8)
+    rows[: p1 - p0] = wp[p0:p1]
+    want = rows.view(np.uint32).reshape(groups, 8, -1).transpose(0, 2, 1).reshape(groups, -1)
+    assert np.array_equal(wi.view(np.uint32), want)
 
 
 def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
@@ -335,14 +355,14 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     x = torch.randn(m, k, generator=g)
     pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (n, k), "i2")  # no cpu_pack compile
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
-        wp, tiling = pw.data.numpy(), (2, 1 << 18, True)
+        wp, tiling = pw.data.numpy(), (2, 1 << 18, True, 1)
         s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
         for fn, args in zip(ENTRIES, [(x.numpy(), 0.5, wp, bias, *tiling), (x.numpy(), 0.5, wp, None, *tiling),
                                       (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
             fn.compile(tuple(numba.typeof(a) for a in args))
         continue
-    for gemm_min_m in (1, 1 << 20):
-        cpu.configure(gemm_impl="numba", gemm_min_m=gemm_min_m)
+    for gemm_min_m, outer in ((1, 1 << 30), (1 << 20, 1), (1, 1)):
+        cpu.configure(gemm_impl="numba", gemm_min_m=gemm_min_m, outer_min_rows=outer)
         assert torch.equal(kernels.matmul_int(xq, pw), reference.matmul_int(xq, wt))
         xq_f, s_f = reference.act_quant(x)
         want = reference.matmul(xq_f, s_f, wt, torch.tensor(0.5))

@@ -39,7 +39,7 @@ def profile(dec, m: int, pos: int, prompt: list[int], reps: int) -> None:
     """Print the whole forward of m tokens at pos, then each part alone over all layers, with its share."""
     cfg, w = dec.config, dec._weights
     p, threads = cpu.params(), cpu.threads(1 << 30)
-    tiling = (threads, p["panel_bytes"], m >= p["gemm_min_m"])
+    tiling = cpu.tiling(p, m, threads)
     rng = np.random.default_rng(1)
 
     def whole() -> None:
