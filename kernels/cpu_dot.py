@@ -255,35 +255,46 @@ def _row_addr(context, builder, typ, val):
     return builder.ptrtoint(ary.data, _I64), cgutils.unpack_tuple(builder, ary.strides)[0]
 
 
-def make_dot(rows: int, cols: int, isa: str = ISA):
-    """The `rows` x `cols` dot-product tile intrinsic for `isa` (see the module docstring)."""
+def _tile_intrinsic(rows: int, cols: int, emit):
+    """A Numba intrinsic `dot(w, i, xq, r, nblk, out, oc)` over weight rows i.. of 2-D array w, activation rows
+    r..r+rows of xq and int32 outputs out[t, oc..]: `emit(builder, w_addrs, x_addrs, w_stride, nblk, o0, o_stride)`
+    writes the tile's IR, given the addresses of its `cols` weight rows and `rows` activation rows and of out[0, oc]."""
 
     @intrinsic
-    def dot(typingctx, wp, i, xq, r, nblk, out, oc):
-        sig = types.void(wp, types.intp, xq, types.intp, types.intp, out, types.intp)
+    def dot(typingctx, w, i, xq, r, nblk, out, oc):
+        sig = types.void(w, types.intp, xq, types.intp, types.intp, out, types.intp)
 
         def codegen(context, builder, signature, args):
             (w_base, w_stride), (i_val, _), (x_base, x_stride), (r_val, _), (nblk_val, _), (o_base, o_stride), \
                 (oc_val, _) = (_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True))
             w0 = builder.add(w_base, builder.mul(i_val, w_stride))
             x0 = builder.add(x_base, builder.mul(r_val, x_stride))
-            o0 = builder.add(o_base, builder.mul(oc_val, _c64(4)))
             w_addrs = [builder.add(w0, builder.mul(w_stride, _c64(s))) for s in range(cols)]
             x_addrs = [builder.add(x0, builder.mul(x_stride, _c64(t))) for t in range(rows)]
-            out_ptrs = [builder.inttoptr(builder.add(o0, builder.add(builder.mul(o_stride, _c64(j // cols)),
-                                                                     _c64(4 * (j % cols)))), _I32.as_pointer())
-                        for j in range(rows * cols)]
-            ahead = PREFETCH_ROWS if rows == cols == 1 else cols
-            tile = _Tile(builder, w_addrs, x_addrs, isa, builder.mul(w_stride, _c64(ahead)))
-            if isa == "avx2":
-                _avx2_body(tile, nblk_val, out_ptrs)
-            else:
-                _vnni_body(tile, nblk_val, out_ptrs, isa)
+            emit(builder, w_addrs, x_addrs, w_stride, nblk_val, builder.add(o_base, builder.mul(oc_val, _c64(4))),
+                 o_stride)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return dot
+
+
+def make_dot(rows: int, cols: int, isa: str = ISA):
+    """The `rows` x `cols` dot-product tile intrinsic for `isa` (see the module docstring)."""
+
+    def emit(builder, w_addrs, x_addrs, w_stride, nblk, o0, o_stride) -> None:
+        out_ptrs = [builder.inttoptr(builder.add(o0, builder.add(builder.mul(o_stride, _c64(j // cols)),
+                                                                 _c64(4 * (j % cols)))), _I32.as_pointer())
+                    for j in range(rows * cols)]
+        ahead = PREFETCH_ROWS if rows == cols == 1 else cols
+        tile = _Tile(builder, w_addrs, x_addrs, isa, builder.mul(w_stride, _c64(ahead)))
+        if isa == "avx2":
+            _avx2_body(tile, nblk, out_ptrs)
+        else:
+            _vnni_body(tile, nblk, out_ptrs, isa)
+
+    return _tile_intrinsic(rows, cols, emit)
 
 
 # avx2 outer-product tile: int16 lanes take one maddubs result per (16 k, output) step; 2 blocks = 64 steps stay
@@ -321,57 +332,38 @@ def make_outer_dot(rows: int, nv: int, isa: str = ISA):
     Unlike the row-dot tiles there is no horizontal reduction and the store is one vector per 8 outputs, so the
     cost per output does not grow as K shrinks (the row-dot tile spent as long reducing as multiplying at K=256)."""
 
-    @intrinsic
-    def dot(typingctx, wi, g, xq, r, nblk, out, oc):
-        sig = types.void(wi, types.intp, xq, types.intp, types.intp, out, types.intp)
+    def emit(b, w_addrs, x_addrs, w_stride, nblk, o0, o_stride) -> None:
+        madd, widen = _outer_ops(b, isa)
+        mask = ir.Constant(_I8x32, [3] * 32)
+        zero8 = ir.Constant(_I32x8, [0] * 8)
 
-        def codegen(context, builder, signature, args):
-            (w_base, w_stride), (g_val, _), (x_base, x_stride), (r_val, _), (nblk_val, _), (o_base, o_stride), \
-                (oc_val, _) = (_row_addr(context, builder, t, v) for t, v in zip(signature.args, args, strict=True))
-            b = builder
-            madd, widen = _outer_ops(b, isa)
-            mask = ir.Constant(_I8x32, [3] * 32)
-            w0 = b.add(w_base, b.mul(g_val, w_stride))
-            w_addrs = [b.add(w0, b.mul(w_stride, _c64(v))) for v in range(nv)]
-            x_addrs = [b.add(x_base, b.mul(x_stride, b.add(r_val, _c64(t)))) for t in range(rows)]
-            zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+        def block(blk, accs):
+            new = list(accs)
+            wblk, xblk = b.mul(blk, _c64(32 * OUTER_LANES)), b.mul(blk, _c64(BLOCK))
+            for d in range(8):
+                wvs = [_load(b, b.add(w, b.add(wblk, _c64(32 * d))), _I8x32) for w in w_addrs]
+                for q in range(4):
+                    codes = [b.and_(b.lshr(wv, ir.Constant(_I8x32, [2 * q] * 32)) if q else wv, mask) for wv in wvs]
+                    for t, x in enumerate(x_addrs):
+                        word = _load(b, b.add(x, b.add(xblk, _c64(32 * q + 4 * d))), _I32)
+                        one = b.insert_element(ir.Constant(_I32x8, None), word, ir.Constant(_I32, 0))
+                        xv = b.bitcast(b.shuffle_vector(one, ir.Constant(_I32x8, None), zero8), _I8x32)  # broadcast
+                        for v in range(nv):
+                            new[t * nv + v] = b.add(new[t * nv + v], madd(codes[v], xv))
+            return new
 
-            def block(blk, accs):
-                new = list(accs)
-                wblk, xblk = b.mul(blk, _c64(32 * OUTER_LANES)), b.mul(blk, _c64(BLOCK))
-                for d in range(8):
-                    wvs = [_load(b, b.add(w, b.add(wblk, _c64(32 * d))), _I8x32) for w in w_addrs]
-                    for q in range(4):
-                        codes = [b.and_(b.lshr(wv, ir.Constant(_I8x32, [2 * q] * 32)) if q else wv, mask)
-                                 for wv in wvs]
-                        for t, x in enumerate(x_addrs):
-                            word = _load(b, b.add(x, b.add(xblk, _c64(32 * q + 4 * d))), _I32)
-                            splat = b.shuffle_vector(b.insert_element(ir.Constant(_I32x8, None), word,
-                                                                      ir.Constant(_I32, 0)),
-                                                     ir.Constant(_I32x8, None), zero8)
-                            xv = b.bitcast(splat, _I8x32)
-                            for v in range(nv):
-                                j = t * nv + v
-                                new[j] = b.add(new[j], madd(codes[v], xv))
-                return new
+        def chunk(c, totals):
+            stop = b.select(b.icmp_signed("<", b.add(c, _c64(OUTER_CHUNK)), nblk), b.add(c, _c64(OUTER_CHUNK)), nblk)
+            accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * (rows * nv), block)
+            return [b.add(tot, widen(a)) for tot, a in zip(totals, accs, strict=True)]
 
-            def chunk(c, totals):
-                stop = b.select(b.icmp_signed("<", b.add(c, _c64(OUTER_CHUNK)), nblk_val), b.add(c, _c64(OUTER_CHUNK)),
-                                nblk_val)
-                accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * (rows * nv), block)
-                return [b.add(tot, widen(a)) for tot, a in zip(totals, accs, strict=True)]
+        totals = _emit_loop(b, _c64(0), nblk, OUTER_CHUNK, [ir.Constant(_I32x8, None)] * (rows * nv), chunk)
+        for t in range(rows):
+            for v in range(nv):
+                addr = b.add(o0, b.add(b.mul(o_stride, _c64(t)), _c64(32 * v)))
+                b.store(totals[t * nv + v], b.inttoptr(addr, _I32x8.as_pointer()), align=4)
 
-            totals = _emit_loop(b, _c64(0), nblk_val, OUTER_CHUNK, [ir.Constant(_I32x8, None)] * (rows * nv), chunk)
-            o0 = b.add(o_base, b.mul(oc_val, _c64(4)))
-            for t in range(rows):
-                for v in range(nv):
-                    addr = b.add(o0, b.add(b.mul(o_stride, _c64(t)), _c64(32 * v)))
-                    b.store(totals[t * nv + v], b.inttoptr(addr, _I32x8.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dot
+    return _tile_intrinsic(rows, nv, emit)
 
 
 def make_i8_dot(cols: int, isa: str = ISA):
