@@ -144,7 +144,8 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows, outer_r
     mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
     rows_per_block = (mtiles + mblocks - 1) // mblocks * MR
     ntasks = npanels * mblocks
-    outer_groups = (n // npanels + 1 + OUTER_LANES - 1) // OUTER_LANES if OUTER and gemm_rows else 0
+    outer = OUTER and gemm_rows and rows_per_block >= outer_rows  # some task takes the outer-product tile
+    outer_groups = (n // npanels + 1 + OUTER_LANES - 1) // OUTER_LANES if outer else 0
     counter = np.zeros(1, np.int64)
     for _worker in prange(threads):  # each thread takes the next task until none is left (fetch_add)
         wi = np.empty((outer_groups, kb * OUTER_LANES), np.uint8)  # this thread's interleaved panel (OUTER)
@@ -208,7 +209,7 @@ def _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk
     p0 = task % npanels * n // npanels  # balanced panels
     p1 = (task % npanels + 1) * n // npanels
     r, m1 = task // npanels * rows_per_block, min(m, (task // npanels + 1) * rows_per_block)
-    if OUTER and gemm_rows and m1 - r >= outer_rows:
+    if wi.shape[0] and m1 - r >= outer_rows:  # a panel buffer exists only when the outer-product tile is in play
         interleave_panel(wp, p0, p1, wi)
         _outer_strips(xq, xsum, scale, bias, out, wi, p0, p1, r, m1, nblk)
         return
