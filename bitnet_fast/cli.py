@@ -147,7 +147,8 @@ def config_options(cls: type) -> Callable:
 
 @main.command()
 @click.option("--model", "which", type=click.Choice([*LINEARS, "both"]), default="both", show_default=True,
-              help="BitNet, its full-precision twin, or both one after the other.")
+              help="BitNet, its full-precision twin, or both, trained in turn step by step (tokens/s measured under "
+                   "the same conditions).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: runs/PRESET]")
 @click.option("--batch-from", type=click.Path(dir_okay=False), default=None,
               help="Take the per-rank --batch-size and --grad-accum, --seq-len and --ckpt-every from a "

@@ -1,12 +1,13 @@
 """The training loop: epochs over WikiText-2 with AdamW, warmup + cosine or the BitNet two-stage schedule,
 clipping, gradient accumulation, checkpoints with exact resume, Ctrl-C and NaN handling, and the DDP form.
 
-`train(cfg)` trains one model; `train_pair(cfg)` trains BitNet and its full-precision twin side by side. The CLI,
-tests and benchmarks call these. `train` reads top to bottom, as nanoGPT's train.py does: set up, restore the
-`TrainState` from the newest checkpoint (or evaluate the untrained model), then one loop of optimizer steps with
-interval-gated blocks for the end of an epoch, logging and checkpointing. Under torchrun (WORLD_SIZE set) with
-`cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); the ranks share
-each evaluation and rank 0 writes.
+`train(cfg)` trains one model; `train_pair(cfg)` trains BitNet and its full-precision twin side by side, one
+optimizer step of each in turn. The CLI, tests and benchmarks call these. `_train` reads top to bottom, as nanoGPT's
+train.py does: set up, restore the `TrainState` from the newest checkpoint (or evaluate the untrained model), then
+one loop of optimizer steps with interval-gated blocks for the end of an epoch, logging and checkpointing; it is a
+generator that yields after every step, which is what lets `train_pair` interleave two runs. Under torchrun
+(WORLD_SIZE set) with `cfg.distributed` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA);
+the ranks share each evaluation and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Generator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -94,14 +95,29 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
     purpose (the CLI: the flags given), which must not conflict with them (resume.py; None: all fields).
     `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
     """
+    run = _run(cfg, on_step, explicit)
+    while True:
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value  # the report
+
+
+StepRun = Generator[None, None, dict]  # a training run: yields after each optimizer step, returns its report
+
+
+def _run(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, explicit: Collection[str] | None,
+         stop: StopSignals | None = None, bar_position: int = 0) -> StepRun:
+    """`train` as a generator. `stop`: a stop flag shared with other runs (installed by the caller; default: this
+    run installs its own); `bar_position`: the line of its progress bar."""
     cfg = with_recipe(cfg)
     rank, world = init_process_group(cfg.distributed, cfg.device)
     with folder_lock(cfg.out, "training run") if rank == 0 else nullcontext():
-        return _train(cfg, rank, world, on_step, explicit)
+        return (yield from _train(cfg, rank, world, on_step, explicit, stop, bar_position))
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, float], None] | None,
-           explicit: Collection[str] | None) -> dict:
+           explicit: Collection[str] | None, shared_stop: StopSignals | None, bar_position: int) -> StepRun:
     # ---- set up: the run folder (fresh, resumed or refused), data, model, optimizer and schedule
     opening = open_run(cfg, rank, explicit)
     cfg, ckpt = opening.cfg, opening.ckpt
@@ -186,9 +202,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
         log.write(json.dumps({"event": "resume", "step": state.step, "changed": opening.changed}) + "\n")
     saved = {"run_id": opening.run_id, "tokenizer": tokenizer, "known": {}}
     bar = tqdm(total=total, initial=state.step, desc=cfg.linear, disable=not cfg.progress or rank != 0, mininterval=2,
-               dynamic_ncols=True)
+               dynamic_ncols=True, position=bar_position)
     data = None
-    stop = StopSignals().install()
+    stop = shared_stop or StopSignals().install()
     try:
         while not stop.requested:
             # -- end of an epoch (its batches used up, or the step budget): evaluate, log, begin the next one
@@ -250,6 +266,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
             bar.update()
             if on_step is not None:
                 on_step(state.step, step_loss)
+            yield
 
             # -- log every log_every steps; checkpoint every ckpt_every steps (an epoch's end has its own) and on Ctrl-C
             if log is not None and state.step % cfg.log_every == 0:
@@ -262,7 +279,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, on_step: Callable[[int, floa
                 _save(cfg, model, opt, sched, state, saved, comm.state_dict(gbatch), rank)
     finally:
         bar.close()
-        stop.restore()
+        if shared_stop is None:
+            stop.restore()
         if log is not None:
             log.close()
 
@@ -300,17 +318,42 @@ def _save(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, 
 
 
 # ------------------------------------------------------------------------------------------------ side by side
-def train_pair(cfg: TrainConfig, explicit: Collection[str] | None = None) -> dict[str, dict]:
-    """Train BitNet and its fp twin with the same config, one after the other, in cfg.out/bitnet and cfg.out/fp,
-    and write cfg.out/summary.json. Returns {linear: report}; stops after a run that was interrupted (Ctrl-C),
-    without a summary, so that `--resume` continues where it stopped."""
-    out = Path(cfg.out)
-    reports = {}
-    for linear in LINEARS:
-        reports[linear] = train(replace(cfg, linear=linear, out=str(out / linear)), explicit=explicit)
-        if reports[linear]["interrupted"]:
-            return reports
-    write_json(out / "summary.json", {m: {k: r.get(k) for k in SUMMARY_KEYS} for m, r in reports.items()})
+def train_pair(cfg: TrainConfig, explicit: Collection[str] | None = None,
+               on_step: Callable[[str, int, float], None] | None = None) -> dict[str, dict]:
+    """Train BitNet and its fp twin with the same config in cfg.out/bitnet and cfg.out/fp, one optimizer step of
+    each in turn, and write cfg.out/summary.json. Returns {linear: report}.
+
+    Interleaved rather than one after the other so that the two tokens/s figures are measured under the same
+    machine conditions (a shared host's speed drifts by up to 2x over minutes, which made sequential pairs
+    unreadable), and both runs make progress together. Each run draws from its own random state (swapped in
+    around its steps), so it trains exactly as it would alone. Ctrl-C stops both at their next step, each with a
+    checkpoint and no summary, so that `--resume` continues both. `on_step(linear, step, loss)` follows every
+    step."""
+    out, stop = Path(cfg.out), StopSignals().install()
+    runs: dict[str, StepRun] = {
+        linear: _run(replace(cfg, linear=linear, out=str(out / linear)), explicit=explicit, stop=stop, bar_position=i,
+                     on_step=None if on_step is None else (lambda step, loss, m=linear: on_step(m, step, loss)))
+        for i, linear in enumerate(LINEARS)}
+    rng = {linear: rng_state() for linear in runs}
+    reports: dict[str, dict] = {}
+    try:
+        while len(reports) < len(runs):
+            for linear, run in runs.items():
+                if linear in reports:
+                    continue
+                set_rng_state(rng[linear])
+                try:
+                    next(run)
+                except StopIteration as done:
+                    reports[linear] = done.value
+                rng[linear] = rng_state()
+    finally:
+        for run in runs.values():
+            run.close()  # after an error in one run: the other's progress bar, log and folder lock are released
+        stop.restore()
+    reports = {linear: reports[linear] for linear in runs}
+    if not any(r["interrupted"] for r in reports.values()):
+        write_json(out / "summary.json", {m: {k: r.get(k) for k in SUMMARY_KEYS} for m, r in reports.items()})
     return reports
 
 
@@ -323,5 +366,8 @@ def side_by_side(reports: dict[str, dict]) -> str:
                        ("total_seconds", "train seconds")):
         if any(r.get(key) is not None for r in reports.values()):  # (test rows only when the data has a test split)
             rows.append((label, *(f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in reports.values())))
+    speeds = [r.get("mean_tokens_per_sec") for r in reports.values()]
+    if len(speeds) == 2 and all(speeds):
+        rows.append((f"tokens/s {' / '.join(reports)}", f"{speeds[0] / speeds[1]:.3f}x", ""))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]) for r in rows)

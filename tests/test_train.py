@@ -14,7 +14,7 @@ import torch
 from bitnet_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from bitnet_fast.config import TrainConfig
 from bitnet_fast.plumbing import BitnetFastWarning
-from bitnet_fast.train import TrainingError, TrainState, train
+from bitnet_fast.train import TrainingError, TrainState, side_by_side, train, train_pair
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +178,42 @@ def test_distributed_world_size_one_matches_plain(wikitext_dir, tmp_path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+
+def test_pair_trains_in_turn_each_run_as_it_would_alone(wikitext_dir, tmp_path):
+    """train_pair takes one step of each model in turn; each run draws from its own random state, so a draw in one
+    run's step (as sampling or dropout would make) leaves the other's weights, losses and stored RNG as a solo run's."""
+    seen = []
+
+    def on_step(linear: str, step: int, loss: float) -> None:
+        seen.append((linear, step))
+        if linear == "bitnet":
+            torch.rand(3)
+
+    pair = train_pair(_cfg(wikitext_dir, tmp_path / "pair", epochs=1, max_steps=3), on_step=on_step)
+    assert seen == [(m, s) for s in (1, 2, 3) for m in ("bitnet", "fp")]
+    solo = train(_cfg(wikitext_dir, tmp_path / "solo", linear="fp", epochs=1, max_steps=3))
+    assert pair["fp"]["final_valid_ppl"] == solo["final_valid_ppl"]
+    assert pair["fp"]["epochs"][0]["train_loss"] == solo["epochs"][0]["train_loss"]
+    a, b = latest_checkpoint(tmp_path / "pair" / "fp"), latest_checkpoint(tmp_path / "solo")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert json.loads((tmp_path / "pair" / "summary.json").read_text()).keys() == {"bitnet", "fp"}
+    assert "tokens/s bitnet / fp" in side_by_side(pair)
+
+
+def test_pair_ctrl_c_stops_both_and_resume_finishes_both(wikitext_dir, tmp_path):
+    def ctrl_c(linear: str, step: int, loss: float) -> None:
+        if (linear, step) == ("bitnet", 2):
+            signal.raise_signal(signal.SIGINT)
+
+    cfg = _cfg(wikitext_dir, tmp_path, epochs=1, max_steps=4)
+    part = train_pair(cfg, on_step=ctrl_c)
+    # bitnet's step 2 raised it; fp's next turn saw it before its step 2: both checkpointed where they stopped
+    assert all(r["interrupted"] for r in part.values()) and [r["steps"] for r in part.values()] == [2, 1]
+    assert [load_checkpoint(sorted((tmp_path / m / "checkpoints").glob("*.pt"))[-1])["step"] for m in part] == [2, 1]
+    assert not (tmp_path / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    done = train_pair(TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert [r["steps"] for r in done.values()] == [4, 4] and not any(r["interrupted"] for r in done.values())
+    assert (tmp_path / "summary.json").is_file()
