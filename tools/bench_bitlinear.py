@@ -11,7 +11,8 @@ Cases (all overheads in: module call, activation quant, weight re-pack, allocati
          `--train-shapes small` times the `small` preset's layer shapes instead (M = 32 x 128 tokens; 256->256,
          256->688, 688->256) and a transformer block's mix of them (4 attention, 2 SwiGLU up, 1 down)
   model  the whole `small` model's training step (batch 32 x 128, AdamW, grad clipping: what `bitnet-fast train`
-         runs), fp twin vs BitNet with the exact and the int8 input gradient (tied fp head, attention and all)
+         runs), fp twin vs BitNet with the exact and the int8 input gradient (tied fp head, attention and all);
+         then its evaluation forward (no grad, eval mode, batch 16 x 128: one `perplexity` batch), fp vs BitNet
 Contenders run interleaved round by round and report the median, so load drift on a shared box hits all alike.
 Inference is reported in two cache regimes, because a 4 MB packed weight fits this machine's L3 and a 64 MB fp32
 one does not: "warm" times bursts of back-to-back calls (weights cache-resident, as for one layer in a loop) and
@@ -205,6 +206,29 @@ def model_makers(preset: str = "small", batch: int = 32, seq: int = 128) -> dict
     }
 
 
+def eval_makers(preset: str = "small", batch: int = 16, seq: int = 128) -> dict:
+    """The whole model's evaluation forward (no grad, eval mode, loss), as `perplexity` takes it per batch of
+    --eval-batch-size windows, for the fp twin and BitNet."""
+    from bitnet_fast.model import build_model, preset_config
+
+    tokens = torch.randint(0, preset_config(preset).vocab_size, (batch, seq + 1))
+
+    def forward_of(linear: str):
+        def make():
+            torch.manual_seed(0)
+            model = build_model(preset_config(preset, linear=linear)).eval()
+
+            def forward():
+                with torch.no_grad():
+                    model(tokens[:, :-1], tokens[:, 1:])
+
+            return forward
+
+        return make
+
+    return {"fp twin (nn.Linear)": forward_of("fp"), "BitNet": forward_of("bitnet")}
+
+
 def print_table(title: str, results: dict, base: str) -> None:
     print(f"\n### {title}\n")
     print("| implementation | ms | vs fp32 |")
@@ -265,6 +289,9 @@ def main() -> None:
     if args.only in (None, "model"):
         res = run_side_by_side(model_makers(), rounds=max(3, args.rounds // 3), warmup=1)
         print_table("Whole `small` model training step (batch 32 x 128, AdamW, clipping)", res, "fp twin (nn.Linear)")
+        res = run_side_by_side(eval_makers(), rounds=args.rounds, warmup=2)
+        print_table("Whole `small` model evaluation forward (no grad, batch 16 x 128, as `perplexity`)", res,
+                    "fp twin (nn.Linear)")
 
 
 if __name__ == "__main__":
