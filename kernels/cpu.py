@@ -123,37 +123,57 @@ def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
                     out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc + bias[p0 + i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows) -> None:
     """out (M, N) = xq (M, Kp) int8 [dot layout] x i2 wp (N, Kp/4), exact in int32, then the epilogue.
 
-    About 8 parallel tasks per thread: weight panels of at most `panel_bytes` (L2-resident, as many per
-    thread) times blocks of activation rows (when there are fewer panels than tasks). A tile of activation rows
-    (MR with the GEMM tile when `gemm_rows`, else one with the 1 x 1 decode tile) sweeps its panel into an int32
-    strip, and the epilogue runs over the strip (vectorized). On avx2, a GEMM task of at least `outer_rows` rows
-    interleaves its panel and runs the outer-product tile instead.
+    About 8 tasks per thread: weight panels of at most `panel_bytes` (L2-resident, as many per thread) times
+    blocks of activation rows (when there are fewer panels than tasks). A tile of activation rows (MR with the
+    GEMM tile when `gemm_rows`, else one with the 1 x 1 decode tile) sweeps its panel into an int32 strip, and the
+    epilogue runs over the strip (vectorized). On avx2, a GEMM task of at least `outer_rows` rows interleaves its
+    panel and runs the outer-product tile instead. One thread runs the tasks in place: a parallel region costs
+    more than a small GEMV itself, and on a busy machine it can wait on the pool's other workers.
     """
     m, n, kb = xq.shape[0], wp.shape[0], wp.shape[1]
     if m == 0:
         return
-    nblk, tasks = kb // 32, 8 * threads
+    tasks = 8 * threads
     panel = min(n, max(4 * NR, panel_bytes // kb))
     npanels = ((n + panel - 1) // panel + threads - 1) // threads * threads  # every thread gets as many panels
     npanels = min(npanels, max(1, n // (4 * NR)))
     mtiles = (m + MR - 1) // MR
     mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
     rows_per_block = (mtiles + mblocks - 1) // mblocks * MR
-    ntasks = npanels * mblocks
     outer = OUTER and gemm_rows and rows_per_block >= outer_rows  # some task takes the outer-product tile
     outer_groups = (n // npanels + 1 + OUTER_LANES - 1) // OUTER_LANES if outer else 0
     counter = np.zeros(1, np.int64)
-    for _worker in prange(threads):  # each thread takes the next task until none is left (fetch_add)
-        wi = np.empty((outer_groups, kb * OUTER_LANES), np.uint8)  # this thread's interleaved panel (OUTER)
+    if threads == 1:
+        _mm_worker(xq, xsum, scale, wp, bias, out, counter, npanels, mblocks, rows_per_block, gemm_rows, outer_rows,
+                   outer_groups)
+    else:
+        _mm_parallel(xq, xsum, scale, wp, bias, out, threads, counter, npanels, mblocks, rows_per_block, gemm_rows,
+                     outer_rows, outer_groups)
+
+
+@njit(cache=True, parallel=True)
+def _mm_parallel(xq, xsum, scale, wp, bias, out, threads, counter, npanels, mblocks, rows_per_block, gemm_rows,
+                 outer_rows, outer_groups) -> None:
+    """_mm's tasks on `threads` workers, each taking the next task until none is left (fetch_add)."""
+    for _worker in prange(threads):
+        _mm_worker(xq, xsum, scale, wp, bias, out, counter, npanels, mblocks, rows_per_block, gemm_rows, outer_rows,
+                   outer_groups)
+
+
+@njit(cache=True)
+def _mm_worker(xq, xsum, scale, wp, bias, out, counter, npanels, mblocks, rows_per_block, gemm_rows, outer_rows,
+               outer_groups) -> None:
+    """Take _mm's tasks from the shared counter until none is left, with this worker's interleaved-panel buffer."""
+    kb = wp.shape[1]
+    wi = np.empty((outer_groups, kb * OUTER_LANES), np.uint8)  # this worker's interleaved panel (OUTER)
+    task = fetch_add(counter, 1)
+    while task < npanels * mblocks:
+        _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, kb // 32, gemm_rows, outer_rows, wi)
         task = fetch_add(counter, 1)
-        while task < ntasks:
-            _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows, outer_rows,
-                     wi)
-            task = fetch_add(counter, 1)
 
 
 @njit(cache=True)

@@ -339,6 +339,19 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
         cpu.configure(threads=old)
 
 
+@pytest.mark.parametrize("path", ["packed-decode", "packed-panels", "packed-outer-panels"])
+def test_one_thread_runs_in_place_and_agrees_with_the_pool(path):
+    """With one thread _mm runs its tasks in place (no parallel region); both forms take every task exactly once."""
+    rng = _rng(7)
+    wt, xq = _ternary(rng, 700, 1100, "rand"), _int8(rng, 9, 1100, "extreme")  # 6.9M MACs: above SERIAL_WORK
+    pw = kernels.pack_ternary(wt, 1.0)
+    want = reference.matmul_int(xq, wt)
+    for threads in (1, 2):
+        cpu.configure(**PATHS[path], threads=threads)
+        assert torch.equal(kernels.matmul_int(xq, pw), want), threads
+        assert torch.equal(kernels.matmul_int(xq[:1], pw), want[:1]), threads
+
+
 _ISA_RUN = """
 import json, re, sys, numba, numpy as np, torch
 from bitnet_fast import kernels
