@@ -96,14 +96,21 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
     `on_step(step, loss)` is called after every optimizer step (progress hooks, tests).
     """
     run = _run(cfg, on_step, explicit)
-    while True:
-        try:
-            next(run)
-        except StopIteration as done:
-            return done.value  # the report
+    while (report := _advance(run)) is None:
+        pass
+    return report
 
 
 StepRun = Generator[None, None, dict]  # a training run: yields after each optimizer step, returns its report
+
+
+def _advance(run: StepRun) -> dict | None:
+    """Take one optimizer step of `run`: None while it goes on, its report once it has finished."""
+    try:
+        next(run)
+    except StopIteration as done:
+        return done.value
+    return None
 
 
 def _run(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, explicit: Collection[str] | None,
@@ -342,10 +349,8 @@ def train_pair(cfg: TrainConfig, explicit: Collection[str] | None = None,
                 if linear in reports:
                     continue
                 set_rng_state(rng[linear])
-                try:
-                    next(run)
-                except StopIteration as done:
-                    reports[linear] = done.value
+                if (report := _advance(run)) is not None:
+                    reports[linear] = report
                 rng[linear] = rng_state()
     finally:
         for run in runs.values():

@@ -169,10 +169,11 @@ def _mm_worker(xq, xsum, scale, wp, bias, out, counter, npanels, mblocks, rows_p
                outer_groups) -> None:
     """Take _mm's tasks from the shared counter until none is left, with this worker's interleaved-panel buffer."""
     kb = wp.shape[1]
+    nblk, ntasks = kb // 32, npanels * mblocks
     wi = np.empty((outer_groups, kb * OUTER_LANES), np.uint8)  # this worker's interleaved panel (OUTER)
     task = fetch_add(counter, 1)
-    while task < npanels * mblocks:
-        _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, kb // 32, gemm_rows, outer_rows, wi)
+    while task < ntasks:
+        _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk, gemm_rows, outer_rows, wi)
         task = fetch_add(counter, 1)
 
 

@@ -178,8 +178,6 @@ def test_distributed_world_size_one_matches_plain(wikitext_dir, tmp_path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-
-
 def test_pair_trains_in_turn_each_run_as_it_would_alone(wikitext_dir, tmp_path):
     """train_pair takes one step of each model in turn; each run draws from its own random state, so a draw in one
     run's step (as sampling or dropout would make) leaves the other's weights, losses and stored RNG as a solo run's."""
