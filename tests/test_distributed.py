@@ -36,14 +36,33 @@ def env(tmp_path_factory, wikitext_dir) -> dict[str, str]:
             "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1", "DATA": str(wikitext_dir)}
 
 
-def launch(env: dict, out: Path, *args: str, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
+# The CLI with every optimizer step slowed by a sleep (before gradient clipping): a signal sent after step 3 is
+# logged then lands mid-run however fast the host is (20 fast steps can all finish before the test sees step 3).
+SLOW_CLI = """
+import sys, time, torch
+real_clip = torch.nn.utils.clip_grad_norm_
+def slow_clip(*args, **kwargs):
+    time.sleep(0.25)
+    return real_clip(*args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = slow_clip
+from bitnet_fast.cli import main
+main(sys.argv[1:], prog_name="bitnet-fast")
+"""
+
+
+def launch(env: dict, out: Path, *args: str, nproc: int = 2, restarts: int = 0,
+           slow_steps: bool = False) -> subprocess.Popen:
     """`torchrun ... -m bitnet_fast.cli train` on 127.0.0.1; port 0: the rendezvous store binds a free port itself
     (no pick-then-bind race). In its own session, so that `finish` can kill everything it started."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entry = ["-m", "bitnet_fast.cli"]
+    if slow_steps:
+        script = out.parent / f"{out.name}_slow_cli.py"
+        script.write_text(SLOW_CLI)
+        entry = [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", str(restarts),
-           "-m", "bitnet_fast.cli", "train", "--distributed", "--data-dir", env["DATA"], "--out", str(out),
-           *TINY, *args]
-    out.parent.mkdir(parents=True, exist_ok=True)
+           *entry, "train", "--distributed", "--data-dir", env["DATA"], "--out", str(out), *TINY, *args]
     log = open(out.parent / f"{out.name}.log", "w")  # a file, not a pipe: a stray worker cannot block the reader
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log = Path(log.name)  # type: ignore[attr-defined]
@@ -273,7 +292,7 @@ def test_sigterm_checkpoints_and_a_resume_at_another_world_size_continues(env, r
     verified checkpoint and the launch exits non-zero. That checkpoint then resumes in one process with the same
     global batch (8 x 1 instead of 4 x 2) and ends where the 1-rank run ends; another global batch is refused."""
     out = tmp_path / "term"
-    proc = launch(env, out, "--model", "fp", "--max-steps", "20")
+    proc = launch(env, out, "--model", "fp", "--max-steps", "20", slow_steps=True)
     wait_for(lambda: logged_step(out, 3), HANG_S, proc)
     proc.send_signal(signal.SIGTERM)
     rc, text = finish(proc)
