@@ -406,21 +406,38 @@ def _host_runs(isa: str) -> bool:
             "avx2": bool(f.get("avx2")), "portable": True}[isa]
 
 
-@pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "portable"])
-def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa, tmp_path):
+@pytest.fixture(scope="module")
+def isa_compiles(tmp_path_factory):
+    """One subprocess per ISA class, all started at once: each is a single-threaded LLVM compile of every entry
+    point (1-3 minutes on a 2-core CI box), so on two cores they finish in about half the time of one after another.
+    Output goes to files (an unread pipe could block a child); whatever is still running at teardown is killed."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the ISA classes are x86 classes")
+    procs = {}
+    for isa in _ISA_ASM:
+        folder = tmp_path_factory.mktemp(f"isa-{isa}")
+        env = {**os.environ, "BITNET_FAST_CPU_ISA": isa, "NUMBA_CACHE_DIR": str(folder), "NUMBA_NUM_THREADS": "1"}
+        run = _host_runs(isa)  # fresh cache above: the assembly is there to read
+        if not run:
+            env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"] = _ISA_TARGET[isa]
+        code = textwrap.dedent(_ISA_RUN.format(isa=isa, run=run))
+        with open(folder / "out.txt", "w") as out, open(folder / "err.txt", "w") as err:
+            procs[isa] = (subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err), folder)
+    yield procs
+    for proc, _ in procs.values():
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("isa", list(_ISA_ASM))
+def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa, isa_compiles):
     """Every ISA path is compiled on any x86 host (for a CPU of its class when the host is not one) through every
     packed-engine entry point, the fused quantizing bitlinear included, and its assembly checked; where the host
     can execute it, it also runs against the reference (torch.equal)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the ISA classes are x86 classes")
-    run = _host_runs(isa)
-    env = {**os.environ, "BITNET_FAST_CPU_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path)}  # fresh: asm exists
-    if not run:
-        env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"] = _ISA_TARGET[isa]
-    code = textwrap.dedent(_ISA_RUN.format(isa=isa, run=run))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    proc, folder = isa_compiles[isa]
+    rc = proc.wait(timeout=1200)
+    assert rc == 0, (folder / "err.txt").read_text()[-3000:]
+    got = json.loads((folder / "out.txt").read_text().strip().splitlines()[-1])
     must, must_not = _ISA_ASM[isa]
     assert len(got["mm_signatures"]) >= 2 and all(got["entries"]), got  # float and int32 outputs, every entry point
     for found in got["mm_signatures"]:  # each compiled variant of the engine uses this ISA's multiply...
