@@ -148,13 +148,17 @@ def _forced_backend() -> str:
 
 def compute_format(device: torch.device | str) -> str:
     """The packed format the backend serving `device` computes with ("i2" on CPU, "i2g" with Triton)."""
-    return _backend(torch.device(device)).default_format
+    return _backend(torch.device(device).type).default_format
 
 
-def _backend(device: torch.device):
-    """The backend module for `device`: two dict lookups on the hot path (resolution is cached)."""
-    key = (device.type, _forced_backend())
-    name = _resolved.get(key) or backend_for(device)
+def _device_type(t: torch.Tensor) -> str:
+    """t.device.type without building a torch.device on the hot CPU path (t.is_cpu: 0.2 us, t.device.type: 1 us)."""
+    return "cpu" if t.is_cpu else t.device.type
+
+
+def _backend(device_type: str):
+    """The backend module for tensors of `device_type`: two dict lookups on the hot path (resolution is cached)."""
+    name = _resolved.get((device_type, _forced_backend())) or backend_for(device_type)
     return _loaded[name]
 
 
@@ -168,23 +172,26 @@ def _check_tensor(name: str, t, dtypes=None, ndim=None) -> None:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def _check_packed(pw, k: int, device: torch.device, arg: str = "x") -> None:
+def _check_packed(pw, x: torch.Tensor, k: int, arg: str = "x") -> str:
+    """Check pw against x, whose last dim is k; return the device type they share."""
     if not isinstance(pw, PackedWeight):
         raise TypeError(f"weight must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
     if pw.shape[1] != k:
         raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
-    if pw.data.device.type != device.type:
-        raise ValueError(f"{arg} is on {device} but the packed weight is on {pw.device}; move one with .to(...)")
+    device_type = _device_type(x)
+    if _device_type(pw.data) != device_type:
+        raise ValueError(f"{arg} is on {x.device} but the packed weight is on {pw.device}; move one with .to(...)")
+    return device_type
 
 
-def _check_bias(bias, n: int, device: torch.device) -> None:
+def _check_bias(bias, n: int, x: torch.Tensor) -> None:
     if bias is None:
         return
     _check_tensor("bias", bias, FLOAT_DTYPES, 1)
     if bias.shape[0] != n:
         raise ValueError(f"bias has {bias.shape[0]} elements; expected out_features={n}")
-    if bias.device.type != device.type:
-        raise ValueError(f"bias is on {bias.device} but the inputs are on {device}")
+    if _device_type(bias) != _device_type(x):
+        raise ValueError(f"bias is on {bias.device} but the inputs are on {x.device}")
 
 
 def _check_out_dtype(out_dtype: torch.dtype) -> None:
@@ -196,7 +203,7 @@ def _check_out_dtype(out_dtype: torch.dtype) -> None:
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (Wt int8 ternary (N, K), gamma fp32 0-d): absmean quantization."""
     _check_tensor("w", w, FLOAT_DTYPES, 2)
-    return _backend(w.device).quantize_weight(w)
+    return _backend(_device_type(w)).quantize_weight(w)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +211,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_tensor("x", x, FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim (..., K), got a scalar")
-    xq, s = _backend(x.device).quantize_activations(x.reshape(-1, x.shape[-1]))
+    xq, s = _backend(_device_type(x)).quantize_activations(x.reshape(-1, x.shape[-1]))
     return xq.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
@@ -212,7 +219,7 @@ def pack_ternary(wt: torch.Tensor, gamma: torch.Tensor | float, fmt: str | None 
     """Pack an already-ternary (N, K) int8 matrix with its scale into `fmt` (default: the backend's)."""
     _check_tensor("wt", wt, (torch.int8,), 2)
     gamma = torch.as_tensor(gamma, dtype=torch.float32, device=wt.device).reshape(())
-    backend = _backend(wt.device)
+    backend = _backend(_device_type(wt))
     fmt = fmt or backend.default_format
     get_format(fmt)
     return backend.pack(wt, gamma, fmt)
@@ -234,7 +241,7 @@ def unpack(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """PackedWeight -> (Wt int8 (N, K), gamma fp32 0-d)."""
     if not isinstance(pw, PackedWeight):
         raise TypeError(f"pw must be a PackedWeight, got {type(pw).__name__}")
-    return _backend(pw.device).unpack(pw), pw.gamma
+    return _backend(_device_type(pw.data)).unpack(pw), pw.gamma
 
 
 def repack(pw: PackedWeight, fmt: str, device: torch.device | str | None = None) -> PackedWeight:
@@ -264,8 +271,7 @@ def transpose_packed(pw: PackedWeight) -> PackedWeight:
 def matmul_int(xq: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, K) int8 x packed (N, K) -> (M, N) int32, exact."""
     _check_tensor("xq", xq, (torch.int8,), 2)
-    _check_packed(pw, xq.shape[1], xq.device, "xq")
-    return _backend(xq.device).matmul_int(xq, pw)
+    return _backend(_check_packed(pw, xq, xq.shape[1], "xq")).matmul_int(xq, pw)
 
 
 def matmul(
@@ -280,10 +286,10 @@ def matmul(
     _check_tensor("s", s, (torch.float32,), 1)
     if s.shape[0] != xq.shape[0]:
         raise ValueError(f"s has {s.shape[0]} scales but xq has M={xq.shape[0]} rows")
-    _check_packed(pw, xq.shape[1], xq.device, "xq")
-    _check_bias(bias, pw.out_features, xq.device)
+    device_type = _check_packed(pw, xq, xq.shape[1], "xq")
+    _check_bias(bias, pw.out_features, xq)
     _check_out_dtype(out_dtype)
-    return _backend(xq.device).matmul(xq, s, pw, bias, out_dtype)
+    return _backend(device_type).matmul(xq, s, pw, bias, out_dtype)
 
 
 def bitlinear(
@@ -291,14 +297,14 @@ def bitlinear(
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight."""
     _check_tensor("x", x, FLOAT_DTYPES)
-    ndim, device = x.dim(), x.device
+    ndim = x.dim()
     if ndim == 0:
         raise ValueError("x must have at least 1 dim (..., K), got a scalar")
-    _check_packed(pw, x.shape[-1], device)
-    _check_bias(bias, pw.shape[0], device)
+    device_type = _check_packed(pw, x, x.shape[-1])
+    _check_bias(bias, pw.shape[0], x)
     out_dtype = out_dtype or x.dtype
     _check_out_dtype(out_dtype)
-    backend = _backend(device)
+    backend = _backend(device_type)
     if ndim == 2 or getattr(backend, "bitlinear_takes_nd", False):  # no torch reshapes on the decode path
         return backend.bitlinear(x, pw, bias, out_dtype)
     y = backend.bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
@@ -311,11 +317,11 @@ def bitlinear_train(
     """The training forward: bitlinear's y (M, N) plus the quantized activations (xq (M, K) int8, s (M,)) that
     grad_weight needs, from one quantization pass. x is 2-D (M, K)."""
     _check_tensor("x", x, FLOAT_DTYPES, 2)
-    _check_packed(pw, x.shape[1], x.device)
-    _check_bias(bias, pw.shape[0], x.device)
+    device_type = _check_packed(pw, x, x.shape[1])
+    _check_bias(bias, pw.shape[0], x)
     out_dtype = out_dtype or x.dtype
     _check_out_dtype(out_dtype)
-    backend = _backend(x.device)
+    backend = _backend(device_type)
     if hasattr(backend, "bitlinear_train"):
         return backend.bitlinear_train(x, pw, bias, out_dtype)
     xq, s = backend.quantize_activations(x)
@@ -327,7 +333,7 @@ def grad_input(grad_y: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     _check_tensor("grad_y", grad_y, FLOAT_DTYPES, 2)
     if grad_y.shape[1] != pw.out_features:
         raise ValueError(f"grad_y has N={grad_y.shape[1]} columns; the weight has out_features={pw.out_features}")
-    return _backend(grad_y.device).grad_input(grad_y, pw)
+    return _backend(_device_type(grad_y)).grad_input(grad_y, pw)
 
 
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -337,4 +343,4 @@ def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, s: torch.Tensor) -> torc
     _check_tensor("s", s, (torch.float32,), 1)
     if grad_y.shape[0] != xq.shape[0] or s.shape[0] != xq.shape[0]:
         raise ValueError(f"grad_y ({grad_y.shape[0]}), xq ({xq.shape[0]}) and s ({s.shape[0]}) must share M")
-    return _backend(grad_y.device).grad_weight(grad_y, xq, s)
+    return _backend(_device_type(grad_y)).grad_weight(grad_y, xq, s)

@@ -20,10 +20,10 @@ import threading
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from . import numba_cache, reference, tuning
-from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, OUTER_LANES, fetch_add, make_dot, make_outer_dot
+from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, ISAS, OUTER_LANES, address_as, fetch_add, make_dot, make_outer_dot
 from .cpu_pack import pack, quantize_weight, set_threads, unpack
 from .packing import PackedWeight
 
@@ -285,9 +285,10 @@ def _prepare_f(x, kp):
 
 # Entry points from Python: one dispatch per call.
 @njit(cache=True)
-def _bitlinear_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
-    """Fused forward on the packed engine: x (M, K) fp32 -> (M, N) fp32."""
-    out = np.empty((x.shape[0], wp.shape[0]), np.float32)
+def _bitlinear_packed(x_addr, m, k, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
+    """Fused forward on the packed engine: x (M, K) fp32, contiguous at address x_addr -> (M, N) fp32."""
+    x = carray(address_as(x_addr, np.float32(0)), (m, k))
+    out = np.empty((m, wp.shape[0]), np.float32)
     _, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
     _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out
@@ -499,18 +500,20 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (..., K) float -> (..., N) out_dtype. Leading dims are
     flattened and restored in NumPy (two torch reshapes cost ~5 us more per call: a tenth of a small decode layer)."""
-    (n, k), xf = pw.shape, _f32(x)
-    x2d = xf if xf.ndim == 2 else xf.reshape(-1, k)
-    m = x2d.shape[0]
+    (n, k), shape = pw.shape, x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.detach().float().contiguous()
+    m = x.numel() // k
     p = _params or params()
     if _int_mm_engine(m, p):
-        xq, s = quantize_activations(torch.from_numpy(x2d))
-        return matmul(xq, s, pw, bias, out_dtype).reshape(*xf.shape[:-1], n)
+        xq, s = quantize_activations(x.detach().reshape(m, k))
+        return matmul(xq, s, pw, bias, out_dtype).reshape(*shape[:-1], n)
     threads = _threads(p, m * n * k)
     set_threads(threads)
     wp, gamma = _i2(pw)
-    out = _bitlinear_packed(x2d, gamma, wp, None if bias is None else _f32(bias), *tiling(p, m, threads))
-    out = torch.from_numpy(out if xf.ndim == 2 else out.reshape(*xf.shape[:-1], n))
+    # x is passed by address (it stays referenced here for the call): no NumPy view to build and unbox
+    out = _bitlinear_packed(x.data_ptr(), m, k, gamma, wp, _bias(bias), *tiling(p, m, threads))
+    out = torch.from_numpy(out if len(shape) == 2 else out.reshape(*shape[:-1], n))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
@@ -525,7 +528,7 @@ def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.
     threads = _threads(p, m * n * k)
     set_threads(threads)
     wp, gamma = _i2(pw)
-    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, None if bias is None else _f32(bias),
+    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, _bias(bias),
                                          *tiling(p, m, threads))
     y, xq = torch.from_numpy(out), torch.from_numpy(xq)
     xq = xq if xq.shape[1] == k else xq[:, :k].contiguous()  # K not a multiple of 128: M x K bytes copied

@@ -428,3 +428,16 @@ def fetch_add(typingctx, counter, value):
         return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
 
     return sig, codegen
+
+
+@intrinsic
+def address_as(typingctx, addr, like):
+    """An int64 address as a pointer to `like`'s type (a scalar such as np.float32(0)), for numba.carray over memory
+    the caller keeps alive: passing `tensor.data_ptr()` costs ~0.2 us where `tensor.numpy()` and unboxing the array
+    cost ~5 us per call."""
+    sig = types.CPointer(like)(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen

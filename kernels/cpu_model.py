@@ -24,33 +24,21 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba import carray, njit, prange
 
 from . import numba_cache
 from .cpu import _dot_one, _mm, _quant_row
-from .cpu_dot import fetch_add, make_i8_dot
+from .cpu_dot import address_as, fetch_add, make_i8_dot
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
 __all__ = ["Weights", "forward", "int8_gemv", "pad_rows"]
 
 
-@intrinsic
-def _u8_ptr(typingctx, addr):
-    """An int64 address as a uint8 pointer (for numba.carray over a weight the caller keeps alive)."""
-    sig = types.CPointer(types.uint8)(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
-
-    return sig, codegen
-
-
 @njit(cache=True, inline="always")
 def _weight(ptrs, shapes, p, layer):
     """Projection p of `layer` as a (rows, bytes per row) uint8 array over the caller's memory."""
-    return carray(_u8_ptr(ptrs[p, layer]), (shapes[p, 0], shapes[p, 1]))
+    return carray(address_as(ptrs[p, layer], np.uint8(0)), (shapes[p, 0], shapes[p, 1]))
 
 
 @njit(cache=True)

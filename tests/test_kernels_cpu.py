@@ -228,6 +228,13 @@ def test_bad_inputs_name_the_argument(monkeypatch):
         kernels.matmul_int(torch.zeros(2, 65, dtype=torch.int8), pw)
     with pytest.raises(TypeError, match="x has dtype"):
         kernels.bitlinear(torch.zeros(2, 64, dtype=torch.float64), pw)
+    on_meta = torch.zeros(2, 64, device="meta")  # a device every host has: the mismatch checks, not a backend
+    for call in (lambda: kernels.bitlinear(on_meta, pw), lambda: kernels.bitlinear_train(on_meta, pw),
+                 lambda: kernels.matmul_int(on_meta.to(torch.int8), pw)):
+        with pytest.raises(ValueError, match="is on meta but the packed weight is on cpu"):
+            call()
+    with pytest.raises(ValueError, match="bias is on meta but the inputs are on cpu"):
+        kernels.bitlinear(torch.zeros(2, 64), pw, torch.zeros(8, device="meta"))
     with pytest.raises(ValueError, match="'i2'"):
         cpu.matmul_int(torch.zeros(2, 64, dtype=torch.int8), kernels.pack(torch.randn(8, 64), "tq1"))
     with pytest.raises(ValueError, match="gemv_max_m"):
@@ -370,7 +377,7 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
         wp, tiling = pw.data.numpy(), (2, 1 << 18, True, 1)
         s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
-        for fn, args in zip(ENTRIES, [(x.numpy(), 0.5, wp, bias, *tiling), (x.numpy(), 0.5, wp, None, *tiling),
+        for fn, args in zip(ENTRIES, [(x.data_ptr(), m, k, 0.5, wp, bias, *tiling), (x.numpy(), 0.5, wp, None, *tiling),
                                       (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
             fn.compile(tuple(numba.typeof(a) for a in args))
         continue
