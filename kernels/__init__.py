@@ -62,6 +62,7 @@ def _ref_pack(wt: torch.Tensor, gamma: torch.Tensor, fmt: str) -> PackedWeight:
 _reference_backend = SimpleNamespace(
     name="reference",
     default_format="i2",
+    bitlinear_takes_nd=False,
     quantize_weight=reference.weight_quant,
     quantize_activations=reference.act_quant,
     pack=_ref_pack,
@@ -178,8 +179,8 @@ def _check_packed(pw, x: torch.Tensor, k: int, arg: str = "x") -> str:
         raise TypeError(f"weight must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
     if pw.shape[1] != k:
         raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
-    device_type = _device_type(x)
-    if _device_type(pw.data) != device_type:
+    device_type = "cpu" if x.is_cpu else x.device.type  # _device_type inlined: this runs on every call
+    if ("cpu" if pw.data.is_cpu else pw.data.device.type) != device_type:
         raise ValueError(f"{arg} is on {x.device} but the packed weight is on {pw.device}; move one with .to(...)")
     return device_type
 
@@ -295,20 +296,25 @@ def matmul(
 def bitlinear(
     x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight."""
+    """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight.
+    (Decode calls it per layer per token: the checks below skip what the common case does not need.)"""
     _check_tensor("x", x, FLOAT_DTYPES)
-    ndim = x.dim()
+    shape = x.shape
+    ndim = len(shape)
     if ndim == 0:
         raise ValueError("x must have at least 1 dim (..., K), got a scalar")
-    device_type = _check_packed(pw, x, x.shape[-1])
-    _check_bias(bias, pw.shape[0], x)
-    out_dtype = out_dtype or x.dtype
-    _check_out_dtype(out_dtype)
+    device_type = _check_packed(pw, x, shape[-1])
+    if bias is not None:
+        _check_bias(bias, pw.shape[0], x)
+    if out_dtype is None:
+        out_dtype = x.dtype
+    else:
+        _check_out_dtype(out_dtype)
     backend = _backend(device_type)
-    if ndim == 2 or getattr(backend, "bitlinear_takes_nd", False):  # no torch reshapes on the decode path
+    if ndim == 2 or backend.bitlinear_takes_nd:  # no torch reshapes on the decode path
         return backend.bitlinear(x, pw, bias, out_dtype)
-    y = backend.bitlinear(x.reshape(-1, x.shape[-1]), pw, bias, out_dtype)
-    return y.reshape(*x.shape[:-1], pw.out_features)
+    y = backend.bitlinear(x.reshape(-1, shape[-1]), pw, bias, out_dtype)
+    return y.reshape(*shape[:-1], pw.out_features)
 
 
 def bitlinear_train(

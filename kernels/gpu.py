@@ -25,6 +25,7 @@ from .packing import PackedWeight, get_format
 
 name = "triton"
 default_format = "i2g"
+bitlinear_takes_nd = False  # kernels.bitlinear flattens leading dims first
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 # 0: each kernel's first (default) config; the default under the interpreter, which has no clock to tune by.
 AUTOTUNE = os.environ.get("BITNET_FAST_TRITON_AUTOTUNE", "0" if INTERPRET else "1") != "0"
