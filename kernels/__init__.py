@@ -179,8 +179,8 @@ def _check_packed(pw, x: torch.Tensor, k: int, arg: str = "x") -> str:
         raise TypeError(f"weight must be a PackedWeight (from kernels.pack), got {type(pw).__name__}")
     if pw.shape[1] != k:
         raise ValueError(f"{arg} has K={k} columns but the packed weight has in_features={pw.in_features}")
-    device_type = "cpu" if x.is_cpu else x.device.type  # _device_type inlined: this runs on every call
-    if ("cpu" if pw.data.is_cpu else pw.data.device.type) != device_type:
+    device_type = _device_type(x)
+    if _device_type(pw.data) != device_type:
         raise ValueError(f"{arg} is on {x.device} but the packed weight is on {pw.device}; move one with .to(...)")
     return device_type
 

@@ -417,6 +417,14 @@ def tiling(p: dict, m: int, threads: int) -> tuple[int, int, bool, int]:
     return threads, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"]
 
 
+def _launch(p: dict, m: int, work: int) -> tuple[int, int, bool, int]:
+    """Apply the thread count for a call of `work` multiply-adds on M = m rows and return its tiling arguments:
+    one helper per kernel call (each Python call costs ~0.2 us on the decode path)."""
+    threads = _threads(p, work)
+    set_threads(threads)
+    return tiling(p, m, threads)
+
+
 def _i2(pw: PackedWeight) -> tuple[np.ndarray, float]:
     """(i2 data as a NumPy array, gamma as a float), converted once per PackedWeight (~4 us saved per call)."""
     view = pw.views.get("numba")
@@ -473,12 +481,10 @@ def _matmul(xq: torch.Tensor, s: torch.Tensor | None, pw: PackedWeight, bias) ->
     """int32 product (s None) or fp32 epilogue, on the engine the plan picks for this M."""
     m, (n, k) = xq.shape[0], pw.shape
     p = _params or params()
-    threads = _threads(p, m * n * k)
-    set_threads(threads)
+    args = _launch(p, m, m * n * k)
     s_np = None if s is None else s.detach().contiguous().numpy()
     wp, gamma = _i2(pw)
     if not _int_mm_engine(m, p):
-        args = tiling(p, m, threads)
         if s is None:
             return torch.from_numpy(_matmul_int_packed(xq.contiguous().numpy(), wp, *args))
         return torch.from_numpy(_matmul_packed(xq.contiguous().numpy(), s_np, gamma, wp, _bias(bias), *args))
@@ -502,23 +508,19 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 
 def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (..., K) float -> (..., N) out_dtype. The decode path of
-    every layer: x goes to Numba by address, leading dims are flattened and restored in NumPy, and the helpers
-    are inlined (a 256 x 256 layer at M=1 costs ~2 us of arithmetic and was 24 us of Python around it)."""
+    every layer: x goes to Numba by address and leading dims are flattened and restored in NumPy (a 256 x 256 layer
+    at M=1 costs ~3 us of arithmetic and was 24 us with the Python around it)."""
     (n, k), shape = pw.shape, x.shape
     if x.dtype is not _F32 or not x.is_contiguous():
         x = x.detach().float().contiguous()
     m = x.numel() // k
     p = _params or params()
-    if p["gemm_impl"] == "int_mm" and m > p["gemv_max_m"]:  # _int_mm_engine
+    if _int_mm_engine(m, p):
         xq, s = quantize_activations(x.detach().reshape(m, k))
         return matmul(xq, s, pw, bias, out_dtype).reshape(*shape[:-1], n)
-    work = m * n * k
-    threads = 1 if work < tuning.SERIAL_WORK else _threads(p, work)
-    set_threads(threads)
-    wp, gamma = pw.views.get("numba") or _i2(pw)
+    wp, gamma = _i2(pw)
     # x stays referenced here for the call: no NumPy view to build and unbox
-    out = _bitlinear_packed(x.data_ptr(), m, k, gamma, wp, None if bias is None else _f32(bias), threads,
-                            p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
+    out = _bitlinear_packed(x.data_ptr(), m, k, gamma, wp, _bias(bias), *_launch(p, m, m * n * k))
     out = torch.from_numpy(out if len(shape) == 2 else out.reshape(*shape[:-1], n))
     return out if out_dtype is _F32 else out.to(out_dtype)
 
@@ -531,11 +533,8 @@ def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.
     if _int_mm_engine(m, p):
         xq, s = quantize_activations(x2d)
         return matmul(xq, s, pw, bias, out_dtype), xq, s
-    threads = _threads(p, m * n * k)
-    set_threads(threads)
     wp, gamma = _i2(pw)
-    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, _bias(bias),
-                                         *tiling(p, m, threads))
+    out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, _bias(bias), *_launch(p, m, m * n * k))
     y, xq = torch.from_numpy(out), torch.from_numpy(xq)
     xq = xq if xq.shape[1] == k else xq[:, :k].contiguous()  # K not a multiple of 128: M x K bytes copied
     return y if out_dtype == torch.float32 else y.to(out_dtype), xq, torch.from_numpy(s)
