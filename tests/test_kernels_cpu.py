@@ -377,7 +377,7 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
         wp, tiling = pw.data.numpy(), (2, 1 << 18, True, 1)
         s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
-        for fn, args in zip(ENTRIES, [(x.data_ptr(), m, k, 0.5, wp, bias, *tiling),
+        for fn, args in zip(ENTRIES, [(x.data_ptr(), x.data_ptr(), wp.ctypes.data, m, k, n, 0.5, bias, *tiling),
                                       (x.numpy(), 0.5, wp, None, *tiling),
                                       (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
             fn.compile(tuple(numba.typeof(a) for a in args))
