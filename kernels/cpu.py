@@ -289,7 +289,7 @@ def _bitlinear_packed(x_addr, out_addr, w_addr, m, k, n, gamma, bias, threads, p
     """Fused forward on the packed engine: x (M, K) fp32 -> out (M, N) fp32, both contiguous, and the i2 weight
     (N, Kp / 4), all passed by address (0.1 us each, where unboxing an array costs ~0.5 us and returning one ~3 us
     with torch.from_numpy): the caller keeps the three buffers alive for the call."""
-    kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)
+    kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)  # i2 bytes per weight row: reference.padded_k(k) / 4
     x = carray(address_as(x_addr, np.float32(0)), (m, k))
     out = carray(address_as(out_addr, np.float32(0)), (m, n))
     wp = carray(address_as(w_addr, np.uint8(0)), (n, kb))
@@ -513,8 +513,8 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 
 def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (..., K) float -> (..., N) out_dtype. The decode path of
-    every layer: x goes to Numba by address and leading dims are flattened and restored in NumPy (a 256 x 256 layer
-    at M=1 costs ~3 us of arithmetic and was 24 us with the Python around it)."""
+    every layer: x, the output (allocated in its final shape) and the weight go to Numba by address, with no torch
+    reshape (a 256 x 256 layer at M=1 is ~3 us of arithmetic in a ~15 us call; docs/kernels.md)."""
     (n, k), shape = pw.shape, x.shape
     if x.dtype is not _F32 or not x.is_contiguous():
         x = x.detach().float().contiguous()
