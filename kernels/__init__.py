@@ -48,6 +48,7 @@ __all__ = [
 BACKENDS = ("numba", "triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_F32 = torch.float32  # dtypes are singletons: `x.dtype is _F32` is the cheapest test
 
 
 # --------------------------------------------------------------------------------------------- reference backend
@@ -145,6 +146,11 @@ def _forced_backend() -> str:
         return os.environ.get("BITNET_FAST_BACKEND", "")
     raw = _ENV_DATA.get(_ENV_KEY)
     return "" if raw is None else os.environ.decodevalue(raw)
+
+
+def _no_forced_backend() -> bool:
+    """True when BITNET_FAST_BACKEND is unset (one dict lookup; else False, and the caller takes the general path)."""
+    return _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA
 
 
 def compute_format(device: torch.device | str) -> str:
@@ -297,7 +303,14 @@ def bitlinear(
     x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight.
-    (Decode calls it per layer per token: the checks below skip what the common case does not need.)"""
+    (Decode calls it per layer per token: the common case, fp32 x on the CPU against a weight the numba backend
+    has already served, is recognised from a few attribute reads and skips the checks below.)"""
+    view = pw.views.get("numba") if type(pw) is PackedWeight else None  # filled by the numba backend: CPU i2
+    if (view is not None and bias is None and out_dtype is None and type(x) is torch.Tensor and x.dtype is _F32
+            and x.is_cpu and x.is_contiguous() and _no_forced_backend()):
+        y = _loaded["numba"].bitlinear_fp32(x, pw, view)
+        if y is not None:  # None: x's shape does not fit, and the checks below say how
+            return y
     _check_tensor("x", x, FLOAT_DTYPES)
     shape = x.shape
     ndim = len(shape)

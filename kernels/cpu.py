@@ -269,13 +269,13 @@ def _prepare_q(xq, kp):
 
 
 @njit(cache=True)
-def _prepare_f(x, kp):
+def _prepare_f(x, kp, threads):
     """(M, K) fp32 -> (quantized (M, Kp) int8 zero-padded, the same in the dot layout, row sums, scales s)."""
     m = x.shape[0]
     xq = np.zeros((m, kp), np.int8)
     s = np.empty(m, np.float32)
     xsum = np.empty(m, np.int32)
-    if m * kp < 65536:  # decode: one thread, no parallel region
+    if threads == 1 or m * kp < 65536:  # decode or a one-thread call: no parallel region
         for r in range(m):
             _quant_row(x, r, xq, s, xsum)
     else:
@@ -293,7 +293,7 @@ def _bitlinear_packed(x_addr, out_addr, w_addr, m, k, n, gamma, bias, threads, p
     x = carray(address_as(x_addr, np.float32(0)), (m, k))
     out = carray(address_as(out_addr, np.float32(0)), (m, n))
     wp = carray(address_as(w_addr, np.uint8(0)), (n, kb))
-    _, xl, xsum, s = _prepare_f(x, kb * 4)
+    _, xl, xsum, s = _prepare_f(x, kb * 4, threads)
     _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
 
 
@@ -301,7 +301,7 @@ def _bitlinear_packed(x_addr, out_addr, w_addr, m, k, n, gamma, bias, threads, p
 def _bitlinear_train_packed(x, gamma, wp, bias, threads, panel_bytes, gemm_rows, outer_rows):
     """Training forward: (y (M, N) fp32, xq (M, Kp) int8 zero-padded, s (M,)) in one quantization pass."""
     out = np.empty((x.shape[0], wp.shape[0]), np.float32)
-    xq, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4)
+    xq, xl, xsum, s = _prepare_f(x, wp.shape[1] * 4, threads)
     _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     return out, xq, s
 
@@ -372,6 +372,7 @@ def _epilogue(acc, n0, scale, bias, out) -> None:
 
 # ------------------------------------------------------------------------------------------------- params
 _params: dict | None = None
+_epoch = 0  # bumped by configure()
 
 
 def params() -> dict:
@@ -384,8 +385,10 @@ def params() -> dict:
 
 def configure(**kw) -> dict:
     """Change kernel parameters at runtime (names/values as in tuning.CPU_DEFAULTS); returns them all."""
+    global _epoch
     params()
     _params.update(tuning.validate(kw))
+    _epoch += 1  # plans cached by bitlinear_fp32 were made with the old parameters
     return params()
 
 
@@ -428,16 +431,17 @@ def _launch(p: dict, m: int, work: int) -> tuple[int, int, bool, int]:
     return tiling(p, m, threads)
 
 
-def _i2(pw: PackedWeight) -> tuple[np.ndarray, float, int]:
-    """(i2 data as a NumPy array, gamma as a float, the array's address), converted once per PackedWeight (~4 us
-    saved per call); the view holds the array, so the address stays valid as long as pw."""
+def _i2(pw: PackedWeight) -> tuple[np.ndarray, float, int, dict]:
+    """(i2 data as a NumPy array, gamma as a float, the array's address, bitlinear_fp32's plans by x's shape),
+    made once per PackedWeight (~4 us saved per call); the view holds the array, so the address stays valid as
+    long as pw."""
     view = pw.views.get("numba")
     if view is None:
         if pw.format != "i2":
             raise ValueError(f"the numba kernels compute on format 'i2', got {pw.format!r}; "
                              "use kernels.repack(pw, 'i2')")
         wp = pw.data.contiguous().numpy()
-        view = pw.views["numba"] = (wp, pw.gamma.item(), wp.ctypes.data)
+        view = pw.views["numba"] = (wp, pw.gamma.item(), wp.ctypes.data, {})
     return view
 
 
@@ -451,7 +455,7 @@ def _int_mm_engine(m: int, p: dict) -> bool:
 
 def _dequant_tiles(pw: PackedWeight, tile_n: int):
     """Yield (n0, n1, int8 tile (n1 - n0, K)) over the weight rows, reusing one scratch buffer."""
-    (wp, _, _), (n, k) = _i2(pw), pw.shape
+    wp, (n, k) = _i2(pw)[0], pw.shape
     tile = min(n, tile_n)
     w8 = torch.empty((tile, k), dtype=torch.int8)
     for n0 in range(0, n, tile):
@@ -488,7 +492,7 @@ def _matmul(xq: torch.Tensor, s: torch.Tensor | None, pw: PackedWeight, bias) ->
     p = _params or params()
     args = _launch(p, m, m * n * k)
     s_np = None if s is None else s.detach().contiguous().numpy()
-    wp, gamma, _ = _i2(pw)
+    wp, gamma = _i2(pw)[:2]
     if not _int_mm_engine(m, p):
         if s is None:
             return torch.from_numpy(_matmul_int_packed(xq.contiguous().numpy(), wp, *args))
@@ -514,7 +518,7 @@ def matmul(xq: torch.Tensor, s: torch.Tensor, pw: PackedWeight, bias, out_dtype:
 def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """Fused forward: quantize activations and multiply, (..., K) float -> (..., N) out_dtype. The decode path of
     every layer: x, the output (allocated in its final shape) and the weight go to Numba by address, with no torch
-    reshape (a 256 x 256 layer at M=1 is ~3 us of arithmetic in a ~15 us call; docs/kernels.md)."""
+    reshape (a 256 x 256 layer at M=1 is ~3 us of arithmetic in a ~11 us call; docs/kernels.md)."""
     (n, k), shape = pw.shape, x.shape
     if x.dtype is not _F32 or not x.is_contiguous():
         x = x.detach().float().contiguous()
@@ -523,11 +527,47 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     if _int_mm_engine(m, p):
         xq, s = quantize_activations(x.detach().reshape(m, k))
         return matmul(xq, s, pw, bias, out_dtype).reshape(*shape[:-1], n)
-    _, gamma, w_addr = _i2(pw)
+    _, gamma, w_addr, _ = _i2(pw)
     # fp32 like x now; integer sizes, as new_empty(tuple) and torch.empty(..., dtype=) cost ~1.5 us more
     out = x.new_empty(m, n) if len(shape) == 2 else x.new_empty(*shape[:-1], n)
     _bitlinear_packed(x.data_ptr(), out.data_ptr(), w_addr, m, k, n, gamma, _bias(bias), *_launch(p, m, m * n * k))
     return out if out_dtype is _F32 else out.to(out_dtype)
+
+
+def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple) -> torch.Tensor | None:
+    """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape: x
+    fp32, contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); no bias; fp32 out. None when x is
+    not (..., K). The kernel's arguments for x's shape are planned once per shape (`_decode_plan`), so a call is
+    the output's allocation and one Numba dispatch (~5 us of a ~15 us 256 x 256 call saved; docs/kernels.md)."""
+    shape = x.shape
+    plan = view[3].get(shape)
+    if plan is None or plan[0] != _epoch:
+        plan = _decode_plan(pw, view, shape)
+    if not plan[1]:  # no one-thread packed plan for this shape: the general path (None if x is not (..., K))
+        return None if plan[1] is None else bitlinear(x, pw, None, _F32)
+    out = x.new_empty(*plan[1])
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2])
+    return out
+
+
+def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
+    """(epoch, output sizes, _bitlinear_packed's arguments after the two addresses) for fp32 x of `shape` against
+    pw, cached in view: sizes are None when x is not (..., K), () when the call is not a one-thread packed one
+    (work of at least tuning.SERIAL_WORK, or the int_mm engine's M), which then takes the general path."""
+    n, k = pw.shape
+    p = _params or params()
+    sizes, args = None, ()
+    if len(shape) and shape[-1] == k:
+        m = 1
+        for d in shape[:-1]:
+            m *= d
+        sizes = () if m * n * k >= tuning.SERIAL_WORK or _int_mm_engine(m, p) else (*shape[:-1], n)
+        args = (view[2], m, k, n, view[1], None, 1, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
+    plans = view[3]
+    if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
+        plans.clear()
+    plans[shape] = plan = (_epoch, sizes, args)
+    return plan
 
 
 def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype):
@@ -538,7 +578,7 @@ def bitlinear_train(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.
     if _int_mm_engine(m, p):
         xq, s = quantize_activations(x2d)
         return matmul(xq, s, pw, bias, out_dtype), xq, s
-    wp, gamma, _ = _i2(pw)
+    wp, gamma = _i2(pw)[:2]
     out, xq, s = _bitlinear_train_packed(_f32(x2d), gamma, wp, _bias(bias), *_launch(p, m, m * n * k))
     y, xq = torch.from_numpy(out), torch.from_numpy(xq)
     xq = xq if xq.shape[1] == k else xq[:, :k].contiguous()  # K not a multiple of 128: M x K bytes copied
@@ -550,7 +590,7 @@ def grad_input(grad_y2d: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """(M, N) float -> (M, K) fp32 = grad_y @ (Wt * gamma): fp32 GEMM (oneDNN) over dequantized weight tiles of
     gemm_tile_n rows (one GEMM, bit-identical to the reference, when the weight fits one tile)."""
     p = _params or params()
-    (n, k), (wp, gamma, _) = pw.shape, _i2(pw)
+    (n, k), (wp, gamma) = pw.shape, _i2(pw)[:2]
     set_threads(_threads(p, n * k))
     gy = grad_y2d.detach().float()
     tile = min(n, p["gemm_tile_n"])

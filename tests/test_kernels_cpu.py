@@ -177,6 +177,43 @@ def test_leading_dims_equal_the_flattened_call(path):
     assert kernels.bitlinear(x[:, :0], pw).shape == (4, 0, 9)
 
 
+def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monkeypatch):
+    """kernels.bitlinear(x, pw) with fp32 CPU x and no bias skips the checks once the numba backend has served pw
+    (cpu.bitlinear_fp32, planned per x shape): the same bits as the general path (out_dtype given), the same
+    errors, and it follows cpu.configure and BITNET_FAST_BACKEND changed between calls."""
+    calls = []
+    packed = cpu._bitlinear_packed
+    monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[2:]) or packed(*a))
+    w = torch.randn(9, 130)
+    pw = kernels.pack(w)
+    for x in (torch.randn(130), torch.randn(3, 130), torch.randn(2, 4, 130), torch.randn(0, 130)):
+        general = kernels.bitlinear(x, pw, out_dtype=torch.float32)
+        for _ in range(2):  # the call that makes the shape's plan, then the planned one
+            got = kernels.bitlinear(x, pw)
+            assert got.shape == (*x.shape[:-1], 9) and torch.equal(got, general)
+        torch.testing.assert_close(got, reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
+    x = torch.randn(3, 130)
+    cpu.configure(gemm_min_m=4)
+    kernels.bitlinear(x, pw)
+    assert calls[-1][-2] is False  # M = 3 is below gemm_min_m: the decode tile
+    cpu.configure(gemm_min_m=2)
+    kernels.bitlinear(x, pw)
+    assert calls[-1][-2] is True  # the plan was remade with the new setting
+    cpu.configure(gemm_impl="int_mm", gemv_max_m=0)
+    before = len(calls)
+    torch.testing.assert_close(kernels.bitlinear(x, pw), reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
+    assert len(calls) == before  # the int_mm engine now serves this M
+    cpu.configure(gemm_impl="numba")
+    monkeypatch.setenv("BITNET_FAST_BACKEND", "reference")
+    torch.testing.assert_close(kernels.bitlinear(x, pw), reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
+    assert len(calls) == before  # the forced backend, read on every call
+    monkeypatch.delenv("BITNET_FAST_BACKEND")
+    with pytest.raises(ValueError, match="K=131 columns but the packed weight has in_features=130"):
+        kernels.bitlinear(torch.randn(2, 131), pw)
+    with pytest.raises(ValueError, match="at least 1 dim"):
+        kernels.bitlinear(torch.tensor(1.0), pw)
+
+
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_backward_products(shape, seed, dtype):
     m, k, n = shape
@@ -325,23 +362,29 @@ def test_interleave_panel_layout(n, k, seed):
     assert np.array_equal(wi.view(np.uint32), want)
 
 
-def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count():
-    """Below tuning.SERIAL_WORK multiply-adds a parallel region costs more than it saves: one thread."""
+def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(monkeypatch):
+    """Below tuning.SERIAL_WORK multiply-adds a parallel region costs more than it saves: one thread (the kernel is
+    told so, and runs in place), while larger calls set and use the configured count."""
     import numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    calls = []
+    packed = cpu._bitlinear_packed
+    monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[8]) or packed(*a))
     old = cpu.params()["threads"]
     try:
         cpu.configure(threads=2)
         small, large = kernels.pack(torch.randn(8, 64)), kernels.pack(torch.randn(1024, 1024))
-        kernels.bitlinear(torch.randn(2, 64), small)
+        for _ in range(2):  # the general path, then the planned one
+            kernels.bitlinear(torch.randn(2, 64), small)
+            assert calls[-1] == 1
+        kernels.bitlinear(torch.randn(2, 1024), large)
+        assert calls[-1] == 2 and numba.get_num_threads() == 2
+        kernels.pack(torch.randn(8, 64))  # the packer follows the same rule, and the kernels re-apply their count
         assert numba.get_num_threads() == 1
         kernels.bitlinear(torch.randn(2, 1024), large)
-        assert numba.get_num_threads() == 2
-        kernels.pack(torch.randn(8, 64))  # the packer follows the same rule, and the kernels re-apply their count
-        kernels.bitlinear(torch.randn(2, 1024), large)
-        assert numba.get_num_threads() == 2
+        assert calls[-1] == 2 and numba.get_num_threads() == 2
     finally:
         cpu.configure(threads=old)
 
