@@ -10,6 +10,7 @@ it can be validated wherever it lands. Formats (layouts defined in `reference.py
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,12 +67,20 @@ class PackedWeight:
     shape: tuple[int, int]  # logical (N, K) = (out_features, in_features)
     format: str = "i2"
     version: int = LAYOUT_VERSION
-    # Per-backend views of `data` (e.g. the numba backend's NumPy array and float gamma), filled on first use so
-    # that a decode call does not convert tensors again; never part of equality, repr or serialization.
+    # Per-backend views of `data` (e.g. the numba backend's NumPy array, its address and float gamma), filled on
+    # first use so that a decode call does not convert tensors again; never part of equality, repr or serialization,
+    # and never carried into a deep copy or a pickle (an address is only valid for the buffer it was read from).
     views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight(copy.deepcopy(self.data, memo), copy.deepcopy(self.gamma, memo), self.shape, self.format,
+                            self.version)
+
+    def __reduce__(self):
+        return PackedWeight, (self.data, self.gamma, self.shape, self.format, self.version)
 
     @property
     def out_features(self) -> int:

@@ -214,6 +214,28 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
         kernels.bitlinear(torch.tensor(1.0), pw)
 
 
+def test_copies_and_pickles_of_a_packed_weight_compute_on_their_own_buffer():
+    """The numba backend caches the weight's address in pw.views: a deep copy or an unpickled weight (a copied or
+    torch.save'd model) must not inherit it, or it would read the original's buffer, freed or changed later."""
+    import copy
+    import gc
+    import pickle
+
+    w, x = torch.randn(24, 256), torch.randn(3, 256)
+    pw = kernels.pack(w)
+    want = kernels.bitlinear(x, pw)  # fills pw.views
+    for clone in (copy.deepcopy(pw), pickle.loads(pickle.dumps(pw)), copy.deepcopy({"layer": pw})["layer"]):
+        assert not clone.views and clone.data.data_ptr() != pw.data.data_ptr()
+        assert torch.equal(kernels.bitlinear(x, clone), want)
+        assert clone.views["numba"][2] == clone.data.data_ptr()
+    clone = copy.deepcopy(pw)
+    pw.data.zero_()  # the original's codes change (and then it is freed): the copy keeps computing on its own
+    assert not torch.equal(kernels.bitlinear(x, pw, out_dtype=torch.float32), want)
+    del pw
+    gc.collect()
+    assert torch.equal(kernels.bitlinear(x, clone), want)
+
+
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_backward_products(shape, seed, dtype):
     m, k, n = shape
