@@ -201,6 +201,12 @@ class PackedDecoder:
         self.pos = 0
         self.tokenizer: str | None = None  # the tokenizer JSON a decoder file carries (decoder_file.load_decoder)
 
+    def __reduce__(self):
+        """Copies and pickles are refused: the kernel reads the weights by address (a copy would read the
+        original's buffers) and the KV cache belongs to one sequence."""
+        raise TypeError("a PackedDecoder cannot be copied or pickled (it reads its weights by address); build "
+                        "another with PackedDecoder.from_model(model) or decoder_file.load_decoder(path)")
+
     # ------------------------------------------------------------------------------------------- builders
     @classmethod
     def from_model(cls, model: nn.Module, head: str = "int8", embedding_int8: bool = False,

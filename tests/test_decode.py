@@ -106,6 +106,12 @@ def test_bad_input_says_what_to_fix():
         dec.forward([1])
     with pytest.raises(ValueError, match="head="):
         PackedDecoder.from_model(model, head="int4")
+    import copy
+    import pickle
+
+    for clone in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            clone(dec)
     with pytest.raises(TypeError, match="BitLinear"):
         PackedDecoder.from_model(build_model(ModelConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=32, hidden=64,
                                                          max_seq_len=16, linear="fp")))
