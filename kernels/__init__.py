@@ -306,10 +306,10 @@ def bitlinear(
     (Decode calls it per layer per token: the common case, fp32 x on the CPU against a weight the numba backend
     has already served, is recognised from a few attribute reads and skips the checks below.)"""
     view = pw.views.get("numba") if type(pw) is PackedWeight else None  # filled by the numba backend: CPU i2
-    if (view is not None and bias is None and out_dtype is None and type(x) is torch.Tensor and x.dtype is _F32
-            and x.is_cpu and x.is_contiguous() and _no_forced_backend()):
-        y = _loaded["numba"].bitlinear_fp32(x, pw, view)
-        if y is not None:  # None: x's shape does not fit, and the checks below say how
+    if (view is not None and out_dtype is None and type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu
+            and x.is_contiguous() and _no_forced_backend()):
+        y = _loaded["numba"].bitlinear_fp32(x, pw, view, bias)
+        if y is not None:  # None: x's shape or the bias does not fit, and the checks below say how (or convert)
             return y
     _check_tensor("x", x, FLOAT_DTYPES)
     shape = x.shape

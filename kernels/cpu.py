@@ -534,39 +534,60 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     return out if out_dtype is _F32 else out.to(out_dtype)
 
 
-def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple) -> torch.Tensor | None:
-    """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape: x
-    fp32, contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); no bias; fp32 out. None when x is
-    not (..., K). The kernel's arguments for x's shape are planned once per shape (`_decode_plan`), so a call is
-    the output's allocation and one Numba dispatch (~5 us of a ~15 us 256 x 256 call saved; docs/kernels.md)."""
+def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape and the
+    bias: x fp32, contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); fp32 out. None when x is
+    not (..., K) or the bias is not an fp32 CPU vector of N (the general path then converts or says what is wrong).
+    The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
+    (`_bias_view`), so a call is the output's allocation and one Numba dispatch (~5 us of a ~15 us 256 x 256 call
+    saved; docs/kernels.md)."""
+    b = None if bias is None else _bias_view(view, bias, pw.shape[0])
+    if b is False:
+        return None
     shape = x.shape
     plan = view[3].get(shape)
     if plan is None or plan[0] != _epoch:
         plan = _decode_plan(pw, view, shape)
     if not plan[1]:  # no one-thread packed plan for this shape: the general path (None if x is not (..., K))
-        return None if plan[1] is None else bitlinear(x, pw, None, _F32)
+        return None if plan[1] is None else bitlinear(x, pw, bias, _F32)
     out = x.new_empty(*plan[1])
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2])
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2], b, *plan[3])
     return out
 
 
+def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
+    """The NumPy view of an fp32 CPU bias of n, or False when it is not one. The last bias seen is kept in view
+    (a layer passes the same Parameter every call): a hit is the same object at the same address (a tensor given
+    new storage, `.data = ...`, has another address, as the kept view holds the old one alive)."""
+    hit = view[3].get("bias")
+    if hit is not None and hit[0] is bias and bias.data_ptr() == hit[2]:
+        return hit[1]
+    if not (type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter) or not (
+            bias.dtype is _F32 and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n and bias.is_contiguous()):
+        return False
+    b = bias.detach().numpy()
+    view[3]["bias"] = (bias, b, b.ctypes.data)
+    return b
+
+
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
-    """(epoch, output sizes, _bitlinear_packed's arguments after the two addresses) for fp32 x of `shape` against
-    pw, cached in view: sizes are None when x is not (..., K), () when the call is not a one-thread packed one
-    (work of at least tuning.SERIAL_WORK, or the int_mm engine's M), which then takes the general path."""
+    """(epoch, output sizes, _bitlinear_packed's arguments between the two addresses and the bias, those after it)
+    for fp32 x of `shape` against pw, cached in view: sizes are None when x is not (..., K), () when the call is
+    not a one-thread packed one (work of at least tuning.SERIAL_WORK, or the int_mm engine's M), which then takes
+    the general path."""
     n, k = pw.shape
     p = _params or params()
-    sizes, args = None, ()
+    sizes, head, tail = None, (), ()
     if len(shape) and shape[-1] == k:
         m = 1
         for d in shape[:-1]:
             m *= d
         sizes = () if m * n * k >= tuning.SERIAL_WORK or _int_mm_engine(m, p) else (*shape[:-1], n)
-        args = (view[2], m, k, n, view[1], None, 1, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
+        head, tail = (view[2], m, k, n, view[1]), (1, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()
-    plans[shape] = plan = (_epoch, sizes, args)
+    plans[shape] = plan = (_epoch, sizes, head, tail)
     return plan
 
 

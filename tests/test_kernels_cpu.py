@@ -186,12 +186,24 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
     monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[2:]) or packed(*a))
     w = torch.randn(9, 130)
     pw = kernels.pack(w)
+    biases = (None, torch.randn(9), torch.nn.Parameter(torch.randn(9)), torch.randn(9, dtype=torch.bfloat16))
     for x in (torch.randn(130), torch.randn(3, 130), torch.randn(2, 4, 130), torch.randn(0, 130)):
-        general = kernels.bitlinear(x, pw, out_dtype=torch.float32)
-        for _ in range(2):  # the call that makes the shape's plan, then the planned one
-            got = kernels.bitlinear(x, pw)
-            assert got.shape == (*x.shape[:-1], 9) and torch.equal(got, general)
-        torch.testing.assert_close(got, reference.bitlinear(x, w), rtol=1e-5, atol=1e-4)
+        for bias in biases:
+            general = kernels.bitlinear(x, pw, bias, out_dtype=torch.float32)
+            for _ in range(2):  # the call that makes the shape's plan, then the planned one
+                got = kernels.bitlinear(x, pw, bias)
+                assert got.shape == (*x.shape[:-1], 9) and torch.equal(got, general)
+            if bias is None or bias.dtype == torch.float32:
+                want = reference.bitlinear(x, w, None if bias is None else bias.detach())
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
+        kernels.bitlinear(torch.randn(2, 130), pw, torch.randn(8))
+    x, bias = torch.randn(2, 130), torch.nn.Parameter(torch.randn(9))
+    for change in (lambda: None, lambda: bias.data.add_(1.0), lambda: setattr(bias, "data", torch.randn(9)),
+                   lambda: setattr(bias, "data", torch.randn(9).half())):  # the kept bias view follows each change
+        change()
+        assert torch.equal(kernels.bitlinear(x, pw, bias), kernels.bitlinear(x, pw, bias.detach().clone(),
+                                                                             out_dtype=torch.float32))
     x = torch.randn(3, 130)
     cpu.configure(gemm_min_m=4)
     kernels.bitlinear(x, pw)
