@@ -541,9 +541,10 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
     (`_bias_view`), so a call is the output's allocation and one Numba dispatch (~5 us of a ~15 us 256 x 256 call
     saved; docs/kernels.md)."""
-    b = None if bias is None else _bias_view(view, bias, pw.shape[0])
-    if b is False:
-        return None
+    if bias is not None:
+        bias_np = _bias_view(view, bias, pw.shape[0])
+        if bias_np is False:
+            return None
     shape = x.shape
     plan = view[3].get(shape)
     if plan is None or plan[0] != _epoch:
@@ -551,7 +552,10 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     if not plan[1]:  # no one-thread packed plan for this shape: the general path (None if x is not (..., K))
         return None if plan[1] is None else bitlinear(x, pw, bias, _F32)
     out = x.new_empty(*plan[1])
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2], b, *plan[3])
+    if bias is None:
+        _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2])
+    else:
+        _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[3], bias_np, *plan[4])
     return out
 
 
@@ -571,10 +575,10 @@ def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
 
 
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
-    """(epoch, output sizes, _bitlinear_packed's arguments between the two addresses and the bias, those after it)
-    for fp32 x of `shape` against pw, cached in view: sizes are None when x is not (..., K), () when the call is
-    not a one-thread packed one (work of at least tuning.SERIAL_WORK, or the int_mm engine's M), which then takes
-    the general path."""
+    """(epoch, output sizes, _bitlinear_packed's arguments after the two addresses without a bias, then those
+    before and after the bias) for fp32 x of `shape` against pw, cached in view: sizes are None when x is not
+    (..., K), () when the call is not a one-thread packed one (work of at least tuning.SERIAL_WORK, or the int_mm
+    engine's M), which then takes the general path."""
     n, k = pw.shape
     p = _params or params()
     sizes, head, tail = None, (), ()
@@ -587,7 +591,7 @@ def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()
-    plans[shape] = plan = (_epoch, sizes, head, tail)
+    plans[shape] = plan = (_epoch, sizes, (*head, None, *tail), head, tail)
     return plan
 
 
