@@ -304,7 +304,8 @@ def bitlinear(
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight.
     (Decode calls it per layer per token: the common case, fp32 x on the CPU against a weight the numba backend
-    has already served, is recognised from a few attribute reads and skips the checks below.)"""
+    has already served, with no bias or an fp32 one and no out_dtype, is recognised from a few attribute reads and
+    skips the checks below; cpu.bitlinear_fp32 hands back None for what they must judge.)"""
     view = pw.views.get("numba") if type(pw) is PackedWeight else None  # filled by the numba backend: CPU i2
     if (view is not None and out_dtype is None and type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu
             and x.is_contiguous() and _no_forced_backend()):
