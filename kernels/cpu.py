@@ -539,8 +539,8 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     bias: x fp32, contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); fp32 out. None when x is
     not (..., K) or the bias is not an fp32 CPU vector of N (the general path then converts or says what is wrong).
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
-    (`_bias_view`), so a call is the output's allocation and one Numba dispatch (~5 us of a ~15 us 256 x 256 call
-    saved; docs/kernels.md)."""
+    (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
+    was ~16; a 1024 x 1024 one on 2 threads: ~36 us, was ~45; docs/kernels.md)."""
     if bias is not None:
         bias_np = _bias_view(view, bias, pw.shape[0])
         if bias_np is False:
@@ -549,13 +549,17 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     plan = view[3].get(shape)
     if plan is None or plan[0] != _epoch:
         plan = _decode_plan(pw, view, shape)
-    if not plan[1]:  # no one-thread packed plan for this shape: the general path (None if x is not (..., K))
+    if not plan[1]:  # x is not (..., K) (None), or the int_mm engine serves this M (): the general path
         return None if plan[1] is None else bitlinear(x, pw, bias, _F32)
     out = x.new_empty(*plan[1])
-    if bias is None:
+    if bias is None and plan[2]:  # one thread, no bias: the arguments as planned
         _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2])
-    else:
-        _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[3], bias_np, *plan[4])
+        return out
+    work = plan[5]
+    threads = 1 if work < tuning.SERIAL_WORK else _threads(_params, work)  # torch's count may change between calls
+    if threads > 1:
+        set_threads(threads)
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[3], None if bias is None else bias_np, threads, *plan[4])
     return out
 
 
@@ -575,23 +579,25 @@ def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
 
 
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
-    """(epoch, output sizes, _bitlinear_packed's arguments after the two addresses without a bias, then those
-    before and after the bias) for fp32 x of `shape` against pw, cached in view: sizes are None when x is not
-    (..., K), () when the call is not a one-thread packed one (work of at least tuning.SERIAL_WORK, or the int_mm
-    engine's M), which then takes the general path."""
+    """(epoch, output sizes, a one-thread no-bias call's arguments after the two addresses (or ()), the arguments
+    before the bias, those after the thread count, the work in multiply-adds) for fp32 x of `shape` against pw,
+    cached in view. Sizes are None when x is not (..., K) and () when the int_mm engine serves this M."""
     n, k = pw.shape
     p = _params or params()
-    sizes, head, tail = None, (), ()
+    sizes, serial, head, rest, work = None, (), (), (), 0
     if len(shape) and shape[-1] == k:
         m = 1
         for d in shape[:-1]:
             m *= d
-        sizes = () if m * n * k >= tuning.SERIAL_WORK or _int_mm_engine(m, p) else (*shape[:-1], n)
-        head, tail = (view[2], m, k, n, view[1]), (1, p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
+        work = m * n * k
+        sizes = () if _int_mm_engine(m, p) else (*shape[:-1], n)
+        head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
+        if work < tuning.SERIAL_WORK:
+            serial = (*head, None, 1, *rest)
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()
-    plans[shape] = plan = (_epoch, sizes, (*head, None, *tail), head, tail)
+    plans[shape] = plan = (_epoch, sizes, serial, head, rest, work)
     return plan
 
 
