@@ -15,6 +15,7 @@ call (`cache=True`).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numba
@@ -432,9 +433,9 @@ def _launch(p: dict, m: int, work: int) -> tuple[int, int, bool, int]:
 
 
 def _i2(pw: PackedWeight) -> tuple[np.ndarray, float, int, dict]:
-    """(i2 data as a NumPy array, gamma as a float, the array's address, bitlinear_fp32's plans by x's shape),
-    made once per PackedWeight (~4 us saved per call); the view holds the array, so the address stays valid as
-    long as pw."""
+    """(i2 data as a NumPy array, gamma as a float, the array's address, bitlinear_fp32's cache: its plans by x's
+    shape and, under "bias", the last bias's view), made once per PackedWeight (~4 us saved per call); the view
+    holds the array, so the address stays valid as long as pw."""
     view = pw.views.get("numba")
     if view is None:
         if pw.format != "i2":
@@ -540,7 +541,7 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     not (..., K) or the bias is not an fp32 CPU vector of N (the general path then converts or says what is wrong).
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
     (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
-    was ~16; a 1024 x 1024 one on 2 threads: ~36 us, was ~45; docs/kernels.md)."""
+    was ~16; a 1024 x 1024 one on 2 threads: ~39 us, was ~42; docs/kernels.md)."""
     if bias is not None:
         bias_np = _bias_view(view, bias, pw.shape[0])
         if bias_np is False:
@@ -586,9 +587,7 @@ def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
     p = _params or params()
     sizes, serial, head, rest, work = None, (), (), (), 0
     if len(shape) and shape[-1] == k:
-        m = 1
-        for d in shape[:-1]:
-            m *= d
+        m = math.prod(shape[:-1])
         work = m * n * k
         sizes = () if _int_mm_engine(m, p) else (*shape[:-1], n)
         head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
