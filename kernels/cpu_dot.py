@@ -65,7 +65,7 @@ def detect_isa(features: dict[str, bool] | None = None, forced: str | None = Non
 ISA = detect_isa()
 WIDE = 64 if ISA == "vnni512" else 32  # packed bytes per vector load
 ACCS = 16 if ISA == "vnni512" else 8  # int32 vector accumulators per tile (32 zmm vs 16 ymm registers)
-DOT_LAYOUT_PAIRS = WIDE == 64  # activations pair-interleaved per two blocks (see cpu._dot_layout)
+DOT_LAYOUT_PAIRS = WIDE == 64  # activations pair-interleaved per two blocks (see cpu_engine._dot_layout)
 
 _I8x32 = ir.VectorType(ir.IntType(8), 32)
 _I16x16 = ir.VectorType(ir.IntType(16), 16)
@@ -326,7 +326,7 @@ def make_outer_dot(rows: int, nv: int, isa: str = ISA):
 
         out[t, oc + s] = sum_k xq[r + t, k] * c[8 g + s, k]
 
-    on weights in the layout of `cpu.interleave_panel` (wi row g: dword d of every i2 block of weight
+    on weights in the layout of `cpu_engine.interleave_panel` (wi row g: dword d of every i2 block of weight
     rows 8g..8g+7, side by side), so that vector lanes are outputs: each 4-byte activation group is broadcast and
     `vpmaddubsw` pairs it with the codes of 8 outputs; `vpmaddwd` by ones then leaves one int32 lane per output.
     Unlike the row-dot tiles there is no horizontal reduction and the store is one vector per 8 outputs, so the

@@ -4,7 +4,7 @@
 positions pos.. through every layer against a static KV cache and returns the final-normed hidden state of the last
 token. Per layer:
 
-    h = rmsnorm(x)                          -> int8 per row -> q, k, v (packed i2 GEMV/GEMM, `cpu._mm`)
+    h = rmsnorm(x)                          -> int8 per row -> q, k, v (packed i2 GEMV/GEMM, `cpu_engine._mm`)
     rope(q, k); cache[pos..] = k, v; attention over the cache (grouped-query heads)   [optional SubLN]
     x += o_proj(attn)
     h = rmsnorm(x) -> int8 -> gate, up -> silu(gate) * up (or relu(up)^2)            [optional SubLN]
@@ -27,8 +27,8 @@ import numpy as np
 from numba import carray, njit, prange
 
 from . import numba_cache
-from .cpu import _dot_one, _mm, _quant_row
 from .cpu_dot import address_as, fetch_add, make_i8_dot
+from .cpu_engine import _dot_one, _mm, _quant_row
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 

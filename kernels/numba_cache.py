@@ -1,6 +1,6 @@
 """Numba's on-disk cache, keyed on everything a CPU kernel is built from, not only the function's own file.
 
-Numba reuses a cached function while its own source file is unchanged, but a kernel in `cpu.py` inlines the
+Numba reuses a cached function while its own source file is unchanged, but a kernel in `cpu_engine.py` inlines the
 dot-product tiles of `cpu_dot.py` and freezes module constants (the instruction set, the register tile, the block
 size) into its code. Without this, editing `cpu_dot.py` alone (or `git pull` in an editable install) kept serving
 the old kernels, and a run with `BITNET_FAST_CPU_ISA` forced found the host ISA's kernels in the cache and measured

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from bitnet_fast.kernels import cpu, reference, tuning
+from bitnet_fast.kernels import cpu, cpu_engine, reference, tuning
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -182,7 +182,7 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
     (cpu.bitlinear_fp32, planned per x shape): the same bits as the general path (out_dtype given), the same
     errors, and it follows cpu.configure and BITNET_FAST_BACKEND changed between calls."""
     calls = []
-    packed = cpu._bitlinear_packed
+    packed = cpu_engine._bitlinear_packed
     monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[2:]) or packed(*a))
     w = torch.randn(9, 130)
     pw = kernels.pack(w)
@@ -389,7 +389,7 @@ def test_interleave_panel_layout(n, k, seed):
     p1 = int(rng.integers(p0 + 1, n + 1))
     groups = -(-(p1 - p0) // 8)
     wi = np.full((groups, wp.shape[1] * 8), 0xAB, np.uint8)  # junk: every byte must be written
-    cpu.interleave_panel(wp, p0, p1, wi)
+    cpu_engine.interleave_panel(wp, p0, p1, wi)
     rows = np.zeros((groups * 8, wp.shape[1]), np.uint8)
     rows[: p1 - p0] = wp[p0:p1]
     want = rows.view(np.uint32).reshape(groups, 8, -1).transpose(0, 2, 1).reshape(groups, -1)
@@ -404,7 +404,7 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(mo
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2")
     calls = []
-    packed = cpu._bitlinear_packed
+    packed = cpu_engine._bitlinear_packed
     monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[8]) or packed(*a))
     old = cpu.params()["threads"]
     try:
@@ -439,13 +439,15 @@ def test_one_thread_runs_in_place_and_agrees_with_the_pool(path):
 _ISA_RUN = """
 import json, re, sys, numba, numpy as np, torch
 from bitnet_fast import kernels
-from bitnet_fast.kernels import cpu, reference
+from bitnet_fast.kernels import cpu, cpu_engine, reference
 assert cpu.ISA == {isa!r}
 g = torch.Generator().manual_seed(0)
 run = {run}
 # The packed engine's entry points: the fused quantizing forward (inference and training), the quantized-input
-# matmul with its epilogue, and the exact int32 product. Each compiles cpu._mm for its own output and scale types.
-ENTRIES = (cpu._bitlinear_packed, cpu._bitlinear_train_packed, cpu._matmul_packed, cpu._matmul_int_packed)
+# matmul with its epilogue, and the exact int32 product. Each compiles
+# cpu_engine._mm for its own output and scale types.
+E = cpu_engine
+ENTRIES = (E._bitlinear_packed, E._bitlinear_train_packed, E._matmul_packed, E._matmul_int_packed)
 for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     wt = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
@@ -469,8 +471,8 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
         assert torch.equal(y, want) and torch.equal(xq_t, xq_f) and torch.equal(s_t, s_f)
         assert torch.equal(kernels.matmul(xq_f, s_f, pw, None, torch.float32), want)
 pat = r"\\b(vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpmovsxbd)\\b"
-per_mm = [sorted(set(re.findall(pat, cpu._mm.inspect_asm(sig)))) for sig in cpu._mm.signatures]
-every = sorted(set(re.findall(pat, "".join(f.inspect_asm(sig) for f in (cpu._mm, *ENTRIES) for sig in f.signatures))))
+per_mm = [sorted(set(re.findall(pat, E._mm.inspect_asm(sig)))) for sig in E._mm.signatures]
+every = sorted(set(re.findall(pat, "".join(f.inspect_asm(sig) for f in (E._mm, *ENTRIES) for sig in f.signatures))))
 print(json.dumps({{"mm_signatures": per_mm, "entries": [len(f.signatures) for f in ENTRIES], "all": every}}))
 """
 

@@ -12,10 +12,10 @@ from bitnet_fast.kernels import numba_cache
 _RUN = """
 import json, torch
 from bitnet_fast import kernels
-from bitnet_fast.kernels import cpu
+from bitnet_fast.kernels import cpu_engine
 kernels.quantize_activations(torch.randn(4, 64))
-stats = cpu._quantize.stats
-print(json.dumps({"isa": cpu.ISA, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+stats = cpu_engine._quantize.stats
+print(json.dumps({"isa": cpu_engine.ISA, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
 """
 
 
