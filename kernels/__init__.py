@@ -303,13 +303,18 @@ def bitlinear(
     x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight.
-    (Decode calls it per layer per token: the common case, fp32 x on the CPU against a weight the numba backend
-    has already served, with no bias or an fp32 one and no out_dtype, is recognised from a few attribute reads and
-    skips the checks below; cpu.bitlinear_fp32 hands back None for what they must judge.)"""
+    (Decode calls it per layer per token: a CPU x against a weight the numba backend has already served is
+    recognised from a few attribute reads and skips the checks below -- fp32 contiguous x with no out_dtype goes
+    straight to cpu.bitlinear_fp32, other float x or out dtypes through cpu.bitlinear_cast, which converts as the
+    general path does; both hand back None for what the checks must judge.)"""
     view = pw.views.get("numba") if type(pw) is PackedWeight else None  # filled by the numba backend: CPU i2
-    if (view is not None and out_dtype is None and type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu
-            and x.is_contiguous() and _no_forced_backend()):
-        y = _loaded["numba"].bitlinear_fp32(x, pw, view, bias)
+    if view is not None and type(x) is torch.Tensor and x.is_cpu and _no_forced_backend():
+        if out_dtype is None and x.dtype is _F32 and x.is_contiguous():
+            y = _loaded["numba"].bitlinear_fp32(x, pw, view, bias)
+        elif x.dtype in FLOAT_DTYPES and (out_dtype is None or out_dtype in OUT_DTYPES):
+            y = _loaded["numba"].bitlinear_cast(x, pw, view, bias, out_dtype or x.dtype)
+        else:
+            y = None
         if y is not None:  # None: x's shape or the bias does not fit, and the checks below say how (or convert)
             return y
     _check_tensor("x", x, FLOAT_DTYPES)

@@ -206,14 +206,16 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     _, gamma, w_addr, _ = _i2(pw)
     # fp32 like x now; integer sizes, as new_empty(tuple) and torch.empty(..., dtype=) cost ~1.5 us more
     out = x.new_empty(m, n) if len(shape) == 2 else x.new_empty(*shape[:-1], n)
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), w_addr, m, k, n, gamma, _bias(bias), *_launch(p, m, m * n * k))
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), 0, w_addr, m, k, n, gamma, _bias(bias), *_launch(p, m, m * n * k))
     return out if out_dtype is _F32 else out.to(out_dtype)
 
 
-def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
+def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None, kinds: int = 0,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape and the
-    bias: x fp32, contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); fp32 out. None when x is
-    not (..., K) or the bias is not an fp32 CPU vector of N (the general path then converts or says what is wrong).
+    bias: x fp32 (bf16 when kinds & 1), contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); out
+    in x's dtype unless out_dtype says (bf16 when kinds & 2, else fp32). None when x is not (..., K) or the bias is
+    not a float CPU vector of N (the general path then says what is wrong).
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
     (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
     was ~16; a 1024 x 1024 one on 2 threads: ~39 us, was ~42; docs/kernels.md)."""
@@ -226,29 +228,55 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     if plan is None or plan[0] != _epoch:
         plan = _decode_plan(pw, view, shape)
     if not plan[1]:  # x is not (..., K) (None), or the int_mm engine serves this M (): the general path
-        return None if plan[1] is None else bitlinear(x, pw, bias, _F32)
-    out = x.new_empty(*plan[1])
+        return None if plan[1] is None else bitlinear(x, pw, bias, out_dtype or _F32)
+    out = x.new_empty(*plan[1]) if out_dtype is None else x.new_empty(*plan[1], dtype=out_dtype)
     if bias is None and plan[2]:  # one thread, no bias: the arguments as planned
-        _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[2])
+        _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[2])
         return out
     work = plan[5]
     threads = 1 if work < tuning.SERIAL_WORK else _threads(_params, work)  # torch's count may change between calls
     if threads > 1:
         set_threads(threads)
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), *plan[3], None if bias is None else bias_np, threads, *plan[4])
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], None if bias is None else bias_np, threads,
+                      *plan[4])
     return out
 
 
+_BF16 = torch.bfloat16
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor | None:
+    """`bitlinear_fp32` for kernels.bitlinear's other float cases (bf16 / fp16 or non-contiguous x, an out_dtype),
+    with the same bits as the general path, which converts to fp32 and back with torch: bf16 x and out are converted
+    inside the kernel (exactly, and rounded to nearest even as torch rounds), the rest with torch here. The general
+    path's checks cost ~16 us at M=1 and torch's conversions 5-8 us each way."""
+    kinds = 0
+    if x.dtype is _BF16 and x.is_contiguous():
+        kinds = 1
+    elif x.dtype is not _F32 or not x.is_contiguous():
+        x = x.detach().float().contiguous()
+    if out_dtype is _BF16:
+        return bitlinear_fp32(x, pw, view, bias, kinds | 2, out_dtype)
+    y = bitlinear_fp32(x, pw, view, bias, kinds, _F32)
+    return y if y is None or out_dtype is _F32 else y.to(out_dtype)
+
+
 def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
-    """The NumPy view of an fp32 CPU bias of n, or False when it is not one. The last bias seen is kept in view
-    (a layer passes the same Parameter every call): a hit is the same object at the same address (a tensor given
-    new storage, `.data = ...`, has another address, as the kept view holds the old one alive)."""
+    """The fp32 NumPy view of a float CPU bias of n, or False when it is not one. The view of an fp32 contiguous
+    bias is kept in view (a layer passes the same Parameter every call): a hit is the same object at the same
+    address (a tensor given new storage, `.data = ...`, has another address, as the kept view holds the old one
+    alive). A bf16 / fp16 or strided bias is converted every call: a kept copy could miss an in-place change made
+    through `.data`, which no version counter sees."""
     hit = view[3].get("bias")
     if hit is not None and hit[0] is bias and bias.data_ptr() == hit[2]:
         return hit[1]
     if not (type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter) or not (
-            bias.dtype is _F32 and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n and bias.is_contiguous()):
+            bias.dtype in _FLOATS and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n):
         return False
+    if bias.dtype is not _F32 or not bias.is_contiguous():
+        return bias.detach().float().contiguous().numpy()
     b = bias.detach().numpy()
     view[3]["bias"] = (bias, b, b.ctypes.data)
     return b

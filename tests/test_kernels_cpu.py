@@ -178,32 +178,57 @@ def test_leading_dims_equal_the_flattened_call(path):
 
 
 def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monkeypatch):
-    """kernels.bitlinear(x, pw) with fp32 CPU x and no bias skips the checks once the numba backend has served pw
-    (cpu.bitlinear_fp32, planned per x shape): the same bits as the general path (out_dtype given), the same
-    errors, and it follows cpu.configure and BITNET_FAST_BACKEND changed between calls."""
+    """kernels.bitlinear(x, pw) on a CPU x skips the checks once the numba backend has served pw (cpu.bitlinear_fp32
+    for fp32 x, cpu.bitlinear_cast for bf16 / fp16 / strided x or an out_dtype; planned per x shape): the same bits
+    as the general path (BITNET_FAST_BACKEND set), the same errors, and it follows cpu.configure and
+    BITNET_FAST_BACKEND changed between calls."""
     calls = []
     packed = cpu_engine._bitlinear_packed
     monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[2:]) or packed(*a))
+
+    def general(*args, **kw):
+        with monkeypatch.context() as m:
+            m.setenv("BITNET_FAST_BACKEND", "numba")
+            return kernels.bitlinear(*args, **kw)
+
     w = torch.randn(9, 130)
     pw = kernels.pack(w)
-    biases = (None, torch.randn(9), torch.nn.Parameter(torch.randn(9)), torch.randn(9, dtype=torch.bfloat16))
+    biases = (None, torch.randn(9), torch.nn.Parameter(torch.randn(9)), torch.randn(9, dtype=torch.bfloat16),
+              torch.randn(18)[::2])
     for x in (torch.randn(130), torch.randn(3, 130), torch.randn(2, 4, 130), torch.randn(0, 130)):
         for bias in biases:
-            general = kernels.bitlinear(x, pw, bias, out_dtype=torch.float32)
+            want = general(x, pw, bias)
             for _ in range(2):  # the call that makes the shape's plan, then the planned one
                 got = kernels.bitlinear(x, pw, bias)
-                assert got.shape == (*x.shape[:-1], 9) and torch.equal(got, general)
+                assert got.shape == (*x.shape[:-1], 9) and torch.equal(got, want)
             if bias is None or bias.dtype == torch.float32:
-                want = reference.bitlinear(x, w, None if bias is None else bias.detach())
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+                ref = reference.bitlinear(x, w, None if bias is None else bias.detach())
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    x = torch.randn(5, 130)
+    x[3, 7] = float("nan")  # NaN rows: NaN out (bf16 NaN bits may differ: torch's vector and scalar code differ)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for xd in (x.to(dtype), x.to(dtype).t().contiguous().t()):
+            for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+                for bias in biases[:4]:
+                    got, want = kernels.bitlinear(xd, pw, bias, out_dtype), general(xd, pw, bias, out_dtype)
+                    assert got.dtype == want.dtype == (out_dtype or dtype)
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    n_calls = len(calls)
+    kernels.bitlinear(x.bfloat16(), pw, None, torch.bfloat16)
+    assert len(calls) == n_calls + 1 and calls[-1][0] == 3  # bf16 in and out: converted inside the kernel
     with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
         kernels.bitlinear(torch.randn(2, 130), pw, torch.randn(8))
+    with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
+        kernels.bitlinear(torch.randn(2, 130).bfloat16(), pw, torch.randn(8))
+    with pytest.raises(TypeError, match=r"out_dtype=torch\.int32 is not supported"):
+        kernels.bitlinear(torch.randn(2, 130), pw, None, torch.int32)
     x, bias = torch.randn(2, 130), torch.nn.Parameter(torch.randn(9))
+    half = torch.nn.Parameter(torch.randn(9).bfloat16())
     for change in (lambda: None, lambda: bias.data.add_(1.0), lambda: setattr(bias, "data", torch.randn(9)),
-                   lambda: setattr(bias, "data", torch.randn(9).half())):  # the kept bias view follows each change
-        change()
-        assert torch.equal(kernels.bitlinear(x, pw, bias), kernels.bitlinear(x, pw, bias.detach().clone(),
-                                                                             out_dtype=torch.float32))
+                   lambda: setattr(bias, "data", torch.randn(9).half()), lambda: half.data.add_(1.0)):
+        change()  # the kept bias view follows each change; a converted bias is converted every call
+        for b in (bias, half):
+            assert torch.equal(kernels.bitlinear(x, pw, b), general(x, pw, b.detach().clone()))
     x = torch.randn(3, 130)
     cpu.configure(gemm_min_m=4)
     kernels.bitlinear(x, pw)
@@ -405,7 +430,7 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(mo
         pytest.skip("needs NUMBA_NUM_THREADS >= 2")
     calls = []
     packed = cpu_engine._bitlinear_packed
-    monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[8]) or packed(*a))
+    monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[9]) or packed(*a))
     old = cpu.params()["threads"]
     try:
         cpu.configure(threads=2)
@@ -456,7 +481,7 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
     if not run:  # compile for the target CPU only (it may not be this one): never call compiled code
         wp, tiling = pw.data.numpy(), (2, 1 << 18, True, 1)
         s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
-        for fn, args in zip(ENTRIES, [(x.data_ptr(), x.data_ptr(), wp.ctypes.data, m, k, n, 0.5, bias, *tiling),
+        for fn, args in zip(ENTRIES, [(x.data_ptr(), x.data_ptr(), 0, wp.ctypes.data, m, k, n, 0.5, bias, *tiling),
                                       (x.numpy(), 0.5, wp, None, *tiling),
                                       (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
             fn.compile(tuple(numba.typeof(a) for a in args))

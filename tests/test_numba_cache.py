@@ -15,7 +15,8 @@ from bitnet_fast import kernels
 from bitnet_fast.kernels import cpu_engine
 kernels.quantize_activations(torch.randn(4, 64))
 stats = cpu_engine._quantize.stats
-print(json.dumps({"isa": cpu_engine.ISA, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+hits, misses = sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+print(json.dumps({"isa": cpu_engine.ISA, "hits": hits, "misses": misses}))
 """
 
 

@@ -1,6 +1,7 @@
 """A/B the CPU kernels of another commit against this checkout's, in one process.
 
     python tools/ab_kernels.py --base HEAD~1 [--threads 2] [--shapes 1x256x256,1x4096x4096] [--rounds 21]
+                               [--dtype bfloat16] [--bias]
 
 Checks out `--base` into a temporary git worktree, imports its `kernels/` package beside ours (as "base_kernels"),
 and times `kernels.bitlinear(x, pw)` of both, interleaved round by round (which goes first alternates), on **one
@@ -47,15 +48,18 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def compare(base: ModuleType, m: int, k: int, n: int, rounds: int) -> tuple[float, float, float]:
-    """(base us, ours us, median per-round base / ours) for bitlinear on one (M, K) input and (N, K) weight."""
-    x, ours = torch.randn(m, k), kernels.pack(torch.randn(n, k))
+def compare(base: ModuleType, m: int, k: int, n: int, rounds: int, dtype: torch.dtype = torch.float32,
+            bias: bool = False) -> tuple[float, float, float]:
+    """(base us, ours us, median per-round base / ours) for bitlinear on one (M, K) input of `dtype` and (N, K)
+    weight, with an nn.Parameter bias of `dtype` if `bias`."""
+    x, ours = torch.randn(m, k).to(dtype), kernels.pack(torch.randn(n, k))
+    b = torch.nn.Parameter(torch.randn(n).to(dtype)) if bias else None
     theirs = base.PackedWeight(ours.data, ours.gamma, ours.shape, ours.format)  # the same buffer
-    if not torch.equal(kernels.bitlinear(x, ours), base.bitlinear(x, theirs)):
+    if not torch.equal(kernels.bitlinear(x, ours, b), base.bitlinear(x, theirs, b)):
         raise SystemExit(f"{m}x{k}x{n}: outputs differ between the base and this checkout")
     calls = max(20, int(2e6 // (n * k)))
     times: dict[str, list[float]] = {"base": [], "ours": []}
-    cases = [("base", lambda: base.bitlinear(x, theirs)), ("ours", lambda: kernels.bitlinear(x, ours))]
+    cases = [("base", lambda: base.bitlinear(x, theirs, b)), ("ours", lambda: kernels.bitlinear(x, ours, b))]
     for r in range(rounds):
         for name, fn in cases if r % 2 else cases[::-1]:
             times[name].append(per_call_us(fn, calls))
@@ -70,7 +74,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x256x256,1x256x688,4x256x256,1x2048x2048,1x4096x4096",
                     help="MxKxN,MxKxN,...")
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="x's dtype")
+    ap.add_argument("--bias", action="store_true", help="an nn.Parameter bias of x's dtype")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             base = load_base(args.base, Path(tmp) / "base")
@@ -78,11 +85,12 @@ def main() -> None:
             torch.set_num_threads(args.threads)
             cpu.configure(threads=args.threads)
             base_cpu.configure(threads=args.threads)
-            print(f"threads {args.threads}; base {args.base}; ratio = base / ours (> 1: ours faster)")
+            print(f"threads {args.threads}; x {args.dtype}{', bias' if args.bias else ''}; base {args.base}; "
+                  "ratio = base / ours (> 1: ours faster)")
             print("| M | K | N | base us | ours us | base / ours |\n|---|---|---|---|---|---|")
             for shape in args.shapes.split(","):
                 m, k, n = (int(v) for v in shape.split("x"))
-                b, o, ratio = compare(base, m, k, n, args.rounds)
+                b, o, ratio = compare(base, m, k, n, args.rounds, dtype, args.bias)
                 print(f"| {m} | {k} | {n} | {b:.1f} | {o:.1f} | {ratio:.3f}x |")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "base")],
