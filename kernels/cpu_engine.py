@@ -122,6 +122,8 @@ def _mm(xq, xsum, scale, wp, bias, out, threads, panel_bytes, gemm_rows, outer_r
     tasks = 8 * threads
     panel = min(n, max(4 * NR, panel_bytes // kb))
     npanels = ((n + panel - 1) // panel + threads - 1) // threads * threads  # every thread gets as many panels
+    if threads > 1 and not gemm_rows:  # a GEMV streams its panels once: small ones balance the threads
+        npanels = max(npanels, 4 * threads)
     npanels = min(npanels, max(1, n // (4 * NR)))
     mtiles = (m + MR - 1) // MR
     mblocks = min(mtiles, max(1, (tasks + npanels - 1) // npanels))
