@@ -121,8 +121,11 @@ def _i2(pw: PackedWeight) -> tuple[np.ndarray, float, int, dict]:
     return view
 
 
-def _bias(bias: torch.Tensor | None) -> np.ndarray | None:
-    return None if bias is None else _f32(bias)
+_NO_BIAS = np.empty(0, np.float32)  # the engine's "no bias" (an empty array: one compiled engine for both)
+
+
+def _bias(bias: torch.Tensor | None) -> np.ndarray:
+    return _NO_BIAS if bias is None else _f32(bias)
 
 
 def _int_mm_engine(m: int, p: dict) -> bool:
@@ -237,7 +240,7 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     threads = 1 if work < tuning.SERIAL_WORK else _threads(_params, work)  # torch's count may change between calls
     if threads > 1:
         set_threads(threads)
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], None if bias is None else bias_np, threads,
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], _NO_BIAS if bias is None else bias_np, threads,
                       *plan[4])
     return out
 
@@ -295,7 +298,7 @@ def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
         sizes = () if _int_mm_engine(m, p) else (*shape[:-1], n)
         head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
         if work < tuning.SERIAL_WORK:
-            serial = (*head, None, 1, *rest)
+            serial = (*head, _NO_BIAS, 1, *rest)
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()

@@ -88,7 +88,9 @@ def _dot_layout(xp):
 # --------------------------------------------------------------------------------------------- the engine
 @njit(cache=True)
 def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
-    """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) (int32 out when scale is None), else * scale (+ bias) in fp32."""
+    """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) (int32 out when scale is None), else * scale (+ bias unless it
+    is empty) in fp32. The bias is always an fp32 array (empty for none): a None would compile the engine's drivers
+    a second time (~20 s per ISA and output type)."""
     w = acc.shape[1]
     for t in range(nr):
         xs = xsum[r + t]
@@ -97,7 +99,7 @@ def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
                 out[r + t, p0 + i] = acc[t, i] - xs
         else:
             sc = scale[r + t]
-            if bias is None:
+            if bias.shape[0] == 0:
                 for i in range(w):
                     out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc
             else:
@@ -340,7 +342,7 @@ def _matmul_int_packed(xq, wp, threads, panel_bytes, gemm_rows, outer_rows):
     """(M, K) int8 times i2 on the packed engine -> the exact (M, N) int32 product."""
     xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
     out = np.empty((xq.shape[0], wp.shape[0]), np.int32)
-    _mm(xp, xsum, None, wp, None, out, threads, panel_bytes, gemm_rows, outer_rows)
+    _mm(xp, xsum, None, wp, np.empty(0, np.float32), out, threads, panel_bytes, gemm_rows, outer_rows)
     return out
 
 
@@ -380,10 +382,10 @@ def _dequant_x(xq, s, out):
 
 @njit(cache=True, parallel=True)
 def _epilogue(acc, n0, scale, bias, out) -> None:
-    """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t]), in fp32."""
+    """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t] unless bias is empty), in fp32."""
     for r in prange(out.shape[0]):
         for i in range(acc.shape[1]):
-            if bias is None:
+            if bias.shape[0] == 0:
                 out[r, n0 + i] = np.float32(acc[r, i]) * scale[r]
             else:
                 out[r, n0 + i] = np.float32(acc[r, i]) * scale[r] + bias[n0 + i]

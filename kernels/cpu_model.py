@@ -64,7 +64,7 @@ def _project(h, wp, gamma, out, tiling) -> None:
     xsum = np.empty(m, np.int32)
     for r in range(m):
         _quant_row(h, r, xq, s, xsum)
-    _mm(xq, xsum, np.float32(gamma) / s, wp, None, out, *tiling)
+    _mm(xq, xsum, np.float32(gamma) / s, wp, np.empty(0, np.float32), out, *tiling)
 
 
 @njit(cache=True)

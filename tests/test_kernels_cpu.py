@@ -482,8 +482,8 @@ for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
         wp, tiling = pw.data.numpy(), (2, 1 << 18, True, 1)
         s, bias = np.ones(m, np.float32), np.zeros(n, np.float32)
         for fn, args in zip(ENTRIES, [(x.data_ptr(), x.data_ptr(), 0, wp.ctypes.data, m, k, n, 0.5, bias, *tiling),
-                                      (x.numpy(), 0.5, wp, None, *tiling),
-                                      (xq.numpy(), s, 0.5, wp, None, *tiling), (xq.numpy(), wp, *tiling)]):
+                                      (x.numpy(), 0.5, wp, bias, *tiling),
+                                      (xq.numpy(), s, 0.5, wp, bias, *tiling), (xq.numpy(), wp, *tiling)]):
             fn.compile(tuple(numba.typeof(a) for a in args))
         continue
     for gemm_min_m, outer in ((1, 1 << 30), (1 << 20, 1), (1, 1)):

@@ -206,12 +206,13 @@ def test_pair_ctrl_c_stops_both_and_resume_finishes_both(wikitext_dir, tmp_path)
             signal.raise_signal(signal.SIGINT)
 
     cfg = _cfg(wikitext_dir, tmp_path, epochs=1, max_steps=4)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's background job
     part = train_pair(cfg, on_step=ctrl_c)
     # bitnet's step 2 raised it; fp's next turn saw it before its step 2: both checkpointed where they stopped
     assert all(r["interrupted"] for r in part.values()) and [r["steps"] for r in part.values()] == [2, 1]
     assert [load_checkpoint(sorted((tmp_path / m / "checkpoints").glob("*.pt"))[-1])["step"] for m in part] == [2, 1]
     assert not (tmp_path / "summary.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
     done = train_pair(TrainConfig(**{**cfg.__dict__, "resume": True}))
     assert [r["steps"] for r in done.values()] == [4, 4] and not any(r["interrupted"] for r in done.values())
     assert (tmp_path / "summary.json").is_file()
