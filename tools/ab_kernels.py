@@ -6,7 +6,8 @@
 Checks out `--base` into a temporary git worktree, imports its `kernels/` package beside ours (as "base_kernels"),
 and times `kernels.bitlinear(x, pw)` of both, interleaved round by round (which goes first alternates), on **one
 weight buffer shared by both**: two packs of the same weight are two allocations, and at M=1 their physical
-placement alone moved large shapes 10-30% on a 2-vCPU VM. Prints medians and the median of per-round ratios
+placement alone moved large shapes 10-30% on a 2-vCPU VM. Prints medians, the median of per-round ratios and their
+interquartile range (a wide one says the host was too noisy for a few percent to mean anything)
 (base / ours: > 1 means this checkout is faster). Both must compute bit-identical outputs.
 """
 
@@ -49,9 +50,9 @@ def per_call_us(fn, calls: int) -> float:
 
 
 def compare(base: ModuleType, m: int, k: int, n: int, rounds: int, dtype: torch.dtype = torch.float32,
-            bias: bool = False) -> tuple[float, float, float]:
-    """(base us, ours us, median per-round base / ours) for bitlinear on one (M, K) input of `dtype` and (N, K)
-    weight, with an nn.Parameter bias of `dtype` if `bias`."""
+            bias: bool = False) -> tuple[float, float, float, float, float]:
+    """(base us, ours us, median per-round base / ours, its 25th and 75th percentiles) for bitlinear on one (M, K)
+    input of `dtype` and (N, K) weight, with an nn.Parameter bias of `dtype` if `bias`."""
     x, ours = torch.randn(m, k).to(dtype), kernels.pack(torch.randn(n, k))
     b = torch.nn.Parameter(torch.randn(n).to(dtype)) if bias else None
     theirs = base.PackedWeight(ours.data, ours.gamma, ours.shape, ours.format)  # the same buffer
@@ -63,8 +64,9 @@ def compare(base: ModuleType, m: int, k: int, n: int, rounds: int, dtype: torch.
     for r in range(rounds):
         for name, fn in cases if r % 2 else cases[::-1]:
             times[name].append(per_call_us(fn, calls))
-    ratio = statistics.median(b / o for b, o in zip(times["base"], times["ours"], strict=True))
-    return statistics.median(times["base"]), statistics.median(times["ours"]), ratio
+    ratios = [b / o for b, o in zip(times["base"], times["ours"], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(times["base"]), statistics.median(times["ours"]), statistics.median(ratios), q1, q3
 
 
 def main() -> None:
@@ -87,11 +89,11 @@ def main() -> None:
             base_cpu.configure(threads=args.threads)
             print(f"threads {args.threads}; x {args.dtype}{', bias' if args.bias else ''}; base {args.base}; "
                   "ratio = base / ours (> 1: ours faster)")
-            print("| M | K | N | base us | ours us | base / ours |\n|---|---|---|---|---|---|")
+            print("| M | K | N | base us | ours us | base / ours | p25-p75 |\n|---|---|---|---|---|---|---|")
             for shape in args.shapes.split(","):
                 m, k, n = (int(v) for v in shape.split("x"))
-                b, o, ratio = compare(base, m, k, n, args.rounds, dtype, args.bias)
-                print(f"| {m} | {k} | {n} | {b:.1f} | {o:.1f} | {ratio:.3f}x |")
+                b, o, ratio, q1, q3 = compare(base, m, k, n, args.rounds, dtype, args.bias)
+                print(f"| {m} | {k} | {n} | {b:.1f} | {o:.1f} | {ratio:.3f}x | {q1:.3f}-{q3:.3f} |")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "base")],
                            check=False, capture_output=True)
