@@ -22,7 +22,7 @@ import numba
 import numpy as np
 import torch
 
-from . import tuning
+from . import FLOAT_DTYPES, tuning
 from .cpu_dot import ISA, ISAS
 from .cpu_engine import (
     _bitlinear_packed,
@@ -246,7 +246,6 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
 
 
 _BF16 = torch.bfloat16
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None,
@@ -276,10 +275,10 @@ def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
     if hit is not None and hit[0] is bias and bias.data_ptr() == hit[2]:
         return hit[1]
     if not (type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter) or not (
-            bias.dtype in _FLOATS and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n):
+            bias.dtype in FLOAT_DTYPES and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n):
         return False
     if bias.dtype is not _F32 or not bias.is_contiguous():
-        return bias.detach().float().contiguous().numpy()
+        return _f32(bias)
     b = bias.detach().numpy()
     view[3]["bias"] = (bias, b, b.ctypes.data)
     return b
