@@ -88,15 +88,17 @@ def _dot_layout(xp):
 # --------------------------------------------------------------------------------------------- the engine
 @njit(cache=True)
 def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
-    """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) (int32 out when scale is None), else * scale (+ bias unless it
-    is empty) in fp32. The bias is always an fp32 array (empty for none): a None would compile the engine's drivers
-    a second time (~20 s per ISA and output type)."""
+    """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) * scale (+ bias unless it is empty) in fp32, or when scale is
+    empty the exact int32 acc - sum(x) into out's bytes (an fp32 view of an int32 array). Scale and bias are always
+    fp32 arrays and out always fp32: another type (None, an int32 out) would compile the engine's drivers again
+    (~20 s per ISA and type combination)."""
     w = acc.shape[1]
     for t in range(nr):
         xs = xsum[r + t]
-        if scale is None:
+        if scale.shape[0] == 0:
+            out_int = out.view(np.int32)
             for i in range(w):
-                out[r + t, p0 + i] = acc[t, i] - xs
+                out_int[r + t, p0 + i] = acc[t, i] - xs
         else:
             sc = scale[r + t]
             if bias.shape[0] == 0:
@@ -339,10 +341,12 @@ def _matmul_packed(xq, s, gamma, wp, bias, threads, panel_bytes, gemm_rows, oute
 
 @njit(cache=True)
 def _matmul_int_packed(xq, wp, threads, panel_bytes, gemm_rows, outer_rows):
-    """(M, K) int8 times i2 on the packed engine -> the exact (M, N) int32 product."""
+    """(M, K) int8 times i2 on the packed engine -> the exact (M, N) int32 product (written through an fp32 view by
+    the engine that serves the float entry points: no second compile)."""
     xp, xsum = _prepare_q(xq, wp.shape[1] * 4)
     out = np.empty((xq.shape[0], wp.shape[0]), np.int32)
-    _mm(xp, xsum, None, wp, np.empty(0, np.float32), out, threads, panel_bytes, gemm_rows, outer_rows)
+    _mm(xp, xsum, np.empty(0, np.float32), wp, np.empty(0, np.float32), out.view(np.float32), threads, panel_bytes,
+        gemm_rows, outer_rows)
     return out
 
 

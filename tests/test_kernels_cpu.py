@@ -469,8 +469,8 @@ assert cpu.ISA == {isa!r}
 g = torch.Generator().manual_seed(0)
 run = {run}
 # The packed engine's entry points: the fused quantizing forward (inference and training), the quantized-input
-# matmul with its epilogue, and the exact int32 product. Each compiles
-# cpu_engine._mm for its own output and scale types.
+# matmul with its epilogue, and the exact int32 product. All of them call cpu_engine._mm with the same argument
+# types, so it compiles once (~20 s on a 2-vCPU Zen 1 per type combination).
 E = cpu_engine
 ENTRIES = (E._bitlinear_packed, E._bitlinear_train_packed, E._matmul_packed, E._matmul_int_packed)
 for m, k, n in [(1, 300, 7), (6, 128, 5), (9, 700, 13), (5, 2100, 9)]:
@@ -551,7 +551,7 @@ def test_each_isa_compiles_to_its_instruction_and_runs_exact_where_possible(isa,
     assert rc == 0, (folder / "err.txt").read_text()[-3000:]
     got = json.loads((folder / "out.txt").read_text().strip().splitlines()[-1])
     must, must_not = _ISA_ASM[isa]
-    assert len(got["mm_signatures"]) >= 2 and all(got["entries"]), got  # float and int32 outputs, every entry point
+    assert len(got["mm_signatures"]) == 1 and all(got["entries"]), got  # one engine serves every entry point
     for found in got["mm_signatures"]:  # each compiled variant of the engine uses this ISA's multiply...
         assert must <= set(found), (isa, got)
     assert not (must_not & set(got["all"])), (isa, got)  # ...and no entry point uses the slower class's

@@ -132,9 +132,12 @@ from bitnet_fast.kernels import reference
 wt = torch.randint(-1, 2, (256, 512), dtype=torch.int8)
 pw = kernels.PackedWeight(reference.pack_i2(wt), torch.tensor(0.5), (256, 512), "i2")  # no cpu_pack compile
 res = [f"import {time.perf_counter() - t0:.2f}s"]
-for name, f in [("bitlinear M=1 (packed)", lambda: kernels.bitlinear(torch.randn(1, 512), pw)),
-                ("bitlinear M=300 (int_mm)", lambda: kernels.bitlinear(torch.randn(300, 512), pw)),
-                ("matmul_int", lambda: kernels.matmul_int(torch.zeros(3, 512, dtype=torch.int8), pw)),
+xq, s = torch.zeros(3, 512, dtype=torch.int8), torch.ones(3)
+for name, f in [("bitlinear M=1", lambda: kernels.bitlinear(torch.randn(1, 512), pw)),
+                ("bitlinear M=300", lambda: kernels.bitlinear(torch.randn(300, 512), pw)),
+                ("bitlinear_train", lambda: kernels.bitlinear_train(torch.randn(4, 512), pw)),
+                ("matmul", lambda: kernels.matmul(xq, s, pw)),
+                ("matmul_int", lambda: kernels.matmul_int(xq, pw)),
                 ("grad_input", lambda: kernels.grad_input(torch.randn(4, 256), pw))]:
     t = time.perf_counter()
     f()
