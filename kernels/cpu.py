@@ -216,8 +216,9 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
 def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None, kinds: int = 0,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape and the
-    bias: x fp32 (bf16 when kinds & 1), contiguous, on the CPU; view = `_i2(pw)` (so pw is an i2 CPU weight); out
-    in x's dtype unless out_dtype says (bf16 when kinds & 2, else fp32). None when x is not (..., K) or the bias is
+    bias: x fp32 (bf16 when kinds & 1, fp16 when kinds & 4), contiguous, on the CPU; view = `_i2(pw)` (so pw is an
+    i2 CPU weight); out in x's dtype unless out_dtype says (bf16 when kinds & 2, fp16 when kinds & 8, else fp32),
+    converted inside the kernel (cpu_engine._bitlinear_packed). None when x is not (..., K) or the bias is
     not a float CPU vector of N (the general path then says what is wrong).
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
     (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
@@ -245,24 +246,26 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     return out
 
 
-_BF16 = torch.bfloat16
+_BF16, _F16 = torch.bfloat16, torch.float16
 
 
 def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None,
                    out_dtype: torch.dtype) -> torch.Tensor | None:
     """`bitlinear_fp32` for kernels.bitlinear's other float cases (bf16 / fp16 or non-contiguous x, an out_dtype),
-    with the same bits as the general path, which converts to fp32 and back with torch: bf16 x and out are converted
-    inside the kernel (exactly, and rounded to nearest even as torch rounds), the rest with torch here. The general
-    path's checks cost ~16 us at M=1 and torch's conversions 5-8 us each way."""
+    with the same bits as the general path, which converts to fp32 and back with torch: contiguous bf16 / fp16 x and
+    a bf16 / fp16 output are converted inside the kernel (cpu_convert: as torch converts), a strided x with torch
+    here. The general path's checks cost ~16 us at M=1 and torch's conversions 5-8 us each way."""
     kinds = 0
-    if x.dtype is _BF16 and x.is_contiguous():
-        kinds = 1
-    elif x.dtype is not _F32 or not x.is_contiguous():
-        x = x.detach().float().contiguous()
-    if out_dtype is _BF16:
-        return bitlinear_fp32(x, pw, view, bias, kinds | 2, out_dtype)
-    y = bitlinear_fp32(x, pw, view, bias, kinds, _F32)
-    return y if y is None or out_dtype is _F32 else y.to(out_dtype)
+    if x.dtype is not _F32 or not x.is_contiguous():
+        if x.dtype is _BF16 and x.is_contiguous():
+            kinds = 1
+        elif x.dtype is _F16 and x.is_contiguous():
+            kinds = 4
+        else:
+            x = x.detach().float().contiguous()
+    if out_dtype is _F32:
+        return bitlinear_fp32(x, pw, view, bias, kinds, _F32)
+    return bitlinear_fp32(x, pw, view, bias, kinds | (2 if out_dtype is _BF16 else 8), out_dtype)
 
 
 def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:

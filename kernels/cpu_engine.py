@@ -13,6 +13,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from . import numba_cache, reference
+from .cpu_convert import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, OUTER_LANES, address_as, fetch_add, make_dot, make_outer_dot
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
@@ -271,45 +272,23 @@ def _prepare_f(x, kp, threads):
     return xq, _dot_layout(xq), xsum, s
 
 
-@njit(cache=True)
-def _bf16_to_f32(xb):
-    """(M, K) bf16 bits (uint16) -> (M, K) fp32, exactly (bf16 is fp32's top half)."""
-    x = np.empty(xb.shape, np.float32)
-    bits = x.view(np.uint32)
-    for r in range(xb.shape[0]):
-        for j in range(xb.shape[1]):
-            bits[r, j] = np.uint32(xb[r, j]) << np.uint32(16)
-    return x
-
-
-@njit(cache=True)
-def _f32_to_bf16(y, yb) -> None:
-    """yb (M, N) bf16 bits = y (M, N) fp32 rounded to nearest even, as torch's scalar conversion rounds (NaN ->
-    0x7FC0)."""
-    bits = y.view(np.uint32)
-    for r in range(y.shape[0]):
-        for j in range(y.shape[1]):
-            u = bits[r, j]
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                yb[r, j] = np.uint16(0x7FC0)
-            else:
-                yb[r, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
 # Entry points from Python: one dispatch per call.
 @njit(cache=True)
 def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, threads, panel_bytes, gemm_rows,
                       outer_rows):
-    """Fused forward on the packed engine: x (M, K) -> out (M, N), both contiguous, fp32 or bf16 (kinds: 1 when x is
-    bf16, 2 when out is, converted here as torch converts), and the i2 weight (N, Kp / 4), all passed by address (0.1
-    us each, where unboxing an array costs ~0.5 us and returning one ~3 us with torch.from_numpy; a torch dtype
-    conversion each way costs 5-8 us at M=1): the caller keeps the three buffers alive for the call."""
+    """Fused forward on the packed engine: x (M, K) -> out (M, N), both contiguous, each fp32, bf16 or fp16 (kinds:
+    1 when x is bf16, 4 when fp16, 2 when out is bf16, 8 when fp16; cpu_convert converts as torch does), and the i2
+    weight (N, Kp / 4), all passed by address (0.1 us each, where unboxing an array costs ~0.5 us and returning one
+    ~3 us with torch.from_numpy; a torch dtype conversion each way costs 5-8 us at M=1): the caller keeps the three
+    buffers alive for the call."""
     kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)  # i2 bytes per weight row: reference.padded_k(k) / 4
     if kinds & 1:
-        x = _bf16_to_f32(carray(address_as(x_addr, np.uint16(0)), (m, k)))
+        x = bf16_to_f32(carray(address_as(x_addr, np.uint16(0)), (m, k)))
+    elif kinds & 4:
+        x = f16_to_f32(carray(address_as(x_addr, np.uint16(0)), (m, k)))
     else:
         x = carray(address_as(x_addr, np.float32(0)), (m, k))
-    if kinds & 2:
+    if kinds & 10:
         out = np.empty((m, n), np.float32)
     else:
         out = carray(address_as(out_addr, np.float32(0)), (m, n))
@@ -317,7 +296,9 @@ def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, thr
     _, xl, xsum, s = _prepare_f(x, kb * 4, threads)
     _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     if kinds & 2:
-        _f32_to_bf16(out, carray(address_as(out_addr, np.uint16(0)), (m, n)))
+        f32_to_bf16(out, carray(address_as(out_addr, np.uint16(0)), (m, n)))
+    elif kinds & 8:
+        f32_to_f16(out, carray(address_as(out_addr, np.uint16(0)), (m, n)))
 
 
 @njit(cache=True)

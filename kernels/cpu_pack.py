@@ -17,11 +17,11 @@ import threading
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from . import numba_cache, reference
+from .cpu_convert import bf16_bits_to_f32, f16_bits_to_f32
 from .packing import FORMATS, PackedWeight
 from .tuning import SERIAL_WORK
 
@@ -36,34 +36,6 @@ PACK_FORMATS = ("i2", "tq1")
 
 
 # ----------------------------------------------------------------------------------------------- element access
-@intrinsic
-def _as_f32(typingctx, bits):
-    """Reinterpret uint32 bits as an fp32 value (a register move, no conversion)."""
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@njit
-def _bf16_to_f32(h):
-    return _as_f32(np.uint32(np.uint32(h) << np.uint32(16)))
-
-
-@njit
-def _f16_to_f32(h):
-    """Exact fp16 -> fp32 from the raw code: shift into place and rebias the exponent by 2**112."""
-    h = np.uint32(h) & np.uint32(0xFFFF)
-    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / nan: all-ones fp32 exponent
-        v = _as_f32(np.uint32(mag | np.uint32(0x7F800000)))
-    else:
-        v = _as_f32(mag) * np.float32(2.0**112)  # exact, covers subnormals
-    return -v if h & np.uint32(0x8000) else v
-
-
 def _code(src, idx, gamma):
     """Ternary code c = wt + 1 in {0, 1, 2} of src[idx]. The array dtype says what src holds: fp32 values,
     bf16 codes (uint16), fp16 codes (int16), int8 ternary weights (see _rows) or uint8 codes."""
@@ -76,7 +48,7 @@ def _code_impl(src, idx, gamma):
         return lambda src, idx, gamma: np.uint8(src[idx] + 1)
     if dt == types.uint8:  # codes decoded from another packed format
         return lambda src, idx, gamma: src[idx]
-    load = {types.float32: np.float32, types.uint16: _bf16_to_f32, types.int16: _f16_to_f32}[dt]
+    load = {types.float32: np.float32, types.uint16: bf16_bits_to_f32, types.int16: f16_bits_to_f32}[dt]
 
     def quantize(src, idx, gamma):
         q = load(src[idx]) / gamma  # fp32 / fp32 -> fp32, as in the reference
@@ -102,7 +74,7 @@ def _absf(src, idx):
 
 @overload(_absf)
 def _absf_impl(src, idx):
-    load = {types.float32: np.float32, types.uint16: _bf16_to_f32, types.int16: _f16_to_f32}[src.dtype]
+    load = {types.float32: np.float32, types.uint16: bf16_bits_to_f32, types.int16: f16_bits_to_f32}[src.dtype]
     return lambda src, idx: abs(load(src[idx]))
 
 

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from bitnet_fast.kernels import cpu, cpu_engine, reference, tuning
+from bitnet_fast.kernels import cpu, cpu_convert, cpu_engine, reference, tuning
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -177,6 +177,33 @@ def test_leading_dims_equal_the_flattened_call(path):
     assert kernels.bitlinear(x[:, :0], pw).shape == (4, 0, 9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_conversions_match_torch_bit_for_bit(dtype):
+    """cpu_convert's widening of all 65536 patterns and narrowing of every value of the type, the midpoints between
+    neighbours (ties to even) and one fp32 step either side, random fp32 patterns and edge values: the bits torch
+    gives, NaN for NaN."""
+    to_f32, to_16 = {torch.float16: (cpu_convert.f16_to_f32, cpu_convert.f32_to_f16),
+                     torch.bfloat16: (cpu_convert.bf16_to_f32, cpu_convert.f32_to_bf16)}[dtype]
+    patterns = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got, want = to_f32(patterns), torch.from_numpy(patterns.view(np.int16)).view(dtype).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    values = np.unique(want[np.isfinite(want)])
+    mids = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)  # exact in fp32: ties
+    edges = np.array([65504, 65519.99, 65520, 65536, 3.4e38, np.inf, -np.inf, np.nan, 2.0**-24, 2.0**-25,
+                      2.0**-25 * 1.0000001, 2.0**-26, 0.0, -0.0, 1e-45, -1e-45, 2.0**-126, 2.0**-133], np.float32)
+    rng = np.random.default_rng(0)
+    y = np.concatenate([values, mids, (mids.view(np.uint32) + 1).view(np.float32),
+                        (mids.view(np.uint32) - 1).view(np.float32), edges,
+                        rng.integers(0, 2**32, 500_000, dtype=np.uint64).astype(np.uint32).view(np.float32)])[None]
+    out = np.empty(y.shape, np.uint16)
+    to_16(y, out)
+    want = torch.from_numpy(y).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(y)
+    assert np.array_equal(out[~nan], want[~nan])
+    assert np.isnan(torch.from_numpy(out[nan].view(np.int16)).view(dtype).float().numpy()).all()
+
+
 def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monkeypatch):
     """kernels.bitlinear(x, pw) on a CPU x skips the checks once the numba backend has served pw (cpu.bitlinear_fp32
     for fp32 x, cpu.bitlinear_cast for bf16 / fp16 / strided x or an out_dtype; planned per x shape): the same bits
@@ -214,8 +241,11 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
                     assert got.dtype == want.dtype == (out_dtype or dtype)
                     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     n_calls = len(calls)
-    kernels.bitlinear(x.bfloat16(), pw, None, torch.bfloat16)
-    assert len(calls) == n_calls + 1 and calls[-1][0] == 3  # bf16 in and out: converted inside the kernel
+    for xd, out_dtype, kinds in ((x.bfloat16(), torch.bfloat16, 3), (x.half(), torch.float16, 12),
+                                 (x.bfloat16(), torch.float16, 9), (x.half(), torch.float32, 4)):
+        kernels.bitlinear(xd, pw, None, out_dtype)
+        n_calls += 1
+        assert len(calls) == n_calls and calls[-1][0] == kinds  # bf16 / fp16 in and out: converted inside the kernel
     with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
         kernels.bitlinear(torch.randn(2, 130), pw, torch.randn(8))
     with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
