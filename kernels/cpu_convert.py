@@ -63,22 +63,13 @@ def f16_bits_to_f32(h):
 
 
 @njit(cache=True)
-def bf16_to_f32(xb):
-    """(M, K) bf16 patterns (uint16) -> (M, K) fp32."""
-    x = np.empty(xb.shape, np.float32)
-    for r in range(xb.shape[0]):
-        for j in range(xb.shape[1]):
-            x[r, j] = bf16_bits_to_f32(xb[r, j])
-    return x
-
-
-@njit(cache=True)
-def f16_to_f32(xh):
-    """(M, K) fp16 patterns (uint16) -> (M, K) fp32."""
+def widen_16(xh, fp16: bool):
+    """(M, K) fp16 patterns when `fp16`, else bf16 patterns (uint16) -> (M, K) fp32 (the branch is unswitched out
+    of the loop)."""
     x = np.empty(xh.shape, np.float32)
     for r in range(xh.shape[0]):
         for j in range(xh.shape[1]):
-            x[r, j] = f16_bits_to_f32(xh[r, j])
+            x[r, j] = f16_bits_to_f32(xh[r, j]) if fp16 else bf16_bits_to_f32(xh[r, j])
     return x
 
 

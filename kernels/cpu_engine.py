@@ -13,7 +13,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from . import numba_cache, reference
-from .cpu_convert import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from .cpu_convert import f32_to_bf16, f32_to_f16, widen_16
 from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, OUTER_LANES, address_as, fetch_add, make_dot, make_outer_dot
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
@@ -282,10 +282,8 @@ def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, thr
     ~3 us with torch.from_numpy; a torch dtype conversion each way costs 5-8 us at M=1): the caller keeps the three
     buffers alive for the call."""
     kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)  # i2 bytes per weight row: reference.padded_k(k) / 4
-    if kinds & 1:
-        x = bf16_to_f32(carray(address_as(x_addr, np.uint16(0)), (m, k)))
-    elif kinds & 4:
-        x = f16_to_f32(carray(address_as(x_addr, np.uint16(0)), (m, k)))
+    if kinds & 5:
+        x = widen_16(carray(address_as(x_addr, np.uint16(0)), (m, k)), kinds & 4 != 0)
     else:
         x = carray(address_as(x_addr, np.float32(0)), (m, k))
     if kinds & 10:

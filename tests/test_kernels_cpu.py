@@ -182,10 +182,10 @@ def test_16_bit_conversions_match_torch_bit_for_bit(dtype):
     """cpu_convert's widening of all 65536 patterns and narrowing of every value of the type, the midpoints between
     neighbours (ties to even) and one fp32 step either side, random fp32 patterns and edge values: the bits torch
     gives, NaN for NaN."""
-    to_f32, to_16 = {torch.float16: (cpu_convert.f16_to_f32, cpu_convert.f32_to_f16),
-                     torch.bfloat16: (cpu_convert.bf16_to_f32, cpu_convert.f32_to_bf16)}[dtype]
+    to_16 = cpu_convert.f32_to_f16 if dtype == torch.float16 else cpu_convert.f32_to_bf16
     patterns = np.arange(65536, dtype=np.uint16).reshape(256, 256)
-    got, want = to_f32(patterns), torch.from_numpy(patterns.view(np.int16)).view(dtype).float().numpy()
+    got = cpu_convert.widen_16(patterns, dtype == torch.float16)
+    want = torch.from_numpy(patterns.view(np.int16)).view(dtype).float().numpy()
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan) and np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
     values = np.unique(want[np.isfinite(want)])
