@@ -233,6 +233,9 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
         plan = _decode_plan(pw, view, shape)
     if not plan[1]:  # x is not (..., K) (None), or the int_mm engine serves this M (): the general path
         return None if plan[1] is None else bitlinear(x, pw, bias, out_dtype or _F32)
+    if kinds and not plan[6]:  # a large bf16 / fp16 call: torch's threaded, vectorized conversions win
+        y = bitlinear_fp32(x.float() if kinds & 5 else x, pw, view, bias)
+        return y if y is None or not kinds & 10 else y.to(out_dtype)
     out = x.new_empty(*plan[1]) if out_dtype is None else x.new_empty(*plan[1], dtype=out_dtype)
     if bias is None and plan[2]:  # one thread, no bias: the arguments as planned
         _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[2])
@@ -247,14 +250,19 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
 
 
 _BF16, _F16 = torch.bfloat16, torch.float16
+# Elements of x or out (the larger) up to which bf16 / fp16 are converted inside the kernel (cpu_convert, one
+# thread) rather than by torch (Zen 1: cpu_convert ahead up to ~4-16k elements; from ~64k torch's threaded F16C
+# conversions are 2-4x faster for fp16, and even for bf16).
+CAST_IN_KERNEL_MAX = 1 << 15
 
 
 def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None,
                    out_dtype: torch.dtype) -> torch.Tensor | None:
     """`bitlinear_fp32` for kernels.bitlinear's other float cases (bf16 / fp16 or non-contiguous x, an out_dtype),
     with the same bits as the general path, which converts to fp32 and back with torch: contiguous bf16 / fp16 x and
-    a bf16 / fp16 output are converted inside the kernel (cpu_convert: as torch converts), a strided x with torch
-    here. The general path's checks cost ~16 us at M=1 and torch's conversions 5-8 us each way."""
+    a bf16 / fp16 output are converted inside the kernel (cpu_convert: as torch converts) in a call of at most
+    CAST_IN_KERNEL_MAX elements (decode), with torch in larger ones (bitlinear_fp32 decides from its plan), and a
+    strided x with torch here. The general path's checks cost ~16 us at M=1, torch's conversions 5-8 us each way."""
     kinds = 0
     if x.dtype is not _F32 or not x.is_contiguous():
         if x.dtype is _BF16 and x.is_contiguous():
@@ -289,13 +297,15 @@ def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
 
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
     """(epoch, output sizes, a one-thread no-bias call's arguments after the two addresses (or ()), the arguments
-    before the bias, those after the thread count, the work in multiply-adds) for fp32 x of `shape` against pw,
-    cached in view. Sizes are None when x is not (..., K) and () when the int_mm engine serves this M."""
+    before the bias, those after the thread count, the work in multiply-adds, whether bf16 / fp16 x and out are
+    converted inside the kernel) for x of `shape` against pw, cached in view. Sizes are None when x is not (..., K)
+    and () when the int_mm engine serves this M."""
     n, k = pw.shape
     p = _params or params()
-    sizes, serial, head, rest, work = None, (), (), (), 0
+    sizes, serial, head, rest, work, cast_inside = None, (), (), (), 0, False
     if len(shape) and shape[-1] == k:
         m = math.prod(shape[:-1])
+        cast_inside = m * max(k, n) <= CAST_IN_KERNEL_MAX
         work = m * n * k
         sizes = () if _int_mm_engine(m, p) else (*shape[:-1], n)
         head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
@@ -304,7 +314,7 @@ def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()
-    plans[shape] = plan = (_epoch, sizes, serial, head, rest, work)
+    plans[shape] = plan = (_epoch, sizes, serial, head, rest, work, cast_inside)
     return plan
 
 

@@ -246,6 +246,10 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
         kernels.bitlinear(xd, pw, None, out_dtype)
         n_calls += 1
         assert len(calls) == n_calls and calls[-1][0] == kinds  # bf16 / fp16 in and out: converted inside the kernel
+    big = torch.randn(cpu.CAST_IN_KERNEL_MAX // 130 + 1, 130)  # past the in-kernel limit: torch converts
+    for dtype in (torch.bfloat16, torch.float16):
+        got, want = kernels.bitlinear(big.to(dtype), pw), general(big.to(dtype), pw)
+        assert got.dtype == dtype and torch.equal(got, want) and calls[-1][0] == 0
     with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
         kernels.bitlinear(torch.randn(2, 130), pw, torch.randn(8))
     with pytest.raises(ValueError, match="bias has 8 elements; expected out_features=9"):
