@@ -6,7 +6,8 @@ patterns (uint16 arrays; the packer's fp16 weights arrive as int16).
 Widening is exact. Narrowing rounds to nearest even, overflows to infinity and keeps subnormals, as torch's
 vectorized and scalar conversions do; a NaN becomes a quiet NaN without payload (fp16: with its sign, as c10 does;
 bf16: 0x7FC0, as torch's scalar code does -- its vector code may differ in sign and payload bits, which a kernel's
-output NaN, made by arithmetic, does not carry). tests/test_kernels_cpu.py compares all 65536 patterns each way.
+output NaN, made by arithmetic, does not carry). tests/test_kernels_cpu.py compares with torch: all 65536 patterns
+widened; every value of the type, every tie between neighbours and random fp32 patterns narrowed.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def f16_bits_to_f32(h):
 
 @njit(cache=True)
 def widen_16(xh, fp16: bool):
-    """(M, K) fp16 patterns when `fp16`, else bf16 patterns (uint16) -> (M, K) fp32 (the branch is unswitched out
-    of the loop)."""
+    """(M, K) fp16 patterns when `fp16`, else bf16 patterns (uint16) -> (M, K) fp32. One function for both types:
+    the flag is loop-invariant (timed against two separate loops: 0.98-1.01x at M=1)."""
     x = np.empty(xh.shape, np.float32)
     for r in range(xh.shape[0]):
         for j in range(xh.shape[1]):

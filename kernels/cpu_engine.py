@@ -94,10 +94,10 @@ def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
     fp32 arrays and out always fp32: another type (None, an int32 out) would compile the engine's drivers again
     (~20 s per ISA and type combination)."""
     w = acc.shape[1]
+    out_int = out.view(np.int32)  # the int32 output's own type (used when scale is empty)
     for t in range(nr):
         xs = xsum[r + t]
         if scale.shape[0] == 0:
-            out_int = out.view(np.int32)
             for i in range(w):
                 out_int[r + t, p0 + i] = acc[t, i] - xs
         else:
