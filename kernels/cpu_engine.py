@@ -88,26 +88,29 @@ def _dot_layout(xp):
 
 # --------------------------------------------------------------------------------------------- the engine
 @njit(cache=True)
-def _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out) -> None:
+def _epilogue_strip(acc, w, r, nr, p0, xsum, scale, bias, out) -> None:
     """out[r:r+nr, p0:p0+w] = acc[:nr, :w] - sum(x) * scale (+ bias unless it is empty) in fp32, or when scale is
     empty the exact int32 acc - sum(x) into out's bytes (an fp32 view of an int32 array). Scale and bias are always
     fp32 arrays and out always fp32: another type (None, an int32 out) would compile the engine's drivers again
-    (~20 s per ISA and type combination)."""
-    w = acc.shape[1]
+    (~20 s per ISA and type combination). acc is C-contiguous and every loop indexes row views from 0 with int32
+    arithmetic, so LLVM can drop Numba's negative-index wraparound and vectorize (scalar before: 3.4x slower, ~1 ms
+    of a 4096 x 256 -> 688 forward on 2 threads)."""
     out_int = out.view(np.int32)  # the int32 output's own type (used when scale is empty)
     for t in range(nr):
-        xs = xsum[r + t]
+        xs, a = xsum[r + t], acc[t]
         if scale.shape[0] == 0:
+            oi = out_int[r + t, p0:p0 + w]
             for i in range(w):
-                out_int[r + t, p0 + i] = acc[t, i] - xs
+                oi[i] = np.int32(a[i] - xs)
+            continue
+        sc, o = scale[r + t], out[r + t, p0:p0 + w]
+        if bias.shape[0] == 0:
+            for i in range(w):
+                o[i] = np.float32(np.int32(a[i] - xs)) * sc
         else:
-            sc = scale[r + t]
-            if bias.shape[0] == 0:
-                for i in range(w):
-                    out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc
-            else:
-                for i in range(w):
-                    out[r + t, p0 + i] = np.float32(acc[t, i] - xs) * sc + bias[p0 + i]
+            b = bias[p0:p0 + w]
+            for i in range(w):
+                o[i] = np.float32(np.int32(a[i] - xs)) * sc + b[i]
 
 
 @njit(cache=True)
@@ -207,7 +210,7 @@ def _outer_strips(xq, xsum, scale, bias, out, wi, p0, p1, r, m1, nblk) -> None:
             else:
                 _outer_row_one(wi, g, xq, r, nblk, acc, OUTER_LANES * g)
             g += 2 if wide else 1
-        _epilogue_strip(acc[:, :w], r, nr, p0, xsum, scale, bias, out)
+        _epilogue_strip(acc, w, r, nr, p0, xsum, scale, bias, out)
         r += nr
 
 
@@ -238,7 +241,7 @@ def _mm_task(xq, xsum, scale, wp, bias, out, task, npanels, rows_per_block, nblk
                 nc = 1
                 _dot_one(wp, i, xq, r, nblk, acc, i - p0)
             i += nc
-        _epilogue_strip(acc, r, nr, p0, xsum, scale, bias, out)
+        _epilogue_strip(acc, p1 - p0, r, nr, p0, xsum, scale, bias, out)
         r += nr
 
 
