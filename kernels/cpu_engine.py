@@ -368,10 +368,15 @@ def _dequant_x(xq, s, out):
 
 @njit(cache=True, parallel=True)
 def _epilogue(acc, n0, scale, bias, out) -> None:
-    """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t] unless bias is empty), in fp32."""
+    """out[:, n0:n0 + t] = acc (M, t) int32 * scale[:, None] (+ bias[n0:n0 + t] unless bias is empty), in fp32.
+    Row views indexed from 0, as in _epilogue_strip, so the loops vectorize."""
+    t = acc.shape[1]
     for r in prange(out.shape[0]):
-        for i in range(acc.shape[1]):
-            if bias.shape[0] == 0:
-                out[r, n0 + i] = np.float32(acc[r, i]) * scale[r]
-            else:
-                out[r, n0 + i] = np.float32(acc[r, i]) * scale[r] + bias[n0 + i]
+        a, o, sc = acc[r], out[r, n0:n0 + t], scale[r]
+        if bias.shape[0] == 0:
+            for i in range(t):
+                o[i] = np.float32(a[i]) * sc
+        else:
+            b = bias[n0:n0 + t]
+            for i in range(t):
+                o[i] = np.float32(a[i]) * sc + b[i]
