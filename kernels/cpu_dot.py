@@ -137,19 +137,32 @@ class _Tile:
         self.b, self.w_addrs, self.x_addrs, self.isa = builder, w_addrs, x_addrs, isa
         self.pairs = len(w_addrs) * len(x_addrs)
         self.ahead = prefetch_ahead  # bytes from a weight row to the block it prefetches (a later tile's row)
+        # a decode tile of several weight rows (consecutive in memory) prefetches them as one linear stream
+        self.linear = len(x_addrs) == 1 and len(w_addrs) % 2 == 0
 
     def block_vectors(self, blk, nbytes: int, masks_only: bool) -> tuple[list, list]:
         """(codes[s][q] per weight row, xs[t][q] per activation row) of the nbytes-wide vectors at block blk. Each
-        weight load also prefetches a later tile's bytes (PREFETCH_ROWS ahead in the decode tile): a GEMV streams
-        its weights from DRAM, faster than the hardware prefetchers alone run ahead of it."""
+        weight load also prefetches a later tile's bytes (PREFETCH_ROWS ahead in the 1 x 1 decode tile): a GEMV
+        streams its weights from DRAM, faster than the hardware prefetchers alone run ahead of it. A decode tile of
+        several rows instead prefetches the next tile's rows as one linear stream, one cache line per 64 bytes it
+        reads: per-row prefetches 4-32 rows ahead left the 1 x 4 tile 0.66-0.91x the 1 x 1 tile with the weights
+        from DRAM (four short streams); this pattern 1.00-1.05x (Zen 3, in-process A/B)."""
         b = self.b
         i8v = ir.VectorType(ir.IntType(8), nbytes)
         prefetch = _fn(b, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
         codes = []
+        linear = self.linear and nbytes == 32
+        if linear:
+            step = 32 * len(self.w_addrs)  # bytes of the tile's rows per block, rows i.. read as one region
+            for j in range(0, step, 64):
+                addr = b.add(self.w_addrs[0], b.add(b.mul(blk, _c64(step)), _c64(j)))
+                ptr = b.inttoptr(b.add(addr, self.ahead), ir.IntType(8).as_pointer())
+                b.call(prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         for w in self.w_addrs:
             addr = b.add(w, b.mul(blk, _c64(32)))
-            ptr = b.inttoptr(b.add(addr, self.ahead), ir.IntType(8).as_pointer())
-            b.call(prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            if not linear:
+                ptr = b.inttoptr(b.add(addr, self.ahead), ir.IntType(8).as_pointer())
+                b.call(prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             codes.append(_decode(b, _load(b, addr, i8v), nbytes, masks_only))
         xs = []
         for x in self.x_addrs:
@@ -287,7 +300,7 @@ def make_dot(rows: int, cols: int, isa: str = ISA):
         out_ptrs = [builder.inttoptr(builder.add(o0, builder.add(builder.mul(o_stride, _c64(j // cols)),
                                                                  _c64(4 * (j % cols)))), _I32.as_pointer())
                     for j in range(rows * cols)]
-        ahead = PREFETCH_ROWS if rows == cols == 1 else cols
+        ahead = PREFETCH_ROWS if rows == cols == 1 else cols  # decode tiles of several rows: the next tile
         tile = _Tile(builder, w_addrs, x_addrs, isa, builder.mul(w_stride, _c64(ahead)))
         if isa == "avx2":
             _avx2_body(tile, nblk, out_ptrs)
