@@ -37,9 +37,10 @@ from . import reference
 
 ISAS = ("vnni512", "vnni", "avx2", "portable")
 BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
-# The decode tile (1 x 1) prefetches the same block this many weight rows ahead: ~8-22 KB at K = 2048-5632, far
+# The 1 x 1 decode tile prefetches the same block this many weight rows ahead: ~8-22 KB at K = 2048-5632, far
 # enough for DRAM latency (2 threads, weights streamed from DRAM, in-process A/B against 1 row ahead: 3-14% faster
-# at N x K = 4096x4096, 5632x2048, 2048x5632; warm 0-5%). Bigger tiles reuse their weights from L2 and keep 1 tile.
+# at N x K = 4096x4096, 5632x2048, 2048x5632; warm 0-5%). A decode tile of several rows prefetches the next tile's
+# rows as one linear stream (_Tile.block_vectors); GEMM tiles reuse their weights from L2 and prefetch 1 tile ahead.
 PREFETCH_ROWS = 16
 # avx2: int16 lanes collect 4 vpmaddubsw results (each in [-512, 508]) per block; 16 blocks stay within
 # [-32768, 32512], so the int16 accumulators are widened every CHUNK blocks. Exact for valid codes (0..2).
