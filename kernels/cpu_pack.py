@@ -79,15 +79,16 @@ def _absf_impl(src, idx):
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _abs_row_sums(src, n, k, rs):
-    """(N,) fp64 sums of |w| per row; the caller adds them up for gamma."""
+    """(N,) fp64 sums of |w| per row; the caller adds them up for gamma. Reassociated (vector lanes), which moves
+    the fp64 sum by a few ulps at most: gamma is rounded to fp32, and the reference's own order differs again."""
     out = np.empty(n, np.float64)
     for i in prange(n):
-        base = i * rs
+        row = src[i * rs : i * rs + k]  # a view indexed from 0: no wraparound test, so the loop vectorizes
         acc = 0.0
         for j in range(k):
-            acc += _absf(src, base + j)
+            acc += _absf(row, j)
         out[i] = acc
     return out
 
@@ -111,7 +112,16 @@ def _pack_i2_row(src, base, k, gamma, out):
     block by XOR-ing (c ^ 1) into it, so the loop over j is branch-free and contiguous.
     """
     mx = np.uint8(0)
-    for b in range(out.size // 32):
+    full = k // _BLOCK
+    for b in range(full):  # whole blocks: each byte from its four weights, over views indexed from 0 (vectorizes)
+        s0 = base + _BLOCK * b
+        w0, w1, w2, w3 = src[s0 : s0 + 32], src[s0 + 32 : s0 + 64], src[s0 + 64 : s0 + 96], src[s0 + 96 : s0 + 128]
+        ob = out[32 * b : 32 * b + 32]
+        for j in range(32):
+            c0, c1, c2, c3 = _code(w0, j, gamma), _code(w1, j, gamma), _code(w2, j, gamma), _code(w3, j, gamma)
+            mx = _top(mx, max(max(c0, c1), max(c2, c3)), src)
+            ob[j] = c0 | (c1 << np.uint8(2)) | (c2 << np.uint8(4)) | (c3 << np.uint8(6))
+    for b in range(full, out.size // 32):  # the last, partial block
         out[32 * b : 32 * b + 32] = 0x55
         for q in range(4):
             kq = b * _BLOCK + 32 * q
