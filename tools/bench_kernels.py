@@ -15,7 +15,11 @@ quantized to q8_K inside, as in llama.cpp; tools/ggml_peer.py) run in the same r
 `vs ggml tq1_0`. Without that build the table is the same as before, minus those columns.
 
     python tools/bench_kernels.py [--quick] [--threads 2] [--ms 1,8,32,128,512] [--shapes 4096x4096,2048x5632]
-        [--stream | --cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times]
+        [--stream | --cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times] [--breakdown]
+
+`--breakdown` times, at M=1, the public call next to the Numba engine call alone (planned arguments, a reused
+output) on the given threads and on one, and ggml TQ2_0 on both: what the Python and the output allocation cost,
+and how each engine scales from one thread to two.
 """
 
 from __future__ import annotations
@@ -123,6 +127,48 @@ def run(
     return rows
 
 
+def _engine_call(k: int, n: int, threads: int) -> Callable[[], object]:
+    """M=1 straight into the Numba engine (cpu_engine._bitlinear_packed) with the arguments bitlinear_fp32 plans,
+    writing one reused output: the public call minus its Python and its fresh output tensor."""
+    from bitnet_fast.kernels import cpu_engine
+
+    x, pw, out = torch.randn(1, k), kernels.pack(torch.randn(n, k)), torch.empty(1, n)
+    plan = cpu._decode_plan(pw, cpu._i2(pw), x.shape)
+    args = (x.data_ptr(), out.data_ptr(), 0, *plan[3], cpu._NO_BIAS, threads, *plan[4])
+
+    def call() -> object:
+        cpu_engine._bitlinear_packed(*args)
+        return x, pw, out  # holds the buffers the addresses point into
+
+    return call
+
+
+def breakdown(shapes: list[tuple[int, int]], threads: int, ggml_isa: str | None) -> None:
+    """Where an M=1 call goes, side by side: the public `kernels.bitlinear`, the engine call alone on `threads` and on
+    one thread, and ggml TQ2_0 on both (its whole ggml_mul_mat): per-call medians in us and the ratios."""
+    torch.set_num_threads(threads)
+    cpu.configure(threads=threads)
+    print("| K | N | ours us | engine us | engine 1t us | ggml us | ggml 1t us | ggml / ours | ggml / engine | "
+          "ggml 1t / engine 1t | threads scale: engine, ggml |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, n in shapes:
+        x, pw = torch.randn(1, k), kernels.pack(torch.randn(n, k))
+        fns = {"ours": lambda x=x, pw=pw: kernels.bitlinear(x, pw), "engine": _engine_call(k, n, threads),
+               "engine_1t": _engine_call(k, n, 1)}
+        handles = []
+        if ggml_isa:
+            handles = [ggml_peer.GgmlMulMat(1, k, n, "tq2_0", t, ggml_isa) for t in (threads, 1)]
+            fns["ggml"], fns["ggml_1t"] = handles
+        times = ggml_peer.time_rounds(fns, budget_s=6.0, burst=20)
+        us = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+        g, g1 = us.get("ggml", float("nan")), us.get("ggml_1t", float("nan"))
+        print(f"| {k} | {n} | {us['ours']:.1f} | {us['engine']:.1f} | {us['engine_1t']:.1f} | {g:.1f} | {g1:.1f} | "
+              f"{g / us['ours']:.2f}x | {g / us['engine']:.2f}x | {g1 / us['engine_1t']:.2f}x | "
+              f"{us['engine_1t'] / us['engine']:.2f}x, {g1 / g:.2f}x |", flush=True)
+        for h in handles:
+            h.close()
+
+
 _FIRST_CALLS = """
 import time
 t0 = time.perf_counter()
@@ -216,6 +262,8 @@ def main() -> None:
     ap.add_argument("--no-ggml", action="store_true", help="leave ggml out even if it is built")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--compile-times", action="store_true", help="only measure first-call (JIT) times")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="M=1 only: the public call vs the engine call alone, on N and on 1 threads, next to ggml")
     args = ap.parse_args()
     if args.compile_times:
         compile_times()
@@ -223,6 +271,10 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     shapes = _parse_shapes(args.shapes) if args.shapes else ([(4096, 4096)] if args.quick else SHAPES)
     ggml_isa = None if args.no_ggml or not ggml_peer.available(args.isa) else args.isa
+    if args.breakdown:
+        print(f"CPU: {cpu_model()}, numba {cpu.ISA}, torch {torch.backends.cpu.get_cpu_capability()}, M=1, warm")
+        breakdown(shapes, args.threads, ggml_isa)
+        return
     params = cpu.params() if hasattr(cpu, "params") else {}
     info = {
         "cpu": cpu_model(),
