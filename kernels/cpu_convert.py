@@ -89,13 +89,16 @@ def f32_to_bf16(y, yb) -> None:
 @njit(cache=True)
 def f32_to_f16(y, yh) -> None:
     """yh (M, N) fp16 patterns = y (M, N) fp32 rounded to nearest even, by c10's fp16_ieee_from_fp32_value: fp32
-    arithmetic does the rounding, the overflow to infinity and the subnormals (NaN -> sign | 0x7E00)."""
+    arithmetic does the rounding, the overflow to infinity and the subnormals (NaN -> sign | 0x7E00). Every step is
+    uint32 as in c10 (Numba widens integer arithmetic to 64 bits; each result is cut back), so the loop vectorizes."""
+    u32 = np.uint32
     for r in range(y.shape[0]):
+        yr, hr = y[r], yh[r]
         for j in range(y.shape[1]):
-            w = np.int64(as_u32(y[r, j]))
-            base = (abs(y[r, j]) * np.float32(2.0**112)) * np.float32(2.0**-110)
-            shl1 = (w << 1) & 0xFFFFFFFF
-            bias = max(shl1 & 0xFF000000, 0x71000000)
-            b = np.int64(as_u32(as_f32(np.uint32((bias >> 1) + 0x07800000)) + base))
-            half = 0x7E00 if shl1 > 0xFF000000 else ((b >> 13) & 0x7C00) + (b & 0x0FFF)
-            yh[r, j] = np.uint16(((w >> 16) & 0x8000) | half)
+            w = as_u32(yr[j])
+            base = (abs(yr[j]) * np.float32(2.0**112)) * np.float32(2.0**-110)
+            shl1 = u32(w + w)
+            bias = max(u32(shl1 & u32(0xFF000000)), u32(0x71000000))
+            b = as_u32(as_f32(u32((bias >> u32(1)) + u32(0x07800000))) + base)
+            half = u32(0x7E00) if shl1 > u32(0xFF000000) else u32(((b >> u32(13)) & u32(0x7C00)) + (b & u32(0x0FFF)))
+            hr[j] = np.uint16(u32((w >> u32(16)) & u32(0x8000)) | half)
