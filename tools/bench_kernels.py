@@ -140,6 +140,9 @@ def _engine_call(k: int, n: int, threads: int) -> Callable[[], object]:
         cpu_engine._bitlinear_packed(*args)
         return x, pw, out  # holds the buffers the addresses point into
 
+    call()
+    if not torch.equal(out, kernels.bitlinear(x, pw)):  # the plan's layout changed: this would time something else
+        raise SystemExit(f"--breakdown: the engine call at {k}x{n} differs from kernels.bitlinear; update _engine_call")
     return call
 
 
