@@ -148,9 +148,10 @@ def _forced_backend() -> str:
     return "" if raw is None else os.environ.decodevalue(raw)
 
 
-def _no_forced_backend() -> bool:
-    """True when BITNET_FAST_BACKEND is unset (one dict lookup; else False, and the caller takes the general path)."""
-    return _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA
+# bitlinear's hot path tests `_ENV_KEY not in _UNFORCED` inline (a function call costs ~1 us there, on an interpreter
+# the previous layer's weights have evicted from L2): BITNET_FAST_BACKEND unset. Where the environment is not a
+# plain dict, a stand-in holding the key sends every call down the general path, which reads it properly.
+_UNFORCED = _ENV_DATA if _ENV_DATA is not None and _ENV_KEY is not None else {_ENV_KEY: None}
 
 
 def compute_format(device: torch.device | str) -> str:
@@ -204,6 +205,21 @@ def _check_bias(bias, n: int, x: torch.Tensor) -> None:
 def _check_out_dtype(out_dtype: torch.dtype) -> None:
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype={out_dtype} is not supported; use one of {list(OUT_DTYPES)}")
+
+
+def _check_out(out, shape: tuple, dtype: torch.dtype, x: torch.Tensor) -> None:
+    """`out=` must be the result's shape and dtype, on x's device, and outside autograd (it is written in place)."""
+    _check_tensor("out", out)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; the result is {shape} (x's leading dims, out_features)")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}; the result is {dtype} (pass out_dtype={out.dtype} or an out of "
+                        f"{dtype})")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}")
+    if out.requires_grad:
+        raise RuntimeError("out requires grad: kernels.bitlinear writes it in place, outside autograd (use BitLinear, "
+                           "or an out that does not require grad)")
 
 
 # --------------------------------------------------------------------------------------------------- public API
@@ -300,22 +316,26 @@ def matmul(
 
 
 def bitlinear(
-    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused BitLinear forward: quantize (..., K) float activations and multiply by the packed weight.
+    `out`: a tensor of the result's shape (..., N) and dtype (out_dtype, else x's) to write into and return, as
+    torch's out= arguments: a decode loop reusing one buffer per layer skips an allocation per call (~5 us at M=1
+    here, on an interpreter the previous layer's weights have evicted from L2).
     (Decode calls it per layer per token: a CPU x against a weight the numba backend has already served is
     recognised from a few attribute reads and skips the checks below -- fp32 contiguous x with no out_dtype goes
     straight to cpu.bitlinear_fp32, other float x or out dtypes through cpu.bitlinear_cast, which converts as the
     general path does; both hand back None for what the checks must judge.)"""
     view = pw.views.get("numba") if type(pw) is PackedWeight else None  # filled by the numba backend: CPU i2
-    if view is not None and type(x) is torch.Tensor and x.is_cpu and _no_forced_backend():
+    if view is not None and type(x) is torch.Tensor and x.is_cpu and _ENV_KEY not in _UNFORCED:
         if out_dtype is None and x.dtype is _F32 and x.is_contiguous():
-            y = _loaded["numba"].bitlinear_fp32(x, pw, view, bias)
+            y = _loaded["numba"].bitlinear_fp32(x, pw, view, bias, 0, None, out)
         elif x.dtype in FLOAT_DTYPES and (out_dtype is None or out_dtype in OUT_DTYPES):
-            y = _loaded["numba"].bitlinear_cast(x, pw, view, bias, out_dtype or x.dtype)
+            y = _loaded["numba"].bitlinear_cast(x, pw, view, bias, out_dtype or x.dtype, out)
         else:
             y = None
-        if y is not None:  # None: x's shape or the bias does not fit, and the checks below say how (or convert)
+        if y is not None:  # None: x's shape, the bias or out does not fit, and the checks below say how (or convert)
             return y
     _check_tensor("x", x, FLOAT_DTYPES)
     shape = x.shape
@@ -329,11 +349,14 @@ def bitlinear(
         out_dtype = x.dtype
     else:
         _check_out_dtype(out_dtype)
+    if out is not None:
+        _check_out(out, (*shape[:-1], pw.out_features), out_dtype, x)
     backend = _backend(device_type)
     if ndim == 2 or backend.bitlinear_takes_nd:  # no torch reshapes on the decode path
-        return backend.bitlinear(x, pw, bias, out_dtype)
-    y = backend.bitlinear(x.reshape(-1, shape[-1]), pw, bias, out_dtype)
-    return y.reshape(*shape[:-1], pw.out_features)
+        y = backend.bitlinear(x, pw, bias, out_dtype)
+    else:
+        y = backend.bitlinear(x.reshape(-1, shape[-1]), pw, bias, out_dtype).reshape(*shape[:-1], pw.out_features)
+    return y if out is None else out.copy_(y)
 
 
 def bitlinear_train(

@@ -214,12 +214,13 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
 
 
 def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None, kinds: int = 0,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape and the
-    bias: x fp32 (bf16 when kinds & 1, fp16 when kinds & 4), contiguous, on the CPU; view = `_i2(pw)` (so pw is an
-    i2 CPU weight); out in x's dtype unless out_dtype says (bf16 when kinds & 2, fp16 when kinds & 8, else fp32),
-    converted inside the kernel (cpu_engine._bitlinear_packed). None when x is not (..., K) or the bias is
-    not a float CPU vector of N (the general path then says what is wrong).
+                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`bitlinear` for the decode hot path, whose arguments kernels.bitlinear has checked but for x's shape, the
+    bias and out: x fp32 (bf16 when kinds & 1, fp16 when kinds & 4), contiguous, on the CPU; view = `_i2(pw)` (so pw
+    is an i2 CPU weight); the result in x's dtype unless out_dtype says (bf16 when kinds & 2, fp16 when kinds & 8,
+    else fp32), converted inside the kernel (cpu_engine._bitlinear_packed), written into `out` when given. None when
+    x is not (..., K), the bias is not a float CPU vector of N, or out is not a contiguous CPU tensor of the result's
+    shape and dtype outside autograd (the general path then says what is wrong, or copies into a strided out).
     The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
     (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
     was ~16; a 1024 x 1024 one on 2 threads: ~39 us, was ~42; docs/kernels.md)."""
@@ -231,19 +232,22 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     plan = view[3].get(shape)
     if plan is None or plan[0] != _epoch:
         plan = _decode_plan(pw, view, shape)
-    if not plan[1]:  # x is not (..., K) (None), or the int_mm engine serves this M (): the general path
-        return None if plan[1] is None else bitlinear(x, pw, bias, out_dtype or _F32)
+    if not plan[1] or out is not None and not (  # x is not (..., K) (None) or the int_mm engine serves this M ()
+            type(out) is torch.Tensor and out.shape == plan[1] and out.dtype is (out_dtype or _F32) and out.is_cpu
+            and out.is_contiguous() and not out.requires_grad):
+        return None
     if kinds and not plan[6]:  # a large bf16 / fp16 call: torch's threaded, vectorized conversions win
         y = bitlinear_fp32(x.float() if kinds & 5 else x, pw, view, bias)
-        return y if y is None or not kinds & 10 else y.to(out_dtype)
-    out = x.new_empty(*plan[1]) if out_dtype is None else x.new_empty(*plan[1], dtype=out_dtype)
-    if bias is None and plan[2]:  # one thread, no bias: the arguments as planned
+        if kinds & 10:
+            y = y.to(out_dtype)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = x.new_empty(*plan[1]) if out_dtype is None else x.new_empty(*plan[1], dtype=out_dtype)
+    if bias is None and plan[2]:  # no bias, a thread count known when planned: the arguments as planned
         _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[2])
         return out
-    work = plan[5]
-    threads = 1 if work < tuning.SERIAL_WORK else _threads(_params, work)  # torch's count may change between calls
-    if threads > 1:
-        set_threads(threads)
+    # torch's thread count may change between calls; the engine applies the count itself
+    threads = plan[7] or _threads(_params, plan[5])
     _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], _NO_BIAS if bias is None else bias_np, threads,
                       *plan[4])
     return out
@@ -257,7 +261,7 @@ CAST_IN_KERNEL_MAX = 1 << 15
 
 
 def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> torch.Tensor | None:
+                   out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """`bitlinear_fp32` for kernels.bitlinear's other float cases (bf16 / fp16 or non-contiguous x, an out_dtype),
     with the same bits as the general path, which converts to fp32 and back with torch: contiguous bf16 / fp16 x and
     a bf16 / fp16 output are converted inside the kernel (cpu_convert: as torch converts) in a call of at most
@@ -272,8 +276,8 @@ def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
         else:
             x = x.detach().float().contiguous()
     if out_dtype is _F32:
-        return bitlinear_fp32(x, pw, view, bias, kinds, _F32)
-    return bitlinear_fp32(x, pw, view, bias, kinds | (2 if out_dtype is _BF16 else 8), out_dtype)
+        return bitlinear_fp32(x, pw, view, bias, kinds, _F32, out)
+    return bitlinear_fp32(x, pw, view, bias, kinds | (2 if out_dtype is _BF16 else 8), out_dtype, out)
 
 
 def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
@@ -296,25 +300,27 @@ def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
 
 
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
-    """(epoch, output sizes, a one-thread no-bias call's arguments after the two addresses (or ()), the arguments
-    before the bias, those after the thread count, the work in multiply-adds, whether bf16 / fp16 x and out are
-    converted inside the kernel) for x of `shape` against pw, cached in view. Sizes are None when x is not (..., K)
-    and () when the int_mm engine serves this M."""
+    """(epoch, output sizes, a no-bias call's arguments after the kinds when its thread count is known now (or ()),
+    the arguments before the bias, those after the thread count, the work in multiply-adds, whether bf16 / fp16 x
+    and out are converted inside the kernel, the thread count when known now (else 0: torch's, read per call)) for
+    x of `shape` against pw, cached in view. Sizes are None when x is not (..., K) and () when the int_mm engine
+    serves this M. The count is known now below tuning.SERIAL_WORK (one) and when `configure` set it."""
     n, k = pw.shape
     p = _params or params()
-    sizes, serial, head, rest, work, cast_inside = None, (), (), (), 0, False
+    sizes, fixed, head, rest, work, cast_inside, threads = None, (), (), (), 0, False, 0
     if len(shape) and shape[-1] == k:
         m = math.prod(shape[:-1])
         cast_inside = m * max(k, n) <= CAST_IN_KERNEL_MAX
         work = m * n * k
         sizes = () if _int_mm_engine(m, p) else (*shape[:-1], n)
         head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
-        if work < tuning.SERIAL_WORK:
-            serial = (*head, _NO_BIAS, 1, *rest)
+        if work < tuning.SERIAL_WORK or p["threads"]:
+            threads = _threads(p, work)
+            fixed = (*head, _NO_BIAS, threads, *rest)
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()
-    plans[shape] = plan = (_epoch, sizes, serial, head, rest, work, cast_inside)
+    plans[shape] = plan = (_epoch, sizes, fixed, head, rest, work, cast_inside, threads)
     return plan
 
 

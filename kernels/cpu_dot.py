@@ -32,6 +32,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
 
 from . import reference
 
@@ -455,3 +456,30 @@ def address_as(typingctx, addr, like):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen
+
+
+@intrinsic
+def swap_num_threads(typingctx, n):
+    """Set this thread's Numba thread count to n (when n > 0) and return the count before, by calling the threading
+    layer's set_num_threads / get_num_threads symbols. numba.set_num_threads inside a jitted function goes through a
+    ctypes pointer, which Numba cannot cache (the engine would compile again in every process, ~20 s); the symbols
+    are what Numba's own parallel code calls. n must not exceed NUMBA_NUM_THREADS (the caller caps it)."""
+    _launch_threads()  # registers the symbols (at typing; a cached caller registers them in ensure_threads)
+    sig = types.intp(types.intp)
+
+    def codegen(context, builder, signature, args):
+        mod, intp = builder.module, context.get_value_type(types.intp)
+        get = cgutils.get_or_insert_function(mod, ir.FunctionType(intp, []), "get_num_threads")
+        put = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [intp]), "set_num_threads")
+        before = builder.call(get, [])
+        with builder.if_then(builder.icmp_signed(">", args[0], ir.Constant(intp, 0))):
+            builder.call(put, [args[0]])
+        return before
+
+    return sig, codegen
+
+
+def ensure_threads() -> None:
+    """Start Numba's threading layer (and register its symbols) before a cached kernel that calls swap_num_threads
+    runs: a cache hit skips the intrinsic's typing."""
+    _launch_threads()

@@ -14,9 +14,11 @@ from numba import carray, njit, prange
 
 from . import numba_cache, reference
 from .cpu_convert import f32_to_bf16, f32_to_f16, widen_16
-from .cpu_dot import DOT_LAYOUT_PAIRS, ISA, OUTER_LANES, address_as, fetch_add, make_dot, make_outer_dot
+from .cpu_dot import (DOT_LAYOUT_PAIRS, ISA, OUTER_LANES, address_as, ensure_threads, fetch_add, make_dot,
+                      make_outer_dot, swap_num_threads)
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
+ensure_threads()  # _bitlinear_packed calls the threading layer's symbols (cpu_dot.swap_num_threads)
 
 BLOCK = reference.I2_BLOCK
 # The GEMM register tile (activation rows, weight rows) per ISA class, compiled into the drivers below (Numba's
@@ -293,7 +295,10 @@ def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, thr
     1 when x is bf16, 4 when fp16, 2 when out is bf16, 8 when fp16; cpu_convert converts as torch does), and the i2
     weight (N, Kp / 4), all passed by address (0.1 us each, where unboxing an array costs ~0.5 us and returning one
     ~3 us with torch.from_numpy; a torch dtype conversion each way costs 5-8 us at M=1): the caller keeps the three
-    buffers alive for the call."""
+    buffers alive for the call. The call runs on `threads` and leaves this thread's Numba thread count as it found
+    it (set here, not with a Python call before: ~2 us per call on the decode path, where the previous layer's
+    weights have just evicted the interpreter from L2)."""
+    before = swap_num_threads(threads if threads > 1 else 0)
     kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)  # i2 bytes per weight row: reference.padded_k(k) / 4
     if kinds & 5:
         x = widen_16(carray(address_as(x_addr, np.uint16(0)), (m, k)), kinds & 4 != 0)
@@ -310,6 +315,8 @@ def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, thr
         f32_to_bf16(out, carray(address_as(out_addr, np.uint16(0)), (m, n)))
     elif kinds & 8:
         f32_to_f16(out, carray(address_as(out_addr, np.uint16(0)), (m, n)))
+    if threads > 1 and threads != before:
+        swap_num_threads(before)
 
 
 @njit(cache=True)

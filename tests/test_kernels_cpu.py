@@ -285,6 +285,45 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
         kernels.bitlinear(torch.tensor(1.0), pw)
 
 
+def test_out_argument_writes_the_same_bits_into_the_given_tensor(monkeypatch):
+    """bitlinear(..., out=t) returns t holding exactly the bits of the call without it: on the decode fast path
+    (contiguous CPU out: written by the kernel, no allocation), on the general path (a forced backend, a strided out:
+    computed, then copied) and in each dtype combination; a wrong out is named and nothing is written."""
+    calls = []
+    packed = cpu_engine._bitlinear_packed
+    monkeypatch.setattr(cpu, "_bitlinear_packed", lambda *a: calls.append(a[1]) or packed(*a))
+    pw, bias = kernels.pack(torch.randn(9, 130)), torch.randn(9)
+    for x in (torch.randn(130), torch.randn(3, 130), torch.randn(2, 4, 130)):
+        for dtype, out_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.float16, torch.float32),
+                                 (torch.float32, torch.bfloat16)):
+            xd, want_dtype = x.to(dtype), out_dtype or dtype
+            want = kernels.bitlinear(xd, pw, bias, out_dtype)
+            out = torch.full(want.shape, 7.0, dtype=want_dtype)
+            assert kernels.bitlinear(xd, pw, bias, out_dtype, out=out) is out and torch.equal(out, want)
+            assert calls[-1] == out.data_ptr()  # the kernel wrote into out itself
+            strided = torch.full((*want.shape[:-1], 18), 7.0, dtype=want_dtype)[..., ::2]
+            assert kernels.bitlinear(xd, pw, bias, out_dtype, out=strided) is strided
+            assert torch.equal(strided, want)
+            with monkeypatch.context() as m:
+                m.setenv("BITNET_FAST_BACKEND", "reference")
+                out.fill_(7.0)
+                assert kernels.bitlinear(xd, pw, bias, out_dtype, out=out) is out
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-3)
+    x, out = torch.randn(3, 130), torch.full((3, 9), 7.0)
+    bad = [(torch.empty(3, 8), ValueError, r"out has shape \(3, 8\); the result is \(3, 9\)"),
+           (torch.empty(9), ValueError, r"out has shape \(9,\)"),
+           (torch.empty(3, 9, dtype=torch.bfloat16), TypeError, "out has dtype torch.bfloat16; the result is "
+                                                                 "torch.float32"),
+           (torch.empty(3, 9, device="meta"), ValueError, "out is on meta but x is on cpu"),
+           (torch.empty(3, 9, requires_grad=True), RuntimeError, "out requires grad"),
+           (out.numpy(), TypeError, "out must be a torch.Tensor")]
+    for t, err, match in bad:
+        for _ in range(2):  # a new plan, then the planned path
+            with pytest.raises(err, match=match):
+                kernels.bitlinear(x, pw, out=t)
+    assert (out == 7.0).all()
+
+
 def test_copies_and_pickles_of_a_packed_weight_compute_on_their_own_buffer():
     """The numba backend caches the weight's address in pw.views: a deep copy or an unpickled weight (a copied or
     torch.save'd model) must not inherit it, or it would read the original's buffer, freed or changed later."""
@@ -457,7 +496,8 @@ def test_interleave_panel_layout(n, k, seed):
 
 def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(monkeypatch):
     """Below tuning.SERIAL_WORK multiply-adds a parallel region costs more than it saves: one thread (the kernel is
-    told so, and runs in place), while larger calls set and use the configured count."""
+    told so, and runs in place), while larger calls use the configured count. The forward engine applies its count
+    itself and gives the caller's back."""
     import numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:
@@ -473,11 +513,14 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(mo
             kernels.bitlinear(torch.randn(2, 64), small)
             assert calls[-1] == 1
         kernels.bitlinear(torch.randn(2, 1024), large)
-        assert calls[-1] == 2 and numba.get_num_threads() == 2
-        kernels.pack(torch.randn(8, 64))  # the packer follows the same rule, and the kernels re-apply their count
+        assert calls[-1] == 2
+        kernels.pack(torch.randn(8, 64))  # the packer follows the same rule
         assert numba.get_num_threads() == 1
-        kernels.bitlinear(torch.randn(2, 1024), large)
-        assert calls[-1] == 2 and numba.get_num_threads() == 2
+        for _ in range(2):  # a new shape (planned by this call), then its plan: told 2, the caller's count kept
+            kernels.bitlinear(torch.randn(3, 1024), large)
+            assert calls[-1] == 2 and numba.get_num_threads() == 1
+        kernels.grad_input(torch.randn(64, 1024), large)  # the other kernels set their count from Python
+        assert numba.get_num_threads() == 2
     finally:
         cpu.configure(threads=old)
 

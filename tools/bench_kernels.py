@@ -17,9 +17,10 @@ quantized to q8_K inside, as in llama.cpp; tools/ggml_peer.py) run in the same r
     python tools/bench_kernels.py [--quick] [--threads 2] [--ms 1,8,32,128,512] [--shapes 4096x4096,2048x5632]
         [--stream | --cold] [--isa native|avx2] [--no-ggml] [--json out.json] [--compile-times] [--breakdown]
 
-`--breakdown` times, at M=1, the public call next to the Numba engine call alone (planned arguments, a reused
-output) on the given threads and on one, and ggml TQ2_0 on both: what the Python and the output allocation cost,
-and how each engine scales from one thread to two.
+`--breakdown` times, at M=1, the public call (with a fresh output, and writing a reused one with `out=`, as ggml's
+graph writes its preallocated dst) next to the Numba engine call alone (planned arguments, a reused output) on the
+given threads and on one, and ggml TQ2_0 on both: what the Python and the output allocation cost, and how each
+engine scales from one thread to two.
 """
 
 from __future__ import annotations
@@ -147,17 +148,19 @@ def _engine_call(k: int, n: int, threads: int) -> Callable[[], object]:
 
 
 def breakdown(shapes: list[tuple[int, int]], threads: int, ggml_isa: str | None) -> None:
-    """Where an M=1 call goes, side by side: the public `kernels.bitlinear`, the engine call alone on `threads` and on
-    one thread, and ggml TQ2_0 on both (its whole ggml_mul_mat): per-call medians in us and the ratios."""
+    """Where an M=1 call goes, side by side: the public `kernels.bitlinear` (a fresh output; `out=` a reused one), the
+    engine call alone on `threads` and on one thread, and ggml TQ2_0 on both (its whole ggml_mul_mat, into its
+    graph's preallocated dst): per-call medians in us and the ratios."""
     torch.set_num_threads(threads)
     cpu.configure(threads=threads)
-    print("| K | N | ours us | engine us | engine 1t us | ggml us | ggml 1t us | ggml / ours | ggml / engine | "
-          "ggml 1t / engine 1t | threads scale: engine, ggml |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| K | N | ours us | ours out= us | engine us | engine 1t us | ggml us | ggml 1t us | ggml / ours | "
+          "ggml / ours out= | ggml / engine | ggml 1t / engine 1t | threads scale: engine, ggml |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n in shapes:
-        x, pw = torch.randn(1, k), kernels.pack(torch.randn(n, k))
-        fns = {"ours": lambda x=x, pw=pw: kernels.bitlinear(x, pw), "engine": _engine_call(k, n, threads),
-               "engine_1t": _engine_call(k, n, 1)}
+        x, pw, out = torch.randn(1, k), kernels.pack(torch.randn(n, k)), torch.empty(1, n)
+        fns = {"ours": lambda x=x, pw=pw: kernels.bitlinear(x, pw),
+               "ours_out": lambda x=x, pw=pw, out=out: kernels.bitlinear(x, pw, out=out),
+               "engine": _engine_call(k, n, threads), "engine_1t": _engine_call(k, n, 1)}
         handles = []
         if ggml_isa:
             handles = [ggml_peer.GgmlMulMat(1, k, n, "tq2_0", t, ggml_isa) for t in (threads, 1)]
@@ -165,8 +168,9 @@ def breakdown(shapes: list[tuple[int, int]], threads: int, ggml_isa: str | None)
         times = ggml_peer.time_rounds(fns, budget_s=6.0, burst=20)
         us = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
         g, g1 = us.get("ggml", float("nan")), us.get("ggml_1t", float("nan"))
-        print(f"| {k} | {n} | {us['ours']:.1f} | {us['engine']:.1f} | {us['engine_1t']:.1f} | {g:.1f} | {g1:.1f} | "
-              f"{g / us['ours']:.2f}x | {g / us['engine']:.2f}x | {g1 / us['engine_1t']:.2f}x | "
+        print(f"| {k} | {n} | {us['ours']:.1f} | {us['ours_out']:.1f} | {us['engine']:.1f} | {us['engine_1t']:.1f} | "
+              f"{g:.1f} | {g1:.1f} | {g / us['ours']:.2f}x | {g / us['ours_out']:.2f}x | {g / us['engine']:.2f}x | "
+              f"{g1 / us['engine_1t']:.2f}x | "
               f"{us['engine_1t'] / us['engine']:.2f}x, {g1 / g:.2f}x |", flush=True)
         for h in handles:
             h.close()
