@@ -12,8 +12,8 @@ activation vector is loaded once and reused for every weight row. Per instructio
     vnni512   512-bit `vpdpbusd` (u8 x s8 -> int32 accumulate); 64-byte loads span two blocks, so activations
               are stored pair-interleaved (`DOT_LAYOUT_PAIRS`); codes are decoded by masks only
     vnni      256-bit `vpdpbusd` (AVX-VNNI or AVX-512VL VNNI)
-    avx2      `vpmaddubsw` (u8 x s8 -> pairwise int16) accumulated in int16 for CHUNK blocks, then widened
-              with `vpmaddwd`: one add per multiply, and the widening costs 1/64 of the multiplies
+    avx2      `vpmaddubsw` (u8 x s8 -> pairwise int16) accumulated in int16 for CHUNK blocks (SPLIT_CHUNK in
+              the decode tiles), then widened with `vpmaddwd`: one add per multiply
     portable  target-independent IR (zext/sext/mul/add) that LLVM lowers to whatever SIMD the target has
 
 `make_outer_dot(rows, nv)` is the avx2 GEMM's outer-product tile on an interleaved copy of a weight panel:
@@ -44,8 +44,11 @@ BLOCK = reference.I2_BLOCK  # 128 weights = 32 packed bytes
 # rows as one linear stream (_Tile.block_vectors); GEMM tiles reuse their weights from L2 and prefetch 1 tile ahead.
 PREFETCH_ROWS = 16
 # avx2: int16 lanes collect 4 vpmaddubsw results (each in [-512, 508]) per block; 16 blocks stay within
-# [-32768, 32512], so the int16 accumulators are widened every CHUNK blocks. Exact for valid codes (0..2).
+# [-32768, 32512], so the int16 accumulators are widened every CHUNK blocks. The decode tiles (one activation row)
+# split each pair's accumulator in two: quarters 0 and 2 (codes c) and quarters 1 and 3 (decoded as 4c by masks
+# alone, lanes in [-2048, 2032]), widened every SPLIT_CHUNK blocks. Exact for valid codes (0..2).
 CHUNK = 16
+SPLIT_CHUNK = 8
 
 
 def detect_isa(features: dict[str, bool] | None = None, forced: str | None = None) -> str:
@@ -113,10 +116,17 @@ def _emit_loop(builder, start, stop, step: int, inits: list, body) -> list:
     return final
 
 
-def _decode(builder, wv, nbytes: int, masks_only: bool) -> list:
+def _decode(builder, wv, nbytes: int, masks_only: bool | str) -> list:
     """The four code vectors of a packed vector: quarter q = (byte >> 2q) & 3, or with masks only byte & (3 << 2q)
-    (= 4**q * code, unscaled after the reduction)."""
+    (= 4**q * code, unscaled after the reduction), or with "pairs" (avx2) c0, 4 c1, c2, 4 c3 from two masks of the
+    byte and two of it shifted by 4: 5 instructions where (byte >> 2q) & 3 takes 7 (x86 has no byte shift: a 16-bit
+    shift, whose bits from the next byte the masks drop)."""
     i8v = ir.VectorType(ir.IntType(8), nbytes)
+    if masks_only == "pairs":
+        i16v = ir.VectorType(ir.IntType(16), nbytes // 2)
+        hi = builder.bitcast(builder.lshr(builder.bitcast(wv, i16v), ir.Constant(i16v, [4] * (nbytes // 2))), i8v)
+        m1, m4 = ir.Constant(i8v, [3] * nbytes), ir.Constant(i8v, [12] * nbytes)
+        return [builder.and_(wv, m1), builder.and_(wv, m4), builder.and_(hi, m1), builder.and_(hi, m4)]
     if masks_only:
         return [builder.and_(wv, ir.Constant(i8v, [3 << 2 * q] * nbytes)) for q in range(4)]
     mask = ir.Constant(i8v, [3] * nbytes)
@@ -188,34 +198,47 @@ def _hsum4(builder, vecs: list):
 
 
 def _avx2_body(tile: _Tile, nblk, out_ptrs: list) -> None:
-    """avx2: int16 accumulators, widened (vpmaddwd) and reduced (transposed adds) every CHUNK blocks."""
+    """avx2: int16 accumulators, widened (vpmaddwd) and reduced (transposed adds) every CHUNK blocks. A decode tile
+    (one activation row) keeps two per pair, quarters 0 + 2 (codes c) and 1 + 3 (codes 4c: _decode "pairs", two
+    instructions fewer per weight vector), widened every SPLIT_CHUNK blocks as 4 * first + second (vpmaddwd by 4 and
+    by 1) into 4x the dot product, exact in int32, shifted back at the end (alone, one thread, Zen 3: 1.02-1.03x
+    at K = 2048-5632; the 4-row GEMM tile, whose decode is shared by 4 rows, was 0.96x and keeps one)."""
     b = tile.b
     maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
     maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-    ones = ir.Constant(_I16x16, [1] * 16)
-    cols = len(tile.w_addrs)
+    ones, fours = ir.Constant(_I16x16, [1] * 16), ir.Constant(_I16x16, [4] * 16)
+    cols, pairs = len(tile.w_addrs), tile.pairs
+    split = len(tile.x_addrs) == 1
     i32x4 = ir.VectorType(_I32, 4)
-    nvec = (tile.pairs + 3) // 4
+    nvec = (pairs + 3) // 4
+    chunk_blocks = SPLIT_CHUNK if split else CHUNK
 
     def block(blk, accs):
-        codes, xs = tile.block_vectors(blk, 32, masks_only=False)
+        codes, xs = tile.block_vectors(blk, 32, masks_only="pairs" if split else False)
         new = list(accs)
         for q in range(4):
             for t, xt in enumerate(xs):
                 for s in range(cols):
-                    j = t * cols + s
+                    j = t * cols + s + (pairs * (q & 1) if split else 0)  # split: odd quarters into the second set
                     new[j] = b.add(new[j], b.call(maddubs, [codes[s][q], xt[q]]))
         return new
 
     def chunk(c, totals):
-        stop = b.select(b.icmp_signed("<", b.add(c, _c64(CHUNK)), nblk), b.add(c, _c64(CHUNK)), nblk)
-        accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * tile.pairs, block)
-        sums = [_hsum4(b, [b.call(maddwd, [a, ones]) for a in accs[4 * v : 4 * v + 4]]) for v in range(nvec)]
+        end = b.add(c, _c64(chunk_blocks))
+        stop = b.select(b.icmp_signed("<", end, nblk), end, nblk)
+        accs = _emit_loop(b, c, stop, 1, [ir.Constant(_I16x16, None)] * (pairs * (1 + split)), block)
+        if split:
+            wide = [b.add(b.call(maddwd, [accs[j], fours]), b.call(maddwd, [accs[pairs + j], ones]))
+                    for j in range(pairs)]
+        else:
+            wide = [b.call(maddwd, [a, ones]) for a in accs]
+        sums = [_hsum4(b, wide[4 * v : 4 * v + 4]) for v in range(nvec)]
         return [b.add(tot, s) for tot, s in zip(totals, sums, strict=True)]
 
-    totals = _emit_loop(b, _c64(0), nblk, CHUNK, [ir.Constant(i32x4, None)] * nvec, chunk)
+    totals = _emit_loop(b, _c64(0), nblk, chunk_blocks, [ir.Constant(i32x4, None)] * nvec, chunk)
     for j, ptr in enumerate(out_ptrs):
-        b.store(b.extract_element(totals[j // 4], ir.Constant(_I32, j % 4)), ptr)
+        total = b.extract_element(totals[j // 4], ir.Constant(_I32, j % 4))
+        b.store(b.ashr(total, ir.Constant(_I32, 2)) if split else total, ptr)
 
 
 def _vnni_body(tile: _Tile, nblk, out_ptrs: list, isa: str) -> None:

@@ -74,7 +74,7 @@ def _floats(rng, m: int, k: int) -> torch.Tensor:
 
 
 # K up to 1100 reaches every loop of the vnni dots (4-block wide steps, 2-block pairs, single blocks); K above
-# 2048 crosses the avx2 dot's int16 widening every cpu_dot.CHUNK = 16 blocks.
+# 1024 crosses the avx2 decode dot's int16 widening every cpu_dot.SPLIT_CHUNK = 8 blocks (2048: the GEMM tile's 16).
 shapes = st.tuples(st.integers(1, 20), st.one_of(st.integers(1, 300), st.integers(300, 1100), st.integers(1900, 4400)),
                    st.integers(1, 40))
 
@@ -461,9 +461,10 @@ def test_dispatch_plan_per_isa_class(isa, torch_vnni, engine, monkeypatch):
 
 @pytest.mark.parametrize("k", [256, 257, 2048, 2049, 2 * 2048 + 128, 3 * 2048 + 1])
 def test_int16_accumulation_extremes(k):
-    """Every lane of the avx2 int16 accumulators at its bound (-512 per vpmaddubsw: code 2 x -128, twice) for
-    whole chunks (16 blocks in the row-dot tiles, 2 in the outer-product tile), across chunk boundaries; also the
-    positive bound and alternating signs."""
+    """Every lane of the avx2 int16 accumulators at its bound for whole chunks (decode tiles: -2048 per vpmaddubsw
+    on quarters 1 and 3, code 2 decoded as 8, x -128, twice, for 8 blocks = -32768; GEMM row-dot tile: -512 four
+    times for 16 blocks; outer-product tile: 2 blocks), across chunk boundaries; also the positive bound and
+    alternating signs."""
     m, n = 5, 6
     wt = torch.ones((n, k), dtype=torch.int8)
     wt[3] = -1
