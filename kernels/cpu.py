@@ -209,7 +209,9 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     _, gamma, w_addr, _ = _i2(pw)
     # fp32 like x now; integer sizes, as new_empty(tuple) and torch.empty(..., dtype=) cost ~1.5 us more
     out = x.new_empty(m, n) if len(shape) == 2 else x.new_empty(*shape[:-1], n)
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), 0, w_addr, m, k, n, gamma, _bias(bias), *_launch(p, m, m * n * k))
+    b = _NO_BIAS if bias is None else _f32(bias)
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), 0, w_addr, m, k, n, gamma, b.ctypes.data if b.size else 0,
+                      *_launch(p, m, m * n * k))
     return out if out_dtype is _F32 else out.to(out_dtype)
 
 
@@ -221,22 +223,23 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     else fp32), converted inside the kernel (cpu_engine._bitlinear_packed), written into `out` when given. None when
     x is not (..., K), the bias is not a float CPU vector of N, or out is not a contiguous CPU tensor of the result's
     shape and dtype outside autograd (the general path then says what is wrong, or copies into a strided out).
-    The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's view kept
-    (`_bias_view`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
+    The kernel's arguments for x's shape are planned once per shape (`_decode_plan`) and the bias's address kept
+    (`_bias_arg`), so a call is the output's allocation and one Numba dispatch (a 256 x 256 call at M=1: ~11 us,
     was ~16; a 1024 x 1024 one on 2 threads: ~39 us, was ~42; docs/kernels.md)."""
     if bias is not None:
-        bias_np = _bias_view(view, bias, pw.shape[0])
-        if bias_np is False:
+        b = _bias_arg(view, bias, pw.shape[0])
+        if b is None:
             return None
+        kinds |= b[1]
     shape = x.shape
     plan = view[3].get(shape)
     if plan is None or plan[0] != _epoch:
         plan = _decode_plan(pw, view, shape)
-    if not plan[1] or out is not None and not (  # x is not (..., K) (None) or the int_mm engine serves this M ()
+    if not plan[1] or (out is not None and not (  # x is not (..., K) (None) or the int_mm engine serves this M ()
             type(out) is torch.Tensor and out.shape == plan[1] and out.dtype is (out_dtype or _F32) and out.is_cpu
-            and out.is_contiguous() and not out.requires_grad):
+            and out.is_contiguous() and not out.requires_grad)):
         return None
-    if kinds and not plan[6]:  # a large bf16 / fp16 call: torch's threaded, vectorized conversions win
+    if kinds & 15 and not plan[6]:  # a large bf16 / fp16 call: torch's threaded, vectorized conversions win
         y = bitlinear_fp32(x.float() if kinds & 5 else x, pw, view, bias)
         if kinds & 10:
             y = y.to(out_dtype)
@@ -248,8 +251,7 @@ def bitlinear_fp32(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
         return out
     # torch's thread count may change between calls; the engine applies the count itself
     threads = plan[7] or _threads(_params, plan[5])
-    _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], _NO_BIAS if bias is None else bias_np, threads,
-                      *plan[4])
+    _bitlinear_packed(x.data_ptr(), out.data_ptr(), kinds, *plan[3], 0 if bias is None else b[0], threads, *plan[4])
     return out
 
 
@@ -280,23 +282,27 @@ def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     return bitlinear_fp32(x, pw, view, bias, kinds | (2 if out_dtype is _BF16 else 8), out_dtype, out)
 
 
-def _bias_view(view: tuple, bias: torch.Tensor, n: int) -> np.ndarray | bool:
-    """The fp32 NumPy view of a float CPU bias of n, or False when it is not one. The view of an fp32 contiguous
-    bias is kept in view (a layer passes the same Parameter every call): a hit is the same object at the same
-    address (a tensor given new storage, `.data = ...`, has another address, as the kept view holds the old one
-    alive). A bf16 / fp16 or strided bias is converted every call: a kept copy could miss an in-place change made
-    through `.data`, which no version counter sees."""
+def _bias_arg(view: tuple, bias: torch.Tensor, n: int) -> tuple[int, int, object] | None:
+    """(address, kinds bit, what holds the memory) of a float CPU bias vector of n for the engine, or None when it is
+    not one. A contiguous bias is read where it lives (bf16 / fp16 widened inside the kernel as torch widens: kinds 16
+    / 32), so an in-place change through `.data` is always seen; a strided one is copied to fp32 every call. The
+    argument of a contiguous bias is kept in view (a layer passes the same Parameter every call): a hit is the same
+    object at the same address (a tensor given new storage, `.data = ...`, has another address, as the kept tensor
+    holds the old storage alive)."""
     hit = view[3].get("bias")
-    if hit is not None and hit[0] is bias and bias.data_ptr() == hit[2]:
-        return hit[1]
+    if hit is not None and hit[2] is bias and bias.data_ptr() == hit[0]:
+        return hit
     if not (type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter) or not (
             bias.dtype in FLOAT_DTYPES and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == n):
-        return False
-    if bias.dtype is not _F32 or not bias.is_contiguous():
-        return _f32(bias)
-    b = bias.detach().numpy()
-    view[3]["bias"] = (bias, b, b.ctypes.data)
-    return b
+        return None
+    if not bias.is_contiguous():
+        b = _f32(bias)
+        return b.ctypes.data, 0, b
+    arg = view[3]["bias"] = (bias.data_ptr(), _BIAS_KINDS[bias.dtype], bias, bias.detach())
+    return arg
+
+
+_BIAS_KINDS = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 32}
 
 
 def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
@@ -316,7 +322,7 @@ def _decode_plan(pw: PackedWeight, view: tuple, shape: torch.Size) -> tuple:
         head, rest = (view[2], m, k, n, view[1]), (p["panel_bytes"], m >= p["gemm_min_m"], p["outer_min_rows"])
         if work < tuning.SERIAL_WORK or p["threads"]:
             threads = _threads(p, work)
-            fixed = (*head, _NO_BIAS, threads, *rest)
+            fixed = (*head, 0, threads, *rest)
     plans = view[3]
     if len(plans) >= 64:  # prefill shapes vary with the sequence length: keep the cache small
         plans.clear()

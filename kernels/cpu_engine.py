@@ -14,8 +14,17 @@ from numba import carray, njit, prange
 
 from . import numba_cache, reference
 from .cpu_convert import f32_to_bf16, f32_to_f16, widen_16
-from .cpu_dot import (DOT_LAYOUT_PAIRS, ISA, OUTER_LANES, address_as, ensure_threads, fetch_add, make_dot,
-                      make_outer_dot, swap_num_threads)
+from .cpu_dot import (
+    DOT_LAYOUT_PAIRS,
+    ISA,
+    OUTER_LANES,
+    address_as,
+    ensure_threads,
+    fetch_add,
+    make_dot,
+    make_outer_dot,
+    swap_num_threads,
+)
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 ensure_threads()  # _bitlinear_packed calls the threading layer's symbols (cpu_dot.swap_num_threads)
@@ -289,15 +298,16 @@ def _prepare_f(x, kp, threads):
 
 # Entry points from Python: one dispatch per call.
 @njit(cache=True)
-def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, threads, panel_bytes, gemm_rows,
+def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias_addr, threads, panel_bytes, gemm_rows,
                       outer_rows):
     """Fused forward on the packed engine: x (M, K) -> out (M, N), both contiguous, each fp32, bf16 or fp16 (kinds:
-    1 when x is bf16, 4 when fp16, 2 when out is bf16, 8 when fp16; cpu_convert converts as torch does), and the i2
-    weight (N, Kp / 4), all passed by address (0.1 us each, where unboxing an array costs ~0.5 us and returning one
-    ~3 us with torch.from_numpy; a torch dtype conversion each way costs 5-8 us at M=1): the caller keeps the three
-    buffers alive for the call. The call runs on `threads` and leaves this thread's Numba thread count as it found
-    it (set here, not with a Python call before: ~2 us per call on the decode path, where the previous layer's
-    weights have just evicted the interpreter from L2)."""
+    1 when x is bf16, 4 when fp16, 2 when out is bf16, 8 when fp16; cpu_convert converts as torch does), the i2
+    weight (N, Kp / 4) and the bias (N,) (0: none; fp32, or bf16 when kinds & 16, fp16 when kinds & 32), all passed
+    by address (0.1 us each, where unboxing an array costs ~0.5 us and returning one ~3 us with torch.from_numpy; a
+    torch dtype conversion each way costs 5-8 us at M=1): the caller keeps the four buffers alive for the call.
+    The call runs on `threads` and leaves this thread's Numba thread count as it found it (set here, not with a
+    Python call before: ~2 us per call on the decode path, where the previous layer's weights have just evicted the
+    interpreter from L2)."""
     before = swap_num_threads(threads if threads > 1 else 0)
     kb = (k + BLOCK - 1) // BLOCK * (BLOCK // 4)  # i2 bytes per weight row: reference.padded_k(k) / 4
     if kinds & 5:
@@ -309,6 +319,12 @@ def _bitlinear_packed(x_addr, out_addr, kinds, w_addr, m, k, n, gamma, bias, thr
     else:
         out = carray(address_as(out_addr, np.float32(0)), (m, n))
     wp = carray(address_as(w_addr, np.uint8(0)), (n, kb))
+    if bias_addr == 0:
+        bias = np.empty(0, np.float32)
+    elif kinds & 48:
+        bias = widen_16(carray(address_as(bias_addr, np.uint16(0)), (1, n)), kinds & 32 != 0)[0]
+    else:
+        bias = carray(address_as(bias_addr, np.float32(0)), (n,))
     _, xl, xsum, s = _prepare_f(x, kb * 4, threads)
     _mm(xl, xsum, np.float32(gamma) / s, wp, bias, out, threads, panel_bytes, gemm_rows, outer_rows)
     if kinds & 2:

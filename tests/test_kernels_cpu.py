@@ -246,6 +246,10 @@ def test_decode_fast_path_equals_the_general_path_and_follows_its_settings(monke
         kernels.bitlinear(xd, pw, None, out_dtype)
         n_calls += 1
         assert len(calls) == n_calls and calls[-1][0] == kinds  # bf16 / fp16 in and out: converted inside the kernel
+    for bias, kinds in ((biases[3], 16), (biases[3].half(), 32), (biases[1], 0)):  # a bias read where it lives
+        got = kernels.bitlinear(x, pw, bias)
+        assert calls[-1][0] == kinds and calls[-1][6] == bias.data_ptr()
+        torch.testing.assert_close(got, general(x, pw, bias), rtol=0, atol=0, equal_nan=True)
     big = torch.randn(cpu.CAST_IN_KERNEL_MAX // 130 + 1, 130)  # past the in-kernel limit: torch converts
     for dtype in (torch.bfloat16, torch.float16):
         got, want = kernels.bitlinear(big.to(dtype), pw), general(big.to(dtype), pw)

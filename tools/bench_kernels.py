@@ -135,7 +135,7 @@ def _engine_call(k: int, n: int, threads: int) -> Callable[[], object]:
 
     x, pw, out = torch.randn(1, k), kernels.pack(torch.randn(n, k)), torch.empty(1, n)
     plan = cpu._decode_plan(pw, cpu._i2(pw), x.shape)
-    args = (x.data_ptr(), out.data_ptr(), 0, *plan[3], cpu._NO_BIAS, threads, *plan[4])
+    args = (x.data_ptr(), out.data_ptr(), 0, *plan[3], 0, threads, *plan[4])  # 0: no bias
 
     def call() -> object:
         cpu_engine._bitlinear_packed(*args)
