@@ -7,8 +7,9 @@ cache folder ($BITNET_FAST_PEERS, else ~/.cache/bitnet-fast/peers) as build-<isa
 
 The GGUF is a llama-architecture model of the requested shape (default TinyLlama-1.1B) whose seven projections
 per layer are random ternary {-1, 0, 1} * scale in TQ2_0 (or TQ1_0), embedding and head in Q8_0 (or F16), norms
-F32, written with the optional `gguf` package (pip install gguf; not a dependency of bitnet-fast: without it,
-`measure` says so instead of failing). Random weights run at the speed of trained ones: the kernels are
+F32, written with the optional `gguf` package (pip install gguf; pinned with the tested versions in
+requirements/tested.txt, not a dependency of the bitnet-fast package: without it, `measure` says so instead of
+failing). Random weights run at the speed of trained ones: the kernels are
 data-independent. The vocab is a minimal SentencePiece-style one that llama.cpp loads like LLaMA's. Files are
 cached in <peers dir>/gguf, never in a repository.
 

@@ -50,6 +50,29 @@ def test_parse_captured_output():
             peers.parse_llama_bench(bad)
 
 
+@pytest.mark.parametrize(("weights", "head"), [("tq2_0", "q8_0"), ("tq1_0", "f16")])
+def test_write_gguf_reads_back_as_the_llama_it_describes(tmp_path, weights, head):
+    """The GGUF llama.cpp's whole-model comparison runs: every tensor of the shape, in the asked types, with the
+    hyperparameters llama.cpp reads (gguf is pinned in requirements/tested.txt; its reader checks the file)."""
+    gguf = pytest.importorskip("gguf")
+    shape = peers.Shape(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=300)
+    path = peers.write_gguf(tmp_path / "m.gguf", shape, weights, head)
+    reader = gguf.GGUFReader(path)
+    got = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+    assert len(got) == 3 + 9 * shape.layers
+    assert got["token_embd.weight"] == (head.upper(), (256, 300)) and got["output.weight"] == (head.upper(), (256, 300))
+    for i in range(shape.layers):
+        assert got[f"blk.{i}.attn_k.weight"] == (weights.upper(), (256, 128))  # (in, out): ggml's order
+        assert got[f"blk.{i}.ffn_down.weight"] == (weights.upper(), (512, 256))
+        assert got[f"blk.{i}.attn_norm.weight"][0] == "F32"
+    def field(name: str) -> int:
+        f = reader.fields[name]
+        return int(f.parts[f.data[0]][0])
+
+    assert (field("llama.block_count"), field("llama.attention.head_count"), field("llama.attention.head_count_kv"),
+            field("llama.feed_forward_length")) == (2, 4, 2, 512)
+
+
 def test_measure_runs_the_binary_on_the_cached_gguf(tmp_path):
     exe = _fake(tmp_path)
     shape = peers.Shape(hidden=256, layers=1, heads=4, kv_heads=2, ffn=512, vocab=300)

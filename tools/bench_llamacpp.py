@@ -3,7 +3,7 @@
 What the CPU speed to beat is for a BitNet model of our shape: a llama-architecture GGUF (default TinyLlama-1.1B:
 hidden 2048, 22 layers, 32 heads / 4 KV heads, FFN 5632, vocab 32000) whose seven projections per layer are random
 ternary stored as TQ2_0 (or TQ1_0), embedding and head in Q8_0 (or F16), written with the `gguf` package (pip
-install gguf). Writing the GGUF, running llama-bench and parsing its output live in bitnet_fast/peers.py (shared
+install gguf; pinned in requirements/tested.txt). Writing the GGUF, running llama-bench and parsing its output live in bitnet_fast/peers.py (shared
 with `bitnet-fast calibrate` and `bitnet-fast report`); this script adds the sweep, the alternation with our
 decoder and the tables.
 
