@@ -3,9 +3,9 @@
 What the CPU speed to beat is for a BitNet model of our shape: a llama-architecture GGUF (default TinyLlama-1.1B:
 hidden 2048, 22 layers, 32 heads / 4 KV heads, FFN 5632, vocab 32000) whose seven projections per layer are random
 ternary stored as TQ2_0 (or TQ1_0), embedding and head in Q8_0 (or F16), written with the `gguf` package (pip
-install gguf; pinned in requirements/tested.txt). Writing the GGUF, running llama-bench and parsing its output live in bitnet_fast/peers.py (shared
-with `bitnet-fast calibrate` and `bitnet-fast report`); this script adds the sweep, the alternation with our
-decoder and the tables.
+install gguf; pinned in requirements/tested.txt). Writing the GGUF, running llama-bench and parsing its output
+live in bitnet_fast/peers.py (shared with `bitnet-fast calibrate` and `bitnet-fast report`); this script adds the
+sweep, the alternation with our decoder and the tables.
 
 It then runs `llama-bench -t T -p 128 -n 32 -m FILE -o json` (from `python tools/llamacpp_build.py`) and reports
 prefill (pp) and decode (tg) tok/s (mean ± std over the repetitions, and the best repetition: on a shared machine
