@@ -116,18 +116,18 @@ def _emit_loop(builder, start, stop, step: int, inits: list, body) -> list:
     return final
 
 
-def _decode(builder, wv, nbytes: int, masks_only: bool | str) -> list:
-    """The four code vectors of a packed vector: quarter q = (byte >> 2q) & 3, or with masks only byte & (3 << 2q)
-    (= 4**q * code, unscaled after the reduction), or with "pairs" (avx2) c0, 4 c1, c2, 4 c3 from two masks of the
-    byte and two of it shifted by 4: 5 instructions where (byte >> 2q) & 3 takes 7 (x86 has no byte shift: a 16-bit
-    shift, whose bits from the next byte the masks drop)."""
+def _decode(builder, wv, nbytes: int, mode: str) -> list:
+    """The four code vectors of a packed vector. "shift": quarter q = (byte >> 2q) & 3; "masks": byte & (3 << 2q)
+    (= 4**q * code, unscaled after the reduction); "pairs" (avx2): c0, 4 c1, c2, 4 c3 from two masks of the byte and
+    two of it shifted by 4, 5 instructions where "shift" takes 7 (x86 has no byte shift: a 16-bit shift, whose bits
+    from the next byte the masks drop)."""
     i8v = ir.VectorType(ir.IntType(8), nbytes)
-    if masks_only == "pairs":
+    if mode == "pairs":
         i16v = ir.VectorType(ir.IntType(16), nbytes // 2)
         hi = builder.bitcast(builder.lshr(builder.bitcast(wv, i16v), ir.Constant(i16v, [4] * (nbytes // 2))), i8v)
         m1, m4 = ir.Constant(i8v, [3] * nbytes), ir.Constant(i8v, [12] * nbytes)
         return [builder.and_(wv, m1), builder.and_(wv, m4), builder.and_(hi, m1), builder.and_(hi, m4)]
-    if masks_only:
+    if mode == "masks":
         return [builder.and_(wv, ir.Constant(i8v, [3 << 2 * q] * nbytes)) for q in range(4)]
     mask = ir.Constant(i8v, [3] * nbytes)
     return [builder.and_(builder.lshr(wv, ir.Constant(i8v, [2 * q] * nbytes)) if q else wv, mask) for q in range(4)]
@@ -152,7 +152,7 @@ class _Tile:
         # a decode tile of several weight rows (consecutive in memory) prefetches them as one linear stream
         self.linear = len(x_addrs) == 1 and len(w_addrs) % 2 == 0
 
-    def block_vectors(self, blk, nbytes: int, masks_only: bool) -> tuple[list, list]:
+    def block_vectors(self, blk, nbytes: int, mode: str) -> tuple[list, list]:
         """(codes[s][q] per weight row, xs[t][q] per activation row) of the nbytes-wide vectors at block blk. Each
         weight load also prefetches a later tile's bytes (PREFETCH_ROWS ahead in the 1 x 1 decode tile): a GEMV
         streams its weights from DRAM, faster than the hardware prefetchers alone run ahead of it. A decode tile of
@@ -175,7 +175,7 @@ class _Tile:
             if not linear:
                 ptr = b.inttoptr(b.add(addr, self.ahead), ir.IntType(8).as_pointer())
                 b.call(prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-            codes.append(_decode(b, _load(b, addr, i8v), nbytes, masks_only))
+            codes.append(_decode(b, _load(b, addr, i8v), nbytes, mode))
         xs = []
         for x in self.x_addrs:
             base = b.add(x, b.mul(blk, _c64(BLOCK)))
@@ -214,7 +214,7 @@ def _avx2_body(tile: _Tile, nblk, out_ptrs: list) -> None:
     chunk_blocks = SPLIT_CHUNK if split else CHUNK
 
     def block(blk, accs):
-        codes, xs = tile.block_vectors(blk, 32, masks_only="pairs" if split else False)
+        codes, xs = tile.block_vectors(blk, 32, "pairs" if split else "shift")
         new = list(accs)
         for q in range(4):
             for t, xt in enumerate(xs):
@@ -259,7 +259,8 @@ def _vnni_body(tile: _Tile, nblk, out_ptrs: list, isa: str) -> None:
         def body(blk0, accs, nbytes=nbytes, u=u, i32v=i32v, dpbusd=dpbusd):
             new = list(accs)
             for k in range(u):
-                codes, xs = tile.block_vectors(b.add(blk0, _c64(k * nbytes // 32)), nbytes, masks_only)
+                codes, xs = tile.block_vectors(b.add(blk0, _c64(k * nbytes // 32)), nbytes,
+                                               "masks" if masks_only else "shift")
                 for t, xt in enumerate(xs):
                     for s, cs in enumerate(codes):
                         for q in range(4):
