@@ -28,7 +28,7 @@ from numba import carray, njit, prange
 
 from . import numba_cache
 from .cpu_dot import address_as, fetch_add, make_i8_dot
-from .cpu_engine import _dot_one, _mm, _quant_row
+from .cpu_engine import DECODE_NR, _dot_one, _dot_row, _mm, _quant_row
 
 numba_cache.install()  # before the first @njit(cache=True): keyed on all kernel sources and the ISA
 
@@ -97,7 +97,7 @@ def _gemv_many(xq, xsum, ws, scales, outs, threads) -> None:
     nblk, tasks = ws[0].shape[1] // 32, 8 * threads
     counter = np.zeros(1, np.int64)
     for _worker in prange(threads):  # threads take tasks as they become free (cpu_dot.fetch_add)
-        acc = np.empty((1, 1), np.int32)
+        acc = np.empty((1, DECODE_NR), np.int32)
         t = fetch_add(counter, 1)
         while t < tasks:
             _gemv_task(xq, xsum, ws, scales, outs, ends, t * total // tasks, (t + 1) * total // tasks, nblk, acc)
@@ -106,7 +106,8 @@ def _gemv_many(xq, xsum, ws, scales, outs, threads) -> None:
 
 @njit(cache=True)
 def _gemv_task(xq, xsum, ws, scales, outs, ends, lo, hi, nblk, acc) -> None:
-    """Rows lo..hi of the concatenated weights of _gemv_many."""
+    """Rows lo..hi of the concatenated weights of _gemv_many, on the engine's decode tile (DECODE_NR rows at a time,
+    then single rows), as `_mm` runs the other projections."""
     i, j = lo, 0
     while i < hi:
         while ends[j] <= i:
@@ -114,9 +115,16 @@ def _gemv_task(xq, xsum, ws, scales, outs, ends, lo, hi, nblk, acc) -> None:
         w, o, sc = ws[j], outs[j], scales[j]
         base = ends[j] - w.shape[0]
         end = min(hi, ends[j])
-        for r in range(i - base, end - base):  # one row at a time: sequential DRAM streams
-            _dot_one(w, r, xq, 0, nblk, acc, 0)
-            o[0, r] = np.float32(acc[0, 0] - xsum[0]) * sc
+        r, stop = i - base, end - base
+        while r < stop:
+            nc = DECODE_NR if stop - r >= DECODE_NR else 1
+            if nc == DECODE_NR:
+                _dot_row(w, r, xq, 0, nblk, acc, 0)
+            else:
+                _dot_one(w, r, xq, 0, nblk, acc, 0)
+            for c in range(nc):
+                o[0, r + c] = np.float32(acc[0, c] - xsum[0]) * sc
+            r += nc
         i = end
 
 
