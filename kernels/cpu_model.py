@@ -197,7 +197,10 @@ def _attention(q, kt, vc, pos, n_head, out) -> None:
     vc (H_kv, T, D) -> out (M, H * D). A query's scores accumulate as whole rows over the positions (scores +=
     q_j * kt_j: SIMD without a horizontal sum per position, 3x faster than a dot per position), the softmax
     numerators come from a vectorized exp (1.1-1.2x the attention against a libm call per position, 22 TinyLlama
-    layers at positions 140-2000), and the values accumulate as rows too (out += p_t * v_t); sums may reassociate."""
+    layers at positions 140-2000), and the values accumulate as rows too (out += p_t * v_t); sums may reassociate.
+    Each pass over a row takes four dims (scores) or four positions (values), so the row is loaded and stored a
+    quarter as often (TinyLlama's 32 heads, positions 140 and 1000, 1 and 2 threads, in-process A/B against one at a
+    time, three runs: 1.08-1.15x)."""
     m = q.shape[0]
     hkv, d, _ = kt.shape
     group = n_head // hkv
@@ -207,19 +210,34 @@ def _attention(q, kt, vc, pos, n_head, out) -> None:
         g, n = h // group, pos + r + 1  # this query sees positions 0..pos + r
         b = h * d
         scores = np.zeros(n, np.float32)
-        for j in range(d):
-            qj = q[r, b + j] * scale
+        j = 0
+        while j + 4 <= d:  # four dims per pass over the scores: 1/4 of the stores of a dim per pass
+            q0, q1 = q[r, b + j] * scale, q[r, b + j + 1] * scale
+            q2, q3 = q[r, b + j + 2] * scale, q[r, b + j + 3] * scale
+            k0, k1, k2, k3 = kt[g, j], kt[g, j + 1], kt[g, j + 2], kt[g, j + 3]
             for t in range(n):
-                scores[t] += qj * kt[g, j, t]
+                scores[t] += q0 * k0[t] + q1 * k1[t] + q2 * k2[t] + q3 * k3[t]
+            j += 4
+        for jr in range(j, d):
+            qj = q[r, b + jr] * scale
+            for t in range(n):
+                scores[t] += qj * kt[g, jr, t]
         top = np.float32(-np.inf)
         for t in range(n):
             top = max(top, scores[t])
         total = _exp_shifted(scores, n, top, np.empty(n, np.int32))  # scores -> exp(scores - top)
         acc = np.zeros(d, np.float32)
-        for t in range(n):
-            p = scores[t]
-            for j in range(d):
-                acc[j] += p * vc[g, t, j]
+        t = 0
+        while t + 4 <= n:  # four positions per pass over acc, likewise
+            p0, p1, p2, p3 = scores[t], scores[t + 1], scores[t + 2], scores[t + 3]
+            v0, v1, v2, v3 = vc[g, t], vc[g, t + 1], vc[g, t + 2], vc[g, t + 3]
+            for i in range(d):
+                acc[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+            t += 4
+        for tr in range(t, n):
+            p = scores[tr]
+            for i in range(d):
+                acc[i] += p * vc[g, tr, i]
         for j in range(d):
             out[r, b + j] = acc[j] / total
 

@@ -147,3 +147,24 @@ def test_swiglu_activation_matches_silu_times_up(m):
     want = torch.nn.functional.silu(torch.from_numpy(gate).double()) * torch.from_numpy(up).double()
     cpu_model._activate(gate, up, True, 2)
     torch.testing.assert_close(torch.from_numpy(up).double(), want, rtol=1e-6, atol=1e-30)
+
+
+@given(d=st.sampled_from([1, 3, 4, 6, 16]), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+       m=st.integers(1, 3), pos=st.integers(0, 9), seed=st.integers(0, 2**32 - 1))
+def test_attention_matches_softmax_attention_for_any_head_dim_and_length(d, hkv, group, m, pos, seed):
+    """cpu_model._attention (four dims / four positions per pass, then the remainder) against plain causal softmax
+    attention with grouped KV heads: head dims and lengths that are and are not multiples of 4, down to one position."""
+    rng = np.random.default_rng(seed)
+    n_head, t_max = hkv * group, pos + m + 2
+    q = rng.standard_normal((m, n_head * d)).astype(np.float32)
+    k = rng.standard_normal((hkv, t_max, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, t_max, d)).astype(np.float32)
+    out = np.full((m, n_head * d), np.nan, np.float32)
+    cpu_model._attention(q, np.ascontiguousarray(k.transpose(0, 2, 1)), v, pos, n_head, out)
+    for r in range(m):
+        for h in range(n_head):
+            g, n = h // group, pos + r + 1
+            s = k[g, :n].astype(np.float64) @ q[r, h * d:(h + 1) * d] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            want = p @ v[g, :n] / p.sum()
+            np.testing.assert_allclose(out[r, h * d:(h + 1) * d], want, rtol=1e-4, atol=1e-5)
