@@ -209,9 +209,9 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     _, gamma, w_addr, _ = _i2(pw)
     # fp32 like x now; integer sizes, as new_empty(tuple) and torch.empty(..., dtype=) cost ~1.5 us more
     out = x.new_empty(m, n) if len(shape) == 2 else x.new_empty(*shape[:-1], n)
-    b = _NO_BIAS if bias is None else _f32(bias)
+    b = _bias(bias)  # (the engine applies its thread count itself: no set_threads here)
     _bitlinear_packed(x.data_ptr(), out.data_ptr(), 0, w_addr, m, k, n, gamma, b.ctypes.data if b.size else 0,
-                      *_launch(p, m, m * n * k))
+                      *tiling(p, m, _threads(p, m * n * k)))
     return out if out_dtype is _F32 else out.to(out_dtype)
 
 
@@ -282,13 +282,13 @@ def bitlinear_cast(x: torch.Tensor, pw: PackedWeight, view: tuple, bias: torch.T
     return bitlinear_fp32(x, pw, view, bias, kinds | (2 if out_dtype is _BF16 else 8), out_dtype, out)
 
 
-def _bias_arg(view: tuple, bias: torch.Tensor, n: int) -> tuple[int, int, object] | None:
-    """(address, kinds bit, what holds the memory) of a float CPU bias vector of n for the engine, or None when it is
-    not one. A contiguous bias is read where it lives (bf16 / fp16 widened inside the kernel as torch widens: kinds 16
-    / 32), so an in-place change through `.data` is always seen; a strided one is copied to fp32 every call. The
-    argument of a contiguous bias is kept in view (a layer passes the same Parameter every call): a hit is the same
-    object at the same address (a tensor given new storage, `.data = ...`, has another address, as the kept tensor
-    holds the old storage alive)."""
+def _bias_arg(view: tuple, bias: torch.Tensor, n: int) -> tuple | None:
+    """(address, kinds bit, what holds the memory[, its detached storage]) of a float CPU bias vector of n for the
+    engine, or None when it is not one. A contiguous bias is read where it lives (bf16 / fp16 widened inside the
+    kernel as torch widens: kinds 16 / 32), so an in-place change through `.data` is always seen; a strided one is
+    copied to fp32 every call. The argument of a contiguous bias is kept in view (a layer passes the same Parameter
+    every call): a hit is the same object at the same address (a tensor given new storage, `.data = ...`, has
+    another address, as the kept detached tensor holds the old storage alive)."""
     hit = view[3].get("bias")
     if hit is not None and hit[2] is bias and bias.data_ptr() == hit[0]:
         return hit
