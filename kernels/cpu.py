@@ -209,9 +209,9 @@ def bitlinear(x: torch.Tensor, pw: PackedWeight, bias, out_dtype: torch.dtype) -
     _, gamma, w_addr, _ = _i2(pw)
     # fp32 like x now; integer sizes, as new_empty(tuple) and torch.empty(..., dtype=) cost ~1.5 us more
     out = x.new_empty(m, n) if len(shape) == 2 else x.new_empty(*shape[:-1], n)
-    b = _bias(bias)  # (the engine applies its thread count itself: no set_threads here)
+    b = _bias(bias)
     _bitlinear_packed(x.data_ptr(), out.data_ptr(), 0, w_addr, m, k, n, gamma, b.ctypes.data if b.size else 0,
-                      *tiling(p, m, _threads(p, m * n * k)))
+                      *_launch(p, m, m * n * k))
     return out if out_dtype is _F32 else out.to(out_dtype)
 
 
