@@ -488,7 +488,7 @@ def swap_num_threads(typingctx, n):
     layer's set_num_threads / get_num_threads symbols. numba.set_num_threads inside a jitted function goes through a
     ctypes pointer, which Numba cannot cache (the engine would compile again in every process, ~20 s); the symbols
     are what Numba's own parallel code calls. n must not exceed NUMBA_NUM_THREADS (the caller caps it)."""
-    _launch_threads()  # registers the symbols (at typing; a cached caller registers them in ensure_threads)
+    ensure_threads()  # registers the symbols (at typing; a cached caller registers them at cpu_engine import)
     sig = types.intp(types.intp)
 
     def codegen(context, builder, signature, args):
@@ -505,5 +505,12 @@ def swap_num_threads(typingctx, n):
 
 def ensure_threads() -> None:
     """Start Numba's threading layer (and register its symbols) before a cached kernel that calls swap_num_threads
-    runs: a cache hit skips the intrinsic's typing."""
+    runs: a cache hit skips the intrinsic's typing. Keeps torch's thread count: the OpenMP layer's launch calls
+    omp_set_num_threads(NUMBA_NUM_THREADS) in the OpenMP runtime it shares with torch, which undid an earlier
+    torch.set_num_threads (or torchrun's OMP_NUM_THREADS=1 per rank) at the first kernel call."""
+    import torch
+
+    before = torch.get_num_threads()
     _launch_threads()
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

@@ -530,6 +530,27 @@ def test_small_work_runs_on_one_thread_and_large_work_on_the_configured_count(mo
         cpu.configure(threads=old)
 
 
+@pytest.mark.parametrize("how", ["torch.set_num_threads(1)", "OMP_NUM_THREADS=1"])
+def test_the_first_kernel_call_keeps_torch_thread_count(how):
+    """Numba's OpenMP layer starts by calling omp_set_num_threads(NUMBA_NUM_THREADS) in the runtime torch shares;
+    the user's count (set in code, or torchrun's OMP_NUM_THREADS=1 per rank) must survive the first kernel call,
+    for torch's ops and for ours, which follow it."""
+    code = textwrap.dedent(f"""
+        import json, numba, torch
+        if {how.startswith("torch")}:
+            torch.set_num_threads(1)
+        torch.get_num_threads()  # torch's per-thread lazy init done: nothing of torch's would restore the count
+        from bitnet_fast import kernels
+        x, pw = torch.randn(64, 1024), kernels.pack(torch.randn(1024, 1024))
+        kernels.bitlinear(x, pw)
+        print(json.dumps([torch.get_num_threads(), numba.get_num_threads()]))
+    """)
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"} | ({"OMP_NUM_THREADS": "1"} if how.startswith("OMP") else {})
+    env.pop("BITNET_FAST_TUNING", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, 1]
+
+
 @pytest.mark.parametrize("path", ["packed-decode", "packed-panels", "packed-outer-panels"])
 def test_one_thread_runs_in_place_and_agrees_with_the_pool(path):
     """With one thread _mm runs its tasks in place (no parallel region); both forms take every task exactly once."""
