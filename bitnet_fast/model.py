@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loss import linear_cross_entropy
+
 LINEARS = ("bitnet", "fp")
 MLPS = ("swiglu", "relu2")
 
@@ -210,7 +212,8 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    """Decoder-only LM. forward(idx (B, T), targets (B, T) | None) -> (logits (B, T, V), mean loss | None)."""
+    """Decoder-only LM. forward(idx (B, T)) -> (logits (B, T, V), None); forward(idx, targets (B, T)) -> (None,
+    mean loss), the head and its cross-entropy fused (bitnet_fast/loss.py: the logits are never materialized)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -236,9 +239,9 @@ class LM(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int | None = None,
         last_logits: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> logits (B, T, V) (or (B, 1, V) for the last position with `last_logits`) and the mean
-        loss against targets. With `pos`, the tokens sit at positions pos.. and attend to the KV cache."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, V) (or (B, 1, V) for the last position with `last_logits`), or with targets
+        the mean loss alone. With `pos`, the tokens sit at positions pos.. and attend to the KV cache."""
         T, start = idx.shape[1], pos or 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.config.max_seq_len}; "
@@ -247,11 +250,12 @@ class LM(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin, pos)
-        logits = self.head(self.norm(x[:, -1:] if last_logits else x))  # (B, T or 1, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        if targets is None:
+            return self.head(self.norm(x[:, -1:] if last_logits else x)), None  # (B, T or 1, V)
+        h = self.norm(x).flatten(0, 1)  # (B * T, C)
+        if type(self.head) is nn.Linear and self.head.bias is None:  # fused by row chunks: no (B, T, V) logits
+            return None, linear_cross_entropy(h, self.head.weight, targets.flatten())
+        return None, F.cross_entropy(self.head(h).float(), targets.flatten())  # a head convert() replaced
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Give every attention layer a static KV cache for `batch` sequences of up to max_len (max_seq_len)."""

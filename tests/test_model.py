@@ -49,8 +49,9 @@ def test_twins_differ_only_in_linear_layers(mlp):
     assert kinds == {BitLinear, torch.nn.Linear}  # BitLinear in blocks; the (tied) head stays full precision
     assert bit.head.weight is bit.tok_emb.weight
     idx = torch.randint(0, 97, (2, 16))
-    (lf, loss_f), (lb, loss_b) = fp(idx, idx), bit(idx, idx)
-    assert lf.shape == lb.shape == (2, 16, 97) and loss_f.ndim == 0
+    (lf, _), (lb, _) = fp(idx), bit(idx)
+    (none_f, loss_f), (none_b, loss_b) = fp(idx, idx), bit(idx, idx)
+    assert lf.shape == lb.shape == (2, 16, 97) and loss_f.ndim == 0 and none_f is None and none_b is None
     assert not torch.allclose(lf, lb)  # ternary weights change the function
     loss_b.backward()
     assert all(p.grad is not None for p in bit.parameters())
