@@ -11,33 +11,33 @@ import os
 
 import psutil
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import load_corpus, same_tokenizer
 from .data import DataError, Split, count_words, encode_lines, eval_windows, read_lines, wikitext_split
 from .download import find_or_fetch
+from .loss import CHUNK_BYTES
 from .plumbing import UserError, fmt
 
-# Bytes per (row, position, vocab entry) an eval batch holds at its peak: the logits (fp32), their float() copy
-# and cross_entropy's log-softmax; the activations (width << vocab) fit in the same slack.
-_LOGIT_COPIES = 3
 
-
-def check_eval_memory(n_tokens: int, seq_len: int, batch_size: int, vocab_size: int,
+def check_eval_memory(n_tokens: int, seq_len: int, batch_size: int, config,
                       device: str | torch.device = "cpu") -> None:
-    """Refuse, before anything is allocated, an eval batch whose logits cannot fit in the memory available on
-    `device` (the kernel may kill a process that overcommits instead of raising MemoryError)."""
+    """Refuse, before anything is allocated, an eval batch whose activations cannot fit in the memory available on
+    `device` (the kernel may kill a process that overcommits instead of raising MemoryError). The head and its loss
+    run by row chunks (loss.py), so a batch holds its activations (~8 x n_embd + 3 x hidden fp32 per token at the
+    MLP, the widest point) plus two chunks of logits, not the (rows, seq_len, vocab) logits."""
     rows = min(batch_size, max(1, (n_tokens - 1) // seq_len))  # eval_windows never makes more rows than that
-    need = rows * seq_len * vocab_size * 4 * _LOGIT_COPIES
+    per_row = seq_len * 4 * (8 * config.n_embd + 3 * config.hidden)
+    chunks = 2 * CHUNK_BYTES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    need = rows * per_row + chunks
     if torch.device(device).type == "cuda":
         have = torch.cuda.mem_get_info(torch.device(device))[0]
     else:
         have = psutil.virtual_memory().available
     if need > have:
-        fit = max(1, int(have // (seq_len * vocab_size * 4 * _LOGIT_COPIES)))
-        raise UserError(f"--batch-size {batch_size} needs about {fmt(need, 'B')} for its logits but {fmt(have, 'B')} "
-                        f"is available on {device}; use --batch-size {min(fit, batch_size - 1)} or less")
+        fit = min(max(1, int((have - chunks) // per_row)), batch_size - 1)
+        raise UserError(f"--batch-size {batch_size} needs about {fmt(need, 'B')} for its activations but "
+                        f"{fmt(have, 'B')} is available on {device}; use --batch-size {fit} or less")
 
 
 @torch.no_grad()
@@ -46,17 +46,17 @@ def nll_sum(model: torch.nn.Module, split: Split, seq_len: int, batch_size: int 
     """(summed NLL, tokens) over the eval windows of `split`; with shard=(rank, world), only batches
     rank, rank + world, ... (the ranks of a distributed run share the work; their sums add up to the whole)."""
     rank, world = shard
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None:
-        check_eval_memory(len(split.tokens), seq_len, batch_size, vocab, device)
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_eval_memory(len(split.tokens), seq_len, batch_size, config, device)
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
     for i, (x, y) in enumerate(eval_windows(split.tokens, seq_len, batch_size)):
         if i % world != rank:
             continue
-        logits, _ = model(x.to(device))  # (B, T, V)
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+        _, loss = model(x.to(device), y.to(device))  # mean NLL of the batch, the head fused with it
+        nll += loss.item() * y.numel()
         n += y.numel()
     model.train(was_training)
     return nll, n

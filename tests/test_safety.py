@@ -292,9 +292,10 @@ def test_8_bad_inputs_are_one_error_line(tmp_path):
     (tmp_path / "t.txt").write_text("a a\n" * 40)
     _one_error_line(_run("prepare", tmp_path / "t.txt", "--tokenizer", tmp_path / "tok.json", "--out", tmp_path / "p"),
                     "no <eos> token")
+    small = preset_config("small")
     with pytest.raises(plumbing.UserError, match="--batch-size 1000000 needs about"):
-        check_eval_memory(10**9, 128, 10**6, 8192)  # refused before anything is allocated
-    check_eval_memory(10**9, 128, 4, 8192)
+        check_eval_memory(10**9, 128, 10**6, small)  # refused before anything is allocated
+    check_eval_memory(10**9, 128, 4, small)
 
 
 # ------------------------------------------------------------------------------------------------ 9: report
