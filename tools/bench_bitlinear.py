@@ -287,7 +287,9 @@ def main() -> None:
             print_table("Training step, one `small` block's seven projections (sum of the above, 4:2:1)", block,
                         "fp32 nn.Linear")
     if args.only in (None, "model"):
-        res = run_side_by_side(model_makers(), rounds=max(3, args.rounds // 3), warmup=1)
+        # warm-up 3: a model's first steps fault its heap in (the fp twin's first timed step after one warm-up took
+        # 5.3 s against 1.8 s steady on Zen 3, 95k page faults), which one warm-up step left in the medians
+        res = run_side_by_side(model_makers(), rounds=max(5, args.rounds // 3), warmup=3)
         print_table("Whole `small` model training step (batch 32 x 128, AdamW, clipping)", res, "fp twin (nn.Linear)")
         res = run_side_by_side(eval_makers(), rounds=args.rounds, warmup=2)
         print_table("Whole `small` model evaluation forward (no grad, batch 16 x 128, as `perplexity`)", res,
