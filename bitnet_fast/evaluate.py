@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import load_corpus, same_tokenizer
 from .data import DataError, Split, count_words, encode_lines, eval_windows, read_lines, wikitext_split
 from .download import find_or_fetch
-from .loss import CHUNK_BYTES
+from .loss import chunk_bytes
 from .plumbing import UserError, fmt
 
 
@@ -28,7 +28,7 @@ def check_eval_memory(n_tokens: int, seq_len: int, batch_size: int, config,
     MLP, the widest point) plus two chunks of logits, not the (rows, seq_len, vocab) logits."""
     rows = min(batch_size, max(1, (n_tokens - 1) // seq_len))  # eval_windows never makes more rows than that
     per_row = seq_len * 4 * (8 * config.n_embd + 3 * config.hidden)
-    chunks = 2 * CHUNK_BYTES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    chunks = 2 * chunk_bytes(device)
     need = rows * per_row + chunks
     if torch.device(device).type == "cuda":
         have = torch.cuda.mem_get_info(torch.device(device))[0]

@@ -20,15 +20,16 @@ __all__ = ["linear_cross_entropy"]
 CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
 
 
-def _rows_per_chunk(n: int, vocab: int, device: torch.device) -> int:
-    return max(1, min(n, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab)))
+def chunk_bytes(device: str | torch.device) -> int:
+    """Bytes of fp32 logits one chunk holds on `device` (CPU, else the GPU budget)."""
+    return CHUNK_BYTES["cpu" if torch.device(device).type == "cpu" else "cuda"]
 
 
-def _chunk_logits(hc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 logits (c, V), summed NLL of the chunk's targets)."""
+def _chunk_logits(hc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(fp32 logits (c, V), their log-sum-exp (c,), summed NLL of the chunk's targets)."""
     z = (hc @ w.T).float()  # (c, V)
     lse = torch.logsumexp(z, dim=1)  # (c,)
-    return z, (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+    return z, lse, (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -43,9 +44,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
         for i in range(0, n, rows):
             hc, tc = h[i : i + rows], targets[i : i + rows]
-            z, nll = _chunk_logits(hc, w, tc)
+            z, lse, nll = _chunk_logits(hc, w, tc)
             total += nll
-            z -= torch.logsumexp(z, dim=1, keepdim=True)  # log-softmax in place; then softmax - one-hot
+            z -= lse[:, None]  # log-softmax in place; then softmax - one-hot
             z.exp_()
             z[torch.arange(z.shape[0], device=z.device), tc] -= 1.0
             dz = z.to(h.dtype)  # (c, V): d(summed NLL) / d(logits)
@@ -81,11 +82,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     n, vocab = h.shape[0], weight.shape[0]
     if n == 0:
         raise ValueError("linear_cross_entropy needs at least one row")
-    rows = _rows_per_chunk(n, vocab, h.device)
+    rows = max(1, min(n, chunk_bytes(h.device) // (4 * vocab)))
     need_dh = torch.is_grad_enabled() and h.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if need_dh or need_dw:
         total = _LinearCrossEntropy.apply(h, weight, targets, rows, need_dh, need_dw)
     else:
-        total = sum(_chunk_logits(h[i : i + rows], weight, targets[i : i + rows])[1] for i in range(0, n, rows))
+        total = sum(_chunk_logits(h[i : i + rows], weight, targets[i : i + rows])[2] for i in range(0, n, rows))
     return total / n if reduction == "mean" else total
